@@ -1,0 +1,25 @@
+# Two commands do all the set-up: `make demo` (install + run on 3 demo pods) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/warmpool-router --demo 3 --metrics-port 0
+
+test: $(STAMP)
+	$(BIN)/ruff check router tests bench
+	$(BIN)/mypy
+	$(BIN)/pytest
+
+lint: $(STAMP)
+	$(BIN)/ruff check router tests bench
+	$(BIN)/mypy

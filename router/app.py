@@ -1,0 +1,119 @@
+"""The ASGI application: probes, the proxy for everything else, and the lifespan that
+creates (and closes) the upstream client and the pod source.
+
+A lean entry rather than a starlette `Router`: every proxied request would otherwise pay
+for route matching it never needs; three exact paths are a dict lookup.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+from router import upstream
+from router.asgi import Receive, Scope, Send
+from router.config import Config
+from router.errors import send_json
+from router.observe import NullObserver, Observer
+from router.pods import Pod, PodSource, StaticPodSource
+from router.proxy import Proxy
+
+log = logging.getLogger("router.app")
+
+Probe = Callable[[Send], Awaitable[None]]
+
+
+def build_source(config: Config) -> PodSource:
+    """The pool the router serves: `--demo`, `--pods`, else the Kubernetes API."""
+    if config.demo:
+        from router.demo import DemoPool
+
+        return DemoPool(config.demo, config.namespace)
+    if config.pods:
+        return StaticPodSource(
+            Pod(p.name, config.namespace, p.host, p.port) for p in config.pods
+        )
+    from router.kube import KubernetesPodSource
+
+    return KubernetesPodSource(config)
+
+
+class Router:
+    """`GET /healthz`, `GET /ready` (`/readyz`) answered here; everything else proxied."""
+
+    def __init__(
+        self,
+        config: Config,
+        source: PodSource | None = None,
+        observer: Observer | None = None,
+    ) -> None:
+        self.config = config
+        self.source = source if source is not None else build_source(config)
+        self.observer: Observer = observer if observer is not None else NullObserver()
+        self.draining = False
+        self._proxy: Proxy | None = None
+        self._probes: dict[str, Probe] = {
+            "/healthz": self._healthz,
+            "/ready": self._ready,
+            "/readyz": self._ready,
+        }
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            probe = self._probes.get(scope["path"])
+            if probe is not None and scope["method"] in ("GET", "HEAD"):
+                await probe(send)
+            elif self._proxy is not None:
+                await self._proxy(scope, receive, send)
+            else:
+                await send_json(send, 503, {"detail": "The router is starting."})
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+        elif kind == "websocket":
+            await send({"type": "websocket.close", "code": 1003})
+
+    async def _healthz(self, send: Send) -> None:
+        await send_json(send, 200, {"status": "ok"})
+
+    async def _ready(self, send: Send) -> None:
+        reason = self.not_ready_reason()
+        if reason is not None:
+            await send_json(send, 503, {"status": "not ready", "reason": reason})
+            return
+        snapshot = self.source.snapshot()
+        pods = len(snapshot.pods) if snapshot else 0
+        await send_json(send, 200, {"status": "ready", "pods": pods})
+
+    def not_ready_reason(self) -> str | None:
+        if self.draining:
+            return "shutting down"
+        return self.source.not_ready_reason()
+
+    async def startup(self) -> None:
+        await self.source.start()
+        session = upstream.create_session()
+        self._proxy = Proxy(self.config, self.source, session, self.observer)
+        self._session = session
+
+    async def shutdown(self) -> None:
+        if self._proxy is not None:
+            self._proxy = None
+            await self._session.close()
+        await self.source.stop()
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.exception("start-up failed")
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return

@@ -1,0 +1,71 @@
+"""The client's request body: kept whole when small enough to replay, else streamed once.
+
+A body up to `--retry-body-limit` with a declared length is read before the first attempt
+so a busy pod can be retried with the identical bytes. A larger or chunked body streams
+straight to the first pod that accepts the connection; it cannot be replayed, so once it
+has started flowing the pod's answer is final.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from router.asgi import Receive
+
+
+class ClientGone(Exception):
+    """The client disconnected before its request body arrived."""
+
+
+class RequestBody:
+    def __init__(self, receive: Receive, whole: bytes | None, first: bytes = b"") -> None:
+        self._receive = receive
+        self._whole = whole
+        self._first = first
+        self.size = len(whole) if whole is not None else 0
+        self.started = False
+        self.complete = whole is not None
+
+    @property
+    def replayable(self) -> bool:
+        return self._whole is not None
+
+    @classmethod
+    async def read(cls, receive: Receive, content_length: int | None, limit: int) -> RequestBody:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            return cls(receive, chunk)
+        if content_length is None or content_length > limit:
+            return cls(receive, None, chunk)
+        parts = [chunk]
+        while message.get("more_body", False):
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            parts.append(message.get("body", b""))
+        return cls(receive, b"".join(parts))
+
+    def data(self) -> bytes | AsyncIterator[bytes] | None:
+        """What the upstream client sends: None for no body, so a GET gains no length."""
+        if self._whole is not None:
+            return self._whole or None
+        return self._stream()
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        self.started = True
+        self.size = len(self._first)
+        yield self._first
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            self.size += len(chunk)
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.complete = True
+                return

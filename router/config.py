@@ -1,0 +1,351 @@
+"""Every option of the command line: defaults, environment variables, validation, `--help`.
+
+Each option is a flag and an environment variable `ROUTER_<NAME>`; the flag wins. A bad
+value stops start-up with one line naming the option and the accepted form (exit 2), so
+a typo in a Deployment never turns into a traceback in a crash loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import re
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, NoReturn
+
+DEFAULT_SELECTOR = "agents.x-k8s.io/warm-pool-sandbox"
+SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+
+_DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+
+
+class ConfigError(ValueError):
+    """An option value that cannot be used; the message is the whole user-facing line."""
+
+
+@dataclass(frozen=True)
+class StaticPod:
+    """One `NAME=HOST:PORT` entry of `--pods`."""
+
+    name: str
+    host: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Config:
+    """The validated options; the one object every other module is configured from."""
+
+    host: str = "0.0.0.0"
+    port: int = 8080
+    pods: tuple[StaticPod, ...] = ()
+    demo: int = 0
+    namespace: str = "default"
+    selector: str = DEFAULT_SELECTOR
+    warm_pool: str | None = None
+    pod_port: int = 8888
+    kubeconfig: str | None = None
+    cache_ttl: float = 3.0
+    max_stale: float = 60.0
+    max_attempts: int = 0
+    retry_body_limit: int = 1024 * 1024
+    proxy_timeout: float = 180.0
+    connect_timeout: float = 5.0
+    cluster_domain: str = "cluster.local"
+    metrics_port: int = 9090
+    allow_loopback_pod_ip: bool = False
+    shutdown_timeout: float = 30.0
+    log_level: str = "info"
+    access_log: bool = True
+    limit_concurrency: int = 0
+    backlog: int = 2048
+    timeout_keep_alive: float = 5.0
+    workers: int = 1
+
+    @property
+    def static(self) -> bool:
+        """True when the pool is fixed (`--pods` or `--demo`) and Kubernetes is not used."""
+        return bool(self.pods) or self.demo > 0
+
+
+# -- value parsers: each takes the raw text and returns the value or raises ConfigError --
+
+
+def port_number(text: str, *, allow_zero: bool = True) -> int:
+    low = 0 if allow_zero else 1
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not low <= value <= 65535:
+        raise ConfigError(f"expected a port number {low}..65535, got {text!r}")
+    return value
+
+
+def _whole(minimum: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise ConfigError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _seconds(*, allow_zero: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = float("nan")
+        ok = value >= 0 if allow_zero else value > 0
+        if not ok or value == float("inf"):
+            bound = ">= 0" if allow_zero else "> 0"
+            raise ConfigError(f"expected a number of seconds {bound}, got {text!r}")
+        return value
+
+    return parse
+
+
+def byte_size(text: str) -> int:
+    """`1048576`, `512KiB`, `1MiB`, `2m`: binary units, as operators write them."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"expected a size such as 1048576, 512KiB or 1MiB, got {text!r}")
+    unit = (match.group(2) or "").lower()[:1]
+    return int(match.group(1)) * _SIZE_UNITS[unit]
+
+
+def dns_label(text: str) -> str:
+    if not _DNS_LABEL.match(text):
+        raise ConfigError(f"expected a DNS-1123 label (a-z, 0-9, '-'), got {text!r}")
+    return text
+
+
+def _non_empty(text: str) -> str:
+    if not text.strip():
+        raise ConfigError("expected a non-empty value")
+    return text.strip()
+
+
+def _host(text: str) -> str:
+    text = text.strip()
+    if not text or any(c in text for c in "/ ?#"):
+        raise ConfigError(f"expected a host name or IP address, got {text!r}")
+    return text
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise ConfigError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
+    return text.lower()
+
+
+def _boolean(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in {"1", "true", "yes", "on"}:
+        return True
+    if lowered in {"0", "false", "no", "off"}:
+        return False
+    raise ConfigError(f"expected true/false (1/0, yes/no, on/off), got {text!r}")
+
+
+def static_pods(text: str) -> tuple[StaticPod, ...]:
+    """`NAME=HOST:PORT,...`; a bare `HOST:PORT` is named `pod-<index>`."""
+    pods: list[StaticPod] = []
+    for index, item in enumerate(part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        name, _, address = item.rpartition("=")
+        name = name or f"pod-{index}"
+        host, sep, port_text = address.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host:
+            raise ConfigError(f"expected NAME=HOST:PORT or HOST:PORT, got {item!r}")
+        try:
+            dns_label(name)
+        except ConfigError:
+            raise ConfigError(f"pod name must be a DNS-1123 label, got {name!r}") from None
+        pods.append(StaticPod(name, host, port_number(port_text, allow_zero=False)))
+    if not pods:
+        raise ConfigError("expected at least one NAME=HOST:PORT")
+    names = [pod.name for pod in pods]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"pod names must be unique, got {', '.join(names)}")
+    return tuple(pods)
+
+
+def _ip_or_host(text: str) -> str:
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return _host(text)
+
+
+@dataclass(frozen=True)
+class _Option:
+    field: str
+    parse: Callable[[str], Any]
+    help: str
+    env_aliases: tuple[str, ...] = ()
+    metavar: str | None = None
+    flag: bool = False  # a switch: --x / --no-x
+
+    @property
+    def cli(self) -> str:
+        return "--" + self.field.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "ROUTER_" + self.field.upper()
+
+
+OPTIONS: tuple[_Option, ...] = (
+    _Option("host", _ip_or_host, "address the proxy listens on"),
+    _Option("port", port_number, "port the proxy listens on (0 = any free port)"),
+    _Option(
+        "pods",
+        static_pods,
+        "static pool, no Kubernetes: NAME=HOST:PORT,... (HOST:PORT alone is pod-0, pod-1, ...)",
+        metavar="NAME=HOST:PORT,...",
+    ),
+    _Option("demo", _whole(1), "start N demo sandbox servers on loopback and route to them",
+            metavar="N"),
+    _Option("namespace", dns_label,
+            "namespace of the warm-pool pods (default: own namespace in a pod, else default)"),
+    _Option("selector", _non_empty, "label selector of the warm-pool pods"),
+    _Option("warm_pool", _non_empty,
+            "select one SandboxWarmPool by name (FNV-1a hash label, as the controller stamps)",
+            metavar="NAME"),
+    _Option("pod_port", lambda t: port_number(t, allow_zero=False),
+            "port of the sandbox server in each pod"),
+    _Option("kubeconfig", _non_empty, "kubeconfig file (default: KUBECONFIG, else in-cluster)",
+            env_aliases=("KUBECONFIG",), metavar="PATH"),
+    _Option("cache_ttl", _seconds(allow_zero=False),
+            "the pod list served is never older than this while the API answers (s)"),
+    _Option("max_stale", _seconds(allow_zero=True),
+            "with the API unreachable, serve the last good list this long, then fail /ready (s)"),
+    _Option("max_attempts", _whole(0), "pool attempts per request (0 = every pod once)"),
+    _Option("retry_body_limit", byte_size,
+            "request bodies up to this size are kept so a busy pod can be retried",
+            metavar="SIZE"),
+    _Option("proxy_timeout", _seconds(allow_zero=False), "per-request upstream timeout (s)",
+            env_aliases=("PROXY_TIMEOUT_SECONDS",)),
+    _Option("connect_timeout", _seconds(allow_zero=False), "per-attempt connect timeout (s)"),
+    _Option("cluster_domain", _host, "cluster domain for the DNS form of pinned targets",
+            env_aliases=("CLUSTER_DOMAIN",)),
+    _Option("metrics_port", port_number, "port of the Prometheus /metrics endpoint (0 = off)"),
+    _Option("allow_loopback_pod_ip", _boolean,
+            "accept a loopback X-Sandbox-Pod-IP (sidecar use, tests)", flag=True),
+    _Option("shutdown_timeout", _seconds(allow_zero=True), "drain budget on SIGTERM (s)"),
+    _Option("log_level", _log_level, "log level: " + ", ".join(LOG_LEVELS)),
+    _Option("access_log", _boolean, "one JSON line per proxied request on stdout", flag=True),
+    _Option("limit_concurrency", _whole(0),
+            "answer 503 above this many open connections and tasks (0 = unlimited)"),
+    _Option("backlog", _whole(1), "listen backlog"),
+    _Option("timeout_keep_alive", _seconds(allow_zero=False),
+            "close idle client keep-alive connections after this long (s)"),
+    _Option("workers", _whole(1), "worker processes (each keeps its own pod cache and counter)"),
+)
+
+
+def _default_namespace() -> str:
+    try:
+        return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
+    except OSError:
+        return "default"
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as the contract promises."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="warmpool-router",
+        description="Streaming HTTP reverse proxy in front of a warm pool of sandbox pods.",
+        epilog="Every option is also an environment variable ROUTER_<NAME>; the flag wins.",
+        argument_default=argparse.SUPPRESS,
+    )
+    defaults = Config()
+    for option in OPTIONS:
+        default = getattr(defaults, option.field)
+        envs = ", ".join((option.env, *option.env_aliases))
+        shown = "unset" if default in (None, (), 0) and option.field in {"pods", "demo"} else default
+        if option.field == "namespace":
+            shown = "own namespace, else default"
+        help_text = f"{option.help} [default: {shown}; env: {envs}]"
+        if option.flag:
+            parser.add_argument(option.cli, action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(option.cli, type=_argparse_type(option), help=help_text,
+                                metavar=option.metavar or option.field.upper())
+    return parser
+
+
+def _argparse_type(option: _Option) -> Callable[[str], Any]:
+    def convert(text: str) -> Any:
+        try:
+            return option.parse(text)
+        except ConfigError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = option.field
+    return convert
+
+
+def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None) -> Config:
+    """Flags over `ROUTER_*` variables over legacy variables over defaults; exits 2 on error."""
+    env = os.environ if env is None else env
+    parser = build_parser()
+    flags = vars(parser.parse_args(argv))
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        if option.field in flags:
+            values[option.field] = flags[option.field]
+            continue
+        for name in (option.env, *option.env_aliases):
+            raw = env.get(name)
+            if raw is None or (raw == "" and name in option.env_aliases):
+                continue
+            try:
+                values[option.field] = option.parse(raw)
+            except ConfigError as exc:
+                parser.error(f"{name} (for {option.cli}): {exc}")
+            break
+    values.setdefault("namespace", _default_namespace())
+    try:
+        return validate(Config(**values))
+    except ConfigError as exc:
+        parser.error(str(exc))
+
+
+def validate(config: Config) -> Config:
+    """Checks that span several options."""
+    if config.pods and config.demo:
+        raise ConfigError("--pods and --demo cannot be used together")
+    if config.warm_pool and config.selector != DEFAULT_SELECTOR:
+        raise ConfigError("--warm-pool and --selector cannot be used together")
+    if config.metrics_port and config.metrics_port == config.port:
+        raise ConfigError("--metrics-port must differ from --port")
+    return config
+
+
+def main_error(message: str) -> NoReturn:
+    """Exit with the same one-line form as a bad option."""
+    sys.stderr.write(f"warmpool-router: error: {message}\n")
+    raise SystemExit(2)
+

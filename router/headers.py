@@ -1,0 +1,202 @@
+"""The header contract: `X-Sandbox-*` routing headers, hop-by-hop rules, forwarding headers.
+
+Compatibility with the agent-sandbox routers is deliberate: the same header names, the same
+validation and the same 400 messages, so existing clients and SDKs keep working unchanged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from router.asgi import Scope
+from router.errors import ProxyError
+
+# RFC 9110 7.6.1 plus the legacy proxy-connection; never forwarded in either direction.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+SANDBOX_PREFIX = b"x-sandbox-"
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+_REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
+
+
+@dataclass(slots=True)
+class Incoming:
+    """Everything the router reads from a request's headers, gathered in one pass."""
+
+    forward: list[tuple[str, str]]
+    request_id: str
+    content_length: int | None
+    sandbox_id: str | None = None
+    sandbox_namespace: str | None = None
+    sandbox_port: str | None = None
+    sandbox_pod_ip: str | None = None
+    sandbox_timeout: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Pinned:
+    """A validated pinned target; `port` and `pod_ip` are None when the client left them out."""
+
+    sandbox_id: str
+    namespace: str
+    port: int | None
+    pod_ip: str | None
+
+
+def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
+    tokens = [
+        token.strip().lower()
+        for name, value in headers
+        if name.lower() == b"connection"
+        for token in value.split(b",")
+    ]
+    return HOP_BY_HOP.union(tokens) if tokens else HOP_BY_HOP
+
+
+def read_request(scope: Scope) -> Incoming:
+    """Split the client's headers into routing values and the headers sent upstream.
+
+    Dropped: hop-by-hop headers and those named in `Connection`, `Host` (the upstream's is
+    set by the client library), and every `X-Sandbox-*` header.
+    """
+    raw: list[tuple[bytes, bytes]] = scope["headers"]
+    dropped = _connection_tokens(raw)
+    forward: list[tuple[str, str]] = []
+    incoming = Incoming(forward=forward, request_id="", content_length=None)
+    forwarded_for = forwarded_proto = forwarded_host = None
+    host = None
+    for name, value in raw:
+        name = name.lower()
+        if name in dropped:
+            continue
+        if name.startswith(SANDBOX_PREFIX):
+            _read_sandbox_header(incoming, name, value)
+            continue
+        if name == b"host":
+            host = value.decode("latin-1")
+            continue
+        text = value.decode("latin-1")
+        if name == b"x-forwarded-for":
+            forwarded_for = text if forwarded_for is None else f"{forwarded_for}, {text}"
+            continue
+        if name == b"x-request-id":
+            if _REQUEST_ID.fullmatch(text):
+                incoming.request_id = text
+            continue
+        if name == b"content-length":
+            incoming.content_length = int(text) if text.isdigit() else None
+        elif name == b"x-forwarded-proto":
+            forwarded_proto = text
+        elif name == b"x-forwarded-host":
+            forwarded_host = text
+        forward.append((name.decode("latin-1"), text))
+
+    client = scope.get("client")
+    if client:
+        address = client[0]
+        forwarded_for = address if forwarded_for is None else f"{forwarded_for}, {address}"
+    if forwarded_for is not None:
+        forward.append(("x-forwarded-for", forwarded_for))
+    if forwarded_proto is None:
+        forward.append(("x-forwarded-proto", scope.get("scheme", "http")))
+    if forwarded_host is None and host is not None:
+        forward.append(("x-forwarded-host", host))
+    if not incoming.request_id:
+        incoming.request_id = uuid.uuid4().hex
+    forward.append(("x-request-id", incoming.request_id))
+    return incoming
+
+
+def _read_sandbox_header(incoming: Incoming, name: bytes, value: bytes) -> None:
+    text = value.decode("latin-1").strip()
+    if name == b"x-sandbox-id":
+        incoming.sandbox_id = text
+    elif name == b"x-sandbox-namespace":
+        incoming.sandbox_namespace = text
+    elif name == b"x-sandbox-port":
+        incoming.sandbox_port = text
+    elif name == b"x-sandbox-pod-ip":
+        incoming.sandbox_pod_ip = text
+    elif name == b"x-sandbox-timeout":
+        incoming.sandbox_timeout = text
+
+
+def is_dns_label(text: str) -> bool:
+    return _DNS_LABEL.fullmatch(text) is not None
+
+
+def parse_pinned(incoming: Incoming, *, allow_loopback: bool) -> Pinned:
+    """Validate the pinned-routing headers exactly as the agent-sandbox routers do."""
+    sandbox_id = incoming.sandbox_id or ""
+    if not is_dns_label(sandbox_id):
+        raise ProxyError(400, "Invalid sandbox ID format.")
+    namespace = incoming.sandbox_namespace or "default"
+    if not is_dns_label(namespace):
+        raise ProxyError(400, "Invalid namespace format.")
+    port = None
+    if incoming.sandbox_port:
+        try:
+            port = int(incoming.sandbox_port)
+        except ValueError:
+            port = 0
+        if not 1 <= port <= 65535:
+            raise ProxyError(400, "Invalid port format.")
+    pod_ip = None
+    if incoming.sandbox_pod_ip:
+        pod_ip = _checked_pod_ip(incoming.sandbox_pod_ip, allow_loopback=allow_loopback)
+    return Pinned(sandbox_id, namespace, port, pod_ip)
+
+
+def _checked_pod_ip(text: str, *, allow_loopback: bool) -> str:
+    """Refuse the SSRF classes: without this, `169.254.169.254` reaches cloud metadata."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        raise ProxyError(400, "Invalid target IP address format.") from None
+    if (ip.is_loopback and not allow_loopback) or ip.is_link_local or ip.is_multicast or (
+        ip.is_unspecified
+    ):
+        raise ProxyError(400, "Invalid target IP address.")
+    return str(ip)
+
+
+def upstream_timeout(raw: str | None, cap: float) -> float:
+    """`X-Sandbox-Timeout` may shorten the upstream timeout, never lengthen it; an invalid
+    value falls back to the cap rather than failing a request the SDK sent in good faith."""
+    if not raw:
+        return cap
+    try:
+        value = float(raw)
+    except ValueError:
+        return cap
+    if not 0 < value < cap:
+        return cap
+    return value
+
+
+def response_headers(
+    raw: tuple[tuple[bytes, bytes], ...], extra: list[tuple[bytes, bytes]]
+) -> list[tuple[bytes, bytes]]:
+    """The sandbox's headers minus hop-by-hop ones, repeated headers (`Set-Cookie`) kept,
+    followed by the router's own (`X-Request-ID`, and the serving pod on pool requests)."""
+    dropped = _connection_tokens(raw)
+    own = {name for name, _ in extra}
+    kept = [(name, value) for name, value in raw if (lowered := name.lower()) not in dropped
+            and lowered not in own]
+    kept.extend(extra)
+    return kept

@@ -1,0 +1,89 @@
+"""The `Pod` value, the immutable `Snapshot` the request path reads, and the static source.
+
+A pod source owns its refresh machinery (a background thread for Kubernetes, nothing for a
+static list) and hands the request path whole snapshots: the proxy never waits on a source
+and never sees a list being edited.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+@dataclass(frozen=True, slots=True)
+class Pod:
+    """One sandbox server the router can send requests to."""
+
+    name: str
+    namespace: str
+    ip: str
+    port: int
+    origin: str = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "origin", origin(self.ip, self.port))
+
+
+def origin(host: str, port: int) -> str:
+    """`http://host:port`, with an IPv6 literal in brackets."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The pods one request routes over: sorted by name so round robin stays fair when the
+    list is rebuilt, with an index by (namespace, name) for pinned requests."""
+
+    pods: tuple[Pod, ...]
+    by_name: Mapping[tuple[str, str], Pod]
+    synced_at: float
+
+    @classmethod
+    def of(cls, pods: Iterable[Pod], synced_at: float | None = None) -> Snapshot:
+        ordered = tuple(sorted(pods, key=lambda pod: (pod.namespace, pod.name)))
+        return cls(
+            pods=ordered,
+            by_name={(pod.namespace, pod.name): pod for pod in ordered},
+            synced_at=time.monotonic() if synced_at is None else synced_at,
+        )
+
+    def age(self) -> float:
+        return time.monotonic() - self.synced_at
+
+
+class PodSource(Protocol):
+    """Where the pool comes from. `snapshot` is read on every request and must not block."""
+
+    def snapshot(self) -> Snapshot | None:
+        """The current pods, or None before the first successful sync."""
+        ...
+
+    def not_ready_reason(self) -> str | None:
+        """Why `/ready` must fail now (never synced, too stale), or None when fine."""
+        ...
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class StaticPodSource:
+    """A fixed pool (`--pods`, `--demo`, sidecar use): always synced, never stale."""
+
+    def __init__(self, pods: Iterable[Pod]) -> None:
+        self._snapshot = Snapshot.of(pods)
+
+    def snapshot(self) -> Snapshot:
+        return self._snapshot
+
+    def not_ready_reason(self) -> str | None:
+        return None
+
+    async def start(self) -> None:
+        return None
+
+    async def stop(self) -> None:
+        return None

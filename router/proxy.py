@@ -1,0 +1,243 @@
+"""One proxied request: pick the target, try it (and, for the pool, the next ones), stream
+the answer back, and map every failure to one `ProxyError`.
+
+The retry rule lives in `Proxy._pool`: a pod that answers 503 or cannot be connected to is
+skipped; any other answer, and any failure after the request was sent, is final, because
+replaying a request a pod may have acted on could repeat its side effects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from urllib.parse import quote
+
+import aiohttp
+
+from router import upstream
+from router.asgi import Receive, Scope, Send
+from router.balancer import RoundRobin
+from router.body import ClientGone, RequestBody
+from router.config import Config
+from router.errors import ConnectFailed, ProxyError, UpstreamTimeout, busy, no_pods, send_error
+from router.headers import Incoming, Pinned, parse_pinned, read_request, response_headers, upstream_timeout
+from router.observe import Exchange, Observer, Outcome
+from router.pods import Pod, PodSource, origin
+
+log = logging.getLogger("router.proxy")
+
+# A busy pod's 503 body up to this size is read so its connection can be reused.
+_DRAIN_LIMIT = 64 * 1024
+# nginx's code for "client closed the request", for the access log.
+CLIENT_CLOSED = 499
+
+
+class Proxy:
+    """The ASGI handler for every request that is not a probe."""
+
+    def __init__(
+        self,
+        config: Config,
+        source: PodSource,
+        session: aiohttp.ClientSession,
+        observer: Observer,
+    ) -> None:
+        self._config = config
+        self._source = source
+        self._session = session
+        self._observer = observer
+        self._balancer = RoundRobin(config.max_attempts)
+        self._timeout = upstream.timeout(config.proxy_timeout, config.connect_timeout)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        incoming = read_request(scope)
+        client = scope.get("client")
+        exchange = Exchange(
+            method=scope["method"],
+            path=scope["path"],
+            client=client[0] if client else None,
+            request_id=incoming.request_id,
+            route="pool" if incoming.sandbox_id is None else "pinned",
+            started=time.perf_counter(),
+        )
+        self._observer.request_started(exchange.route)
+        own_headers = [(b"x-request-id", incoming.request_id.encode("latin-1"))]
+        body: RequestBody | None = None
+        try:
+            pinned = None
+            if incoming.sandbox_id is not None:  # refused before the body is read
+                pinned = parse_pinned(incoming, allow_loopback=self._config.allow_loopback_pod_ip)
+            body = await RequestBody.read(
+                receive, incoming.content_length, self._config.retry_body_limit
+            )
+            if pinned is None:
+                response, pod = await self._pool(scope, incoming, body, exchange)
+                exchange.pod, exchange.namespace = pod.name, pod.namespace
+                own_headers.append((b"x-sandbox-id", pod.name.encode()))
+                own_headers.append((b"x-sandbox-namespace", pod.namespace.encode()))
+            else:
+                exchange.pod, exchange.namespace = pinned.sandbox_id, pinned.namespace
+                response = await self._pinned(scope, incoming, pinned, body, exchange)
+            await self._relay(response, body, receive, send, own_headers, exchange)
+        except ProxyError as error:
+            exchange.status = error.status
+            exchange.bytes_out = await send_error(send, error, tuple(own_headers))
+        except ClientGone:
+            exchange.status = CLIENT_CLOSED
+        finally:
+            exchange.bytes_in = body.size if body is not None else 0
+            self._observer.request_finished(exchange)
+
+    async def _pool(
+        self, scope: Scope, incoming: Incoming, body: RequestBody, exchange: Exchange
+    ) -> tuple[aiohttp.ClientResponse, Pod]:
+        snapshot = self._source.snapshot()
+        if snapshot is None or not snapshot.pods:
+            raise no_pods()
+        timeout = self._request_timeout(incoming)
+        target = _raw_path_qs(scope)
+        saw_busy = False
+        for pod in self._balancer.order(snapshot.pods):
+            exchange.attempts += 1
+            try:
+                response = await self._send(scope, pod.origin + target, incoming, body, timeout)
+            except ConnectFailed:
+                self._observer.attempt("connect_error")
+                continue
+            if response.status == 503 and body.replayable:
+                self._observer.attempt("busy")
+                saw_busy = True
+                await _discard(response)
+                continue
+            self._observer.attempt("busy" if response.status == 503 else "ok")
+            return response, pod
+        if saw_busy:
+            raise busy()
+        raise ProxyError(502, "Could not connect to any warm pool pod.")
+
+    async def _pinned(
+        self,
+        scope: Scope,
+        incoming: Incoming,
+        pinned: Pinned,
+        body: RequestBody,
+        exchange: Exchange,
+    ) -> aiohttp.ClientResponse:
+        """The one sandbox the client named; its answer, 503 included, is final. Target: the
+        given pod IP, else the cached pod of that name, else the cluster DNS name."""
+        snapshot = self._source.snapshot()
+        pod = snapshot.by_name.get((pinned.namespace, pinned.sandbox_id)) if snapshot else None
+        if pinned.pod_ip:
+            host = pinned.pod_ip
+        elif pod:
+            host = pod.ip
+        else:
+            host = f"{pinned.sandbox_id}.{pinned.namespace}.svc.{self._config.cluster_domain}"
+        port = pinned.port or (pod.port if pod else self._config.pod_port)
+        exchange.attempts = 1
+        try:
+            response = await self._send(
+                scope,
+                origin(host, port) + _raw_path_qs(scope),
+                incoming,
+                body,
+                self._request_timeout(incoming),
+            )
+        except ConnectFailed:
+            self._observer.attempt("connect_error")
+            raise ProxyError(
+                502, f"Could not connect to the backend sandbox: {pinned.sandbox_id}"
+            ) from None
+        self._observer.attempt("ok")
+        return response
+
+    async def _send(
+        self,
+        scope: Scope,
+        target: str,
+        incoming: Incoming,
+        body: RequestBody,
+        timeout: aiohttp.ClientTimeout,
+    ) -> aiohttp.ClientResponse:
+        try:
+            return await self._session.request(
+                scope["method"],
+                upstream.url(target),
+                headers=incoming.forward,
+                data=body.data(),
+                timeout=timeout,
+                allow_redirects=False,
+            )
+        except upstream.UPSTREAM_ERRORS as exc:
+            error = upstream.map_error(exc)
+            if not isinstance(error, ConnectFailed):
+                self._observer.attempt(_outcome(error))
+            raise error from exc
+
+    def _request_timeout(self, incoming: Incoming) -> aiohttp.ClientTimeout:
+        if incoming.sandbox_timeout is None:
+            return self._timeout
+        seconds = upstream_timeout(incoming.sandbox_timeout, self._config.proxy_timeout)
+        return upstream.timeout(seconds, self._config.connect_timeout)
+
+    async def _relay(
+        self,
+        response: aiohttp.ClientResponse,
+        body: RequestBody,
+        receive: Receive,
+        send: Send,
+        own_headers: list[tuple[bytes, bytes]],
+        exchange: Exchange,
+    ) -> None:
+        """Stream the pod's answer as it arrives. After the first chunk (once the request
+        body is all read) a watcher waits for the client to leave; if it does, the upstream response is closed at once, which
+        ends the loop even while the pod is silent."""
+        watcher: asyncio.Future[object] | None = None
+        try:
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": response.status,
+                    "headers": response_headers(response.raw_headers, own_headers),
+                }
+            )
+            exchange.status = response.status
+            async for chunk in response.content.iter_any():
+                exchange.bytes_out += len(chunk)
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                if watcher is None and body.complete:
+                    watcher = asyncio.ensure_future(receive())
+                    watcher.add_done_callback(lambda _: response.close())
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except upstream.UPSTREAM_ERRORS as exc:
+            # Headers are out: the only honest signal left is an incomplete response.
+            if watcher is None or not watcher.done():
+                log.warning("upstream failed mid-response from %s: %r", exchange.pod, exc)
+        finally:
+            if watcher is not None and not watcher.done():
+                watcher.cancel()
+            response.release()
+
+
+async def _discard(response: aiohttp.ClientResponse) -> None:
+    """Read a small busy answer to the end so its connection goes back to the pool."""
+    try:
+        if response.content_length is not None and response.content_length <= _DRAIN_LIMIT:
+            await response.read()
+    except upstream.UPSTREAM_ERRORS:
+        pass
+    finally:
+        response.release()
+
+
+def _raw_path_qs(scope: Scope) -> str:
+    """The path and query exactly as the client sent them: no decoding, no dot folding."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else quote(scope["path"])
+    query: bytes = scope.get("query_string", b"")
+    return f"{path}?{query.decode('latin-1')}" if query else path
+
+
+def _outcome(error: ProxyError) -> Outcome:
+    return "timeout" if isinstance(error, UpstreamTimeout) else "error"
