@@ -23,7 +23,7 @@ log = logging.getLogger("router.app")
 Probe = Callable[[Send], Awaitable[None]]
 
 
-def build_source(config: Config) -> PodSource:
+def build_source(config: Config, observer: Observer) -> PodSource:
     """The pool the router serves: `--demo`, `--pods`, else the Kubernetes API."""
     if config.demo:
         from router.demo import DemoPool
@@ -35,7 +35,7 @@ def build_source(config: Config) -> PodSource:
         )
     from router.kube import KubernetesPodSource
 
-    return KubernetesPodSource(config)
+    return KubernetesPodSource(config, observer)
 
 
 class Router:
@@ -48,8 +48,8 @@ class Router:
         observer: Observer | None = None,
     ) -> None:
         self.config = config
-        self.source = source if source is not None else build_source(config)
         self.observer: Observer = observer if observer is not None else NullObserver()
+        self.source = source if source is not None else build_source(config, self.observer)
         self.draining = False
         self._proxy: Proxy | None = None
         self._probes: dict[str, Probe] = {

@@ -18,13 +18,16 @@ class ClientGone(Exception):
 
 
 class RequestBody:
-    def __init__(self, receive: Receive, whole: bytes | None, first: bytes = b"") -> None:
+    def __init__(
+        self, receive: Receive, whole: bytes | None, first: bytes = b"", more: bool = False
+    ) -> None:
         self._receive = receive
         self._whole = whole
         self._first = first
         self.size = len(whole) if whole is not None else 0
-        self.started = False
-        self.complete = whole is not None
+        # True once the client has sent its last byte; until then only the stream may
+        # call `receive`.
+        self.complete = not more
 
     @property
     def replayable(self) -> bool:
@@ -36,10 +39,11 @@ class RequestBody:
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk: bytes = message.get("body", b"")
-        if not message.get("more_body", False):
+        more = message.get("more_body", False)
+        if not more and len(chunk) <= limit:
             return cls(receive, chunk)
-        if content_length is None or content_length > limit:
-            return cls(receive, None, chunk)
+        if not more or content_length is None or content_length > limit:
+            return cls(receive, None, chunk, more)
         parts = [chunk]
         while message.get("more_body", False):
             message = await receive()
@@ -55,10 +59,9 @@ class RequestBody:
         return self._stream()
 
     async def _stream(self) -> AsyncIterator[bytes]:
-        self.started = True
         self.size = len(self._first)
         yield self._first
-        while True:
+        while not self.complete:
             message = await self._receive()
             if message["type"] == "http.disconnect":
                 raise ClientGone
@@ -66,6 +69,4 @@ class RequestBody:
             self.size += len(chunk)
             if chunk:
                 yield chunk
-            if not message.get("more_body", False):
-                self.complete = True
-                return
+            self.complete = not message.get("more_body", False)

@@ -284,8 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     for option in OPTIONS:
         default = getattr(defaults, option.field)
         envs = ", ".join((option.env, *option.env_aliases))
-        shown = "unset" if default in (None, (), 0) and option.field in {"pods", "demo"} else default
-        if option.field == "namespace":
+        shown = default
+        if option.field in {"pods", "demo", "warm_pool", "kubeconfig"}:
+            shown = "unset"
+        elif option.field == "namespace":
             shown = "own namespace, else default"
         help_text = f"{option.help} [default: {shown}; env: {envs}]"
         if option.flag:

@@ -11,6 +11,7 @@ from typing import Literal, Protocol
 
 Route = Literal["pool", "pinned"]
 Outcome = Literal["ok", "busy", "connect_error", "timeout", "error"]
+Refresh = Literal["ok", "error"]
 
 
 @dataclass(slots=True)
@@ -38,6 +39,10 @@ class Observer(Protocol):
 
     def request_finished(self, exchange: Exchange) -> None: ...
 
+    def pod_list_refreshed(self, outcome: Refresh) -> None:
+        """Called by a pod source (from its own thread) after each API list or watch."""
+        ...
+
 
 class NullObserver:
     """Reports nowhere: the default when metrics and access logs are off."""
@@ -49,4 +54,7 @@ class NullObserver:
         return None
 
     def request_finished(self, exchange: Exchange) -> None:
+        return None
+
+    def pod_list_refreshed(self, outcome: Refresh) -> None:
         return None

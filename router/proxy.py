@@ -16,12 +16,19 @@ from urllib.parse import quote
 import aiohttp
 
 from router import upstream
-from router.asgi import Receive, Scope, Send
+from router.asgi import Message, Receive, Scope, Send
 from router.balancer import RoundRobin
 from router.body import ClientGone, RequestBody
 from router.config import Config
 from router.errors import ConnectFailed, ProxyError, UpstreamTimeout, busy, no_pods, send_error
-from router.headers import Incoming, Pinned, parse_pinned, read_request, response_headers, upstream_timeout
+from router.headers import (
+    Incoming,
+    Pinned,
+    parse_pinned,
+    read_request,
+    response_headers,
+    upstream_timeout,
+)
 from router.observe import Exchange, Observer, Outcome
 from router.pods import Pod, PodSource, origin
 
@@ -95,13 +102,13 @@ class Proxy:
         snapshot = self._source.snapshot()
         if snapshot is None or not snapshot.pods:
             raise no_pods()
-        timeout = self._request_timeout(incoming)
+        limits = self._request_timeout(incoming)
         target = _raw_path_qs(scope)
         saw_busy = False
         for pod in self._balancer.order(snapshot.pods):
             exchange.attempts += 1
             try:
-                response = await self._send(scope, pod.origin + target, incoming, body, timeout)
+                response = await self._send(scope, pod.origin + target, incoming, body, limits)
             except ConnectFailed:
                 self._observer.attempt("connect_error")
                 continue
@@ -158,7 +165,7 @@ class Proxy:
         target: str,
         incoming: Incoming,
         body: RequestBody,
-        timeout: aiohttp.ClientTimeout,
+        limits: aiohttp.ClientTimeout,
     ) -> aiohttp.ClientResponse:
         try:
             return await self._session.request(
@@ -166,7 +173,7 @@ class Proxy:
                 upstream.url(target),
                 headers=incoming.forward,
                 data=body.data(),
-                timeout=timeout,
+                timeout=limits,
                 allow_redirects=False,
             )
         except upstream.UPSTREAM_ERRORS as exc:
@@ -191,9 +198,9 @@ class Proxy:
         exchange: Exchange,
     ) -> None:
         """Stream the pod's answer as it arrives. After the first chunk (once the request
-        body is all read) a watcher waits for the client to leave; if it does, the upstream response is closed at once, which
-        ends the loop even while the pod is silent."""
-        watcher: asyncio.Future[object] | None = None
+        body is all read) a watcher waits for the client to leave; if it does, the upstream
+        response is closed at once, which ends the loop even while the pod is silent."""
+        watcher: asyncio.Future[Message] | None = None
         try:
             await send(
                 {

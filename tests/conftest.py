@@ -1,0 +1,69 @@
+"""Fixtures: fake sandbox pods on 127.0.0.x and the router as a real uvicorn server."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from router.app import Router
+from router.config import Config, StaticPod
+from router.observe import Observer
+from router.pods import PodSource
+from router.server import ServerThread, bind, server_config
+from tests.sandbox import Pod
+
+StartPods = Callable[..., list[Pod]]
+StartRouter = Callable[..., httpx.Client]
+
+
+@pytest.fixture
+def start_pods() -> Iterator[StartPods]:
+    """`start_pods(3)` runs pods pod-0.. on 127.0.0.2.., all on one shared port (as pods in a
+    cluster share the sandbox port), and stops them after the test."""
+    running: list[Pod] = []
+
+    def start(count: int, first_ip: int = 2) -> list[Pod]:
+        port = 0
+        for index in range(count):
+            pod = Pod(f"pod-{len(running)}", f"127.0.0.{first_ip + index}", port)
+            port = pod.port
+            running.append(pod)
+        return running[-count:]
+
+    yield start
+    for pod in running:
+        pod.stop()
+
+
+def static_config(pods: list[Pod], **options: Any) -> Config:
+    """A router config over `pods` as a static pool; no metrics port unless asked for."""
+    options.setdefault("metrics_port", 0)
+    options.setdefault("log_level", "warning")
+    static = tuple(StaticPod(p.name, p.ip, p.port) for p in pods)
+    return dataclasses.replace(Config(port=0, pods=static), **options)
+
+
+@pytest.fixture
+def start_router() -> Iterator[StartRouter]:
+    """`start_router(config)` serves the router in a thread on 127.0.0.1 and returns an
+    httpx client for it; the server and the client are closed after the test."""
+    running: list[tuple[ServerThread, httpx.Client]] = []
+
+    def start(
+        config: Config, source: PodSource | None = None, observer: Observer | None = None
+    ) -> httpx.Client:
+        app = Router(config, source=source, observer=observer)
+        thread = ServerThread(server_config(config, app), bind("127.0.0.1")).start()
+        client = httpx.Client(base_url=thread.url, timeout=30)
+        client.app = app  # type: ignore[attr-defined]
+        running.append((thread, client))
+        return client
+
+    yield start
+    for thread, client in running:
+        client.close()
+        thread.stop()

@@ -1,0 +1,147 @@
+"""Pool routing against real pods: round robin, busy skipping, retries and their limits."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+from tests.conftest import StartPods, StartRouter, static_config
+
+
+def test_round_robin_spreads_requests_evenly(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(3)
+    client = start_router(static_config(pods))
+    served = Counter(client.get("/").json()["pod"] for _ in range(300))
+    assert served == {"pod-0": 100, "pod-1": 100, "pod-2": 100}
+    assert [p.app.hits for p in pods] == [100, 100, 100]
+
+
+def test_round_robin_stays_even_under_concurrency(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(3)
+    client = start_router(static_config(pods))
+    with ThreadPoolExecutor(16) as workers:
+        statuses = list(workers.map(lambda _: client.get("/").status_code, range(300)))
+    assert statuses == [200] * 300
+    assert [p.app.hits for p in pods] == [100, 100, 100]
+
+
+def test_response_names_the_pod_that_served_it(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(2)
+    client = start_router(static_config(pods, namespace="team-a"))
+    response = client.get("/")
+    assert response.headers["x-sandbox-id"] == response.json()["pod"]
+    assert response.headers["x-sandbox-namespace"] == "team-a"
+
+
+def test_busy_pod_is_skipped(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(3)
+    pods[1].app.mode = "busy"
+    client = start_router(static_config(pods))
+    served = Counter(client.get("/").json()["pod"] for _ in range(30))
+    # Every third request starts at pod-1, finds it busy and moves on to the next index.
+    assert served == {"pod-0": 10, "pod-2": 20}
+    assert pods[1].app.hits == 10
+
+
+def test_all_busy_answers_503_after_trying_each_pod_once(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(3)
+    for pod in pods:
+        pod.app.mode = "busy"
+    client = start_router(static_config(pods))
+    response = client.get("/")
+    assert response.status_code == 503
+    assert response.json() == {"detail": "All warm pool pods are busy."}
+    assert int(response.headers["retry-after"]) >= 1
+    assert [p.app.hits for p in pods] == [1, 1, 1]
+
+
+def test_max_attempts_bounds_the_pods_tried(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(4)
+    for pod in pods:
+        pod.app.mode = "busy"
+    client = start_router(static_config(pods, max_attempts=2))
+    assert client.get("/").status_code == 503
+    assert sum(p.app.hits for p in pods) == 2
+
+
+def test_server_error_is_final_and_not_retried(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(3)
+    for pod in pods:
+        pod.app.mode = "fail"
+    client = start_router(static_config(pods))
+    response = client.get("/")
+    assert response.status_code == 500
+    assert response.text == "boom"
+    assert sum(p.app.hits for p in pods) == 1
+
+
+def test_dead_pod_is_skipped(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(3)
+    pods[0].stop()
+    client = start_router(static_config(pods))
+    served = Counter(client.get("/").json()["pod"] for _ in range(30))
+    assert served == {"pod-1": 20, "pod-2": 10}
+
+
+def test_all_pods_unreachable_answers_502(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(2)
+    for pod in pods:
+        pod.stop()
+    client = start_router(static_config(pods))
+    response = client.get("/")
+    assert response.status_code == 502
+    assert response.json() == {"detail": "Could not connect to any warm pool pod."}
+
+
+def test_no_pods_answers_503(start_router: StartRouter):
+    from router.pods import StaticPodSource
+
+    client = start_router(static_config([]), source=StaticPodSource([]))
+    response = client.get("/")
+    assert response.status_code == 503
+    assert response.json() == {"detail": "No warm pool pods are available."}
+    assert "retry-after" in response.headers
+
+
+def test_small_body_is_replayed_byte_identical_to_the_next_pod(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(2)
+    pods[0].app.mode = "busy"
+    client = start_router(static_config(pods))
+    body = os.urandom(100_000)
+    # Two requests: whichever pod the counter starts at, one request hits pod-0 first.
+    answers = [client.post("/upload", content=body).json() for _ in range(2)]
+    assert {a["pod"] for a in answers} == {"pod-1"}
+    digest = hashlib.sha256(body).hexdigest()
+    assert [s.body_sha256 for s in pods[0].app.seen] == [digest]
+    assert [s.body_sha256 for s in pods[1].app.seen] == [digest, digest]
+
+
+def test_body_over_the_retry_limit_streams_and_is_not_replayed(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(2)
+    pods[0].app.mode = "busy"
+    pods[1].app.mode = "busy"
+    client = start_router(static_config(pods, retry_body_limit=1024))
+    response = client.post("/upload", content=os.urandom(4096))
+    # The busy pod's own answer is relayed: the body is gone and cannot go to another pod.
+    assert response.status_code == 503
+    assert response.json() == {"detail": "busy"}
+    assert sum(p.app.hits for p in pods) == 1
+
+
+def test_chunked_body_streams_to_the_first_pod(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(2)
+    client = start_router(static_config(pods))
+    parts = [os.urandom(10_000) for _ in range(5)]
+    answer = client.post("/upload", content=iter(parts)).json()
+    assert answer["body_bytes"] == 50_000
+    assert answer["body_sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
