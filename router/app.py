@@ -10,6 +10,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
+from aiohttp.abc import AbstractResolver
+
 from router import upstream
 from router.asgi import Receive, Scope, Send
 from router.config import Config
@@ -46,8 +48,10 @@ class Router:
         config: Config,
         source: PodSource | None = None,
         observer: Observer | None = None,
+        resolver: AbstractResolver | None = None,
     ) -> None:
         self.config = config
+        self._resolver = resolver
         self.observer: Observer = observer if observer is not None else NullObserver()
         self.source = source if source is not None else build_source(config, self.observer)
         self.draining = False
@@ -92,7 +96,7 @@ class Router:
 
     async def startup(self) -> None:
         await self.source.start()
-        session = upstream.create_session()
+        session = upstream.create_session(self._resolver)
         self._proxy = Proxy(self.config, self.source, session, self.observer)
         self._session = session
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+from aiohttp.abc import AbstractResolver
 from yarl import URL
 
 from router.errors import ConnectFailed, ProxyError, UpstreamFailed, UpstreamTimeout
@@ -21,10 +22,12 @@ KEEPALIVE_SECONDS = 4.0
 _NO_AUTO_HEADERS = ("User-Agent", "Accept", "Accept-Encoding", "Content-Type")
 
 
-def create_session() -> aiohttp.ClientSession:
+def create_session(resolver: AbstractResolver | None = None) -> aiohttp.ClientSession:
     """The process's one client: unlimited pooled keep-alive connections, bytes untouched
-    (no decompression), no cookie jar (cookies belong to the client, not the router)."""
+    (no decompression), no cookie jar (cookies belong to the client, not the router).
+    `resolver` replaces the system's name lookups (tests map cluster DNS names to loopback)."""
     connector = aiohttp.TCPConnector(
+        resolver=resolver,
         limit=0,
         keepalive_timeout=KEEPALIVE_SECONDS,
         ttl_dns_cache=10,
