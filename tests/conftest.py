@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import socket
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp.abc import AbstractResolver, ResolveResult
 
 from router.app import Router
 from router.config import Config, StaticPod
@@ -17,6 +19,27 @@ from router.server import ServerThread, bind, server_config
 from tests.sandbox import Pod
 
 StartPods = Callable[..., list[Pod]]
+
+
+class NamesResolver(AbstractResolver):
+    """Name lookups from a dict, so cluster DNS names can point at loopback pods with no
+    query leaving the machine; unknown names fail as NXDOMAIN would."""
+
+    def __init__(self, names: dict[str, str]) -> None:
+        self._names = names
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host not in self._names:
+            raise OSError(socket.EAI_NONAME, f"unknown host {host}")
+        return [
+            ResolveResult(hostname=host, host=self._names[host], port=port,
+                          family=socket.AF_INET, proto=0, flags=0)
+        ]
+
+    async def close(self) -> None:
+        return None
 StartRouter = Callable[..., httpx.Client]
 
 
@@ -54,9 +77,13 @@ def start_router() -> Iterator[StartRouter]:
     running: list[tuple[ServerThread, httpx.Client]] = []
 
     def start(
-        config: Config, source: PodSource | None = None, observer: Observer | None = None
+        config: Config,
+        source: PodSource | None = None,
+        observer: Observer | None = None,
+        names: dict[str, str] | None = None,
     ) -> httpx.Client:
-        app = Router(config, source=source, observer=observer)
+        resolver = NamesResolver(names) if names is not None else None
+        app = Router(config, source=source, observer=observer, resolver=resolver)
         thread = ServerThread(server_config(config, app), bind("127.0.0.1")).start()
         client = httpx.Client(base_url=thread.url, timeout=30)
         client.app = app  # type: ignore[attr-defined]

@@ -1,0 +1,220 @@
+"""What crosses the router: headers, paths, methods and bodies, byte for byte."""
+
+from __future__ import annotations
+
+import gzip
+import http.client
+import json
+import socket
+
+import pytest
+
+from tests.conftest import StartPods, StartRouter, static_config
+
+
+def raw_request(url: str, request: bytes) -> bytes:
+    """Send bytes exactly as written (no client normalisation) and read the whole answer."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_raw_path_and_query_pass_as_received(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    answer = raw_request(
+        str(client.base_url).rstrip("/"),
+        b"GET /a/../b%2Fc/./d?x=%2F&y=a+b HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n",
+    )
+    body = json.loads(answer.split(b"\r\n\r\n", 1)[1])
+    assert body["raw_path"] == "/a/../b%2Fc/./d"
+    assert body["query"] == "x=%2F&y=a+b"
+
+
+@pytest.mark.parametrize("method", ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"])
+def test_every_method_is_proxied(
+    start_pods: StartPods, start_router: StartRouter, method: str
+):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    response = client.request(method, "/m")
+    assert response.status_code == 200
+    assert response.json()["method"] == method
+
+
+def test_head_is_proxied_without_a_body(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    response = client.head("/m")
+    assert response.status_code == 200
+    assert response.content == b""
+    assert pods[0].app.seen[0].method == "HEAD"
+
+
+def test_hop_by_hop_and_routing_headers_are_not_forwarded(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    client.get(
+        "/",
+        headers={
+            "Connection": "keep-alive, X-Drop-Me",
+            "X-Drop-Me": "1",
+            "Keep-Alive": "timeout=5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic eA==",
+            "X-Sandbox-Namespace": "ignored",
+            "X-Sandbox-Timeout": "10",
+            "X-Custom": "kept",
+            "Authorization": "Bearer sandbox-token",
+        },
+    )
+    seen = pods[0].app.seen[0]
+    names = {name for name, _ in seen.headers}
+    assert not names & {"x-drop-me", "keep-alive", "te", "proxy-authorization", "connection"}
+    assert not any(name.startswith("x-sandbox-") for name in names)
+    assert seen.header("x-custom") == "kept"
+    assert seen.header("authorization") == "Bearer sandbox-token"
+    assert seen.header("host") == f"{pods[0].ip}:{pods[0].port}"
+
+
+def test_forwarding_headers_are_set(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    client.get("/", headers={"Host": "api.example", "X-Forwarded-For": "203.0.113.9"})
+    seen = pods[0].app.seen[0]
+    assert seen.header("x-forwarded-for") == "203.0.113.9, 127.0.0.1"
+    assert seen.header("x-forwarded-proto") == "http"
+    assert seen.header("x-forwarded-host") == "api.example"
+
+
+def test_request_id_is_kept_and_echoed(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    response = client.get("/", headers={"X-Request-ID": "abc-123"})
+    assert response.headers["x-request-id"] == "abc-123"
+    assert pods[0].app.seen[0].header("x-request-id") == "abc-123"
+    # The pod's own X-Request-ID is replaced, never doubled.
+    assert response.headers.get_list("x-request-id") == ["abc-123"]
+
+
+def test_request_id_is_generated_when_missing(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    first, second = client.get("/"), client.get("/")
+    ids = [first.headers["x-request-id"], second.headers["x-request-id"]]
+    assert len(set(ids)) == 2
+    assert [s.header("x-request-id") for s in pods[0].app.seen] == ids
+
+
+def test_error_responses_carry_the_request_id(start_router: StartRouter):
+    from router.pods import StaticPodSource
+
+    client = start_router(static_config([]), source=StaticPodSource([]))
+    response = client.get("/", headers={"X-Request-ID": "trace-me"})
+    assert response.status_code == 503
+    assert response.headers["x-request-id"] == "trace-me"
+
+
+def test_compressed_body_passes_unchanged(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    with client.stream("GET", "/gzip", headers={"Accept-Encoding": "gzip"}) as response:
+        raw = b"".join(response.iter_raw())
+    assert response.headers["content-encoding"] == "gzip"
+    assert gzip.decompress(raw) == b"hello " * 100
+    assert pods[0].app.seen[0].header("accept-encoding") == "gzip"
+
+
+def test_client_without_accept_encoding_gets_none_added(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    raw_request(
+        str(client.base_url).rstrip("/"),
+        b"GET / HTTP/1.1\r\nHost: r\r\nConnection: close\r\n\r\n",
+    )
+    names = {name for name, _ in pods[0].app.seen[0].headers}
+    assert not names & {"accept-encoding", "user-agent", "accept", "content-type"}
+
+
+def test_repeated_set_cookie_headers_all_pass(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    response = client.get("/cookies")
+    assert response.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]
+
+
+def test_cookies_are_not_kept_by_the_router(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    client.get("/cookies")
+    client.cookies.clear()
+    client.get("/")
+    assert pods[0].app.seen[1].header("cookie") is None
+
+
+def test_hop_by_hop_response_headers_are_dropped(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    response = client.get("/hop")
+    assert response.headers["x-kept"] == "yes"
+    assert "x-secret-hop" not in response.headers
+    assert "keep-alive" not in response.headers
+
+
+def test_upstream_timeout_answers_504(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods, proxy_timeout=0.5))
+    response = client.get("/slow?seconds=5")
+    assert response.status_code == 504
+    assert response.json() == {"detail": "The backend sandbox did not answer in time."}
+
+
+def test_probes_never_reach_a_pod(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/ready").json() == {"status": "ready", "pods": 1}
+    assert client.get("/readyz").status_code == 200
+    assert pods[0].app.hits == 0
+
+
+def test_ready_fails_without_a_snapshot(start_router: StartRouter):
+    class NeverSynced:
+        def snapshot(self) -> None:
+            return None
+
+        def not_ready_reason(self) -> str:
+            return "pod list not synced yet"
+
+        async def start(self) -> None:
+            return None
+
+        async def stop(self) -> None:
+            return None
+
+    client = start_router(static_config([]), source=NeverSynced())
+    response = client.get("/ready")
+    assert response.status_code == 503
+    assert response.json() == {"status": "not ready", "reason": "pod list not synced yet"}
+    assert client.get("/healthz").status_code == 200
+
+
+def test_http_1_0_client_is_served(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    host, port = str(client.base_url).removeprefix("http://").rstrip("/").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=10)
+    connection._http_vsn, connection._http_vsn_str = 10, "HTTP/1.0"  # type: ignore[attr-defined]
+    connection.request("GET", "/old")
+    assert json.loads(connection.getresponse().read())["pod"] == "pod-0"
+    connection.close()
