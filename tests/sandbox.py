@@ -65,6 +65,8 @@ class Sandbox:
     hits: int = 0
     seen: list[Seen] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Set when a client of /events goes away: proof the router closed its upstream side.
+    events_closed: threading.Event = field(default_factory=threading.Event)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -89,9 +91,9 @@ class Sandbox:
         with self.lock:
             self.hits += 1
             self.seen.append(seen)
-        await self._answer(scope, seen, send)
+        await self._answer(scope, seen, receive, send)
 
-    async def _answer(self, scope: Scope, seen: Seen, send: Send) -> None:
+    async def _answer(self, scope: Scope, seen: Seen, receive: Receive, send: Send) -> None:
         path: str = scope["path"]
         query = parse_qs(seen.query.decode())
         if self.mode == "busy":
@@ -104,6 +106,12 @@ class Sandbox:
             await _send(send, 200, b"slow", [])
         elif path == "/download":
             await _stream(send, int(query["bytes"][0]))
+        elif path == "/events":
+            headers = [(b"content-type", b"text/event-stream")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"data: hi\n\n", "more_body": True})
+            await receive()  # returns only when the router drops the connection
+            self.events_closed.set()
         elif path == "/gzip":
             body = gzip.compress(b"hello " * 100)
             await _send(send, 200, body, [(b"content-encoding", b"gzip")])

@@ -1,0 +1,81 @@
+"""Large and long bodies stream through both ways with flat memory, and a client that
+leaves mid-stream closes the upstream side too."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+
+from tests.conftest import StartPods, StartRouter, static_config
+from tests.sandbox import pattern, pattern_sha256
+
+BIG = 300 * 1024 * 1024
+# The router, the pods and the client all run in this process, so its RSS growth bounds
+# the router's own from above.
+RSS_GROWTH_LIMIT = 60 * 1024 * 1024
+
+
+@contextmanager
+def peak_rss_growth() -> Iterator[list[int]]:
+    """Sample this process's RSS every 20 ms; yields a one-item list filled with the peak
+    growth over the starting RSS when the block ends."""
+    process = psutil.Process()
+    start = process.memory_info().rss
+    peak = [start]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    result = [0]
+    try:
+        yield result
+    finally:
+        done.set()
+        sampler.join(5)
+        result[0] = peak[0] - start
+
+
+def test_large_download_streams_with_flat_memory(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    digest = hashlib.sha256()
+    with peak_rss_growth() as growth, client.stream("GET", f"/download?bytes={BIG}") as response:
+        for chunk in response.iter_raw():
+            digest.update(chunk)
+    assert response.status_code == 200
+    assert digest.hexdigest() == pattern_sha256(BIG)
+    assert growth[0] < RSS_GROWTH_LIMIT, f"RSS grew {growth[0] / 2**20:.0f} MiB"
+
+
+def test_large_upload_streams_with_flat_memory(start_pods: StartPods, start_router: StartRouter):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    with peak_rss_growth() as growth:
+        response = client.post(
+            "/upload", content=pattern(BIG), headers={"Content-Length": str(BIG)}
+        )
+    assert response.json()["body_sha256"] == pattern_sha256(BIG)
+    assert response.json()["body_bytes"] == BIG
+    assert growth[0] < RSS_GROWTH_LIMIT, f"RSS grew {growth[0] / 2**20:.0f} MiB"
+
+
+def test_client_leaving_mid_stream_closes_the_upstream(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    with client.stream("GET", "/events") as response:
+        assert next(response.iter_raw()) == b"data: hi\n\n"
+    # Leaving the block closed the client's connection while the pod was silent.
+    assert pods[0].app.events_closed.wait(10)
+    assert client.get("/").status_code == 200
