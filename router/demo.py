@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 import uvicorn
 
 from router.asgi import ASGIApp, Receive, Scope, Send
 from router.pods import Pod, Snapshot
 from router.server import ServerThread, bind
+
+DEMO_THREAD = "demo-pod"
 
 
 def sandbox_app(name: str) -> ASGIApp:
@@ -60,11 +63,14 @@ class DemoPool:
         return None if self._snapshot is not None else "demo pods not started"
 
     async def start(self) -> None:
+        logging.getLogger("uvicorn.error").addFilter(_quiet_demo_pods)
         pods = []
         for index in range(self._count):
             name = f"demo-{index}"
-            app = uvicorn.Config(sandbox_app(name), log_level="warning", access_log=False)
-            server = ServerThread(app, bind()).start()
+            app = uvicorn.Config(
+                sandbox_app(name), log_config=None, access_log=False, lifespan="off"
+            )
+            server = ServerThread(app, bind(), name=DEMO_THREAD).start()
             self._servers.append(server)
             pods.append(Pod(name, self._namespace, server.host, server.port))
         self._snapshot = Snapshot.of(pods)
@@ -72,3 +78,9 @@ class DemoPool:
     async def stop(self) -> None:
         servers, self._servers = self._servers, []
         await asyncio.gather(*(asyncio.to_thread(server.stop) for server in servers))
+        logging.getLogger("uvicorn.error").removeFilter(_quiet_demo_pods)
+
+
+def _quiet_demo_pods(record: logging.LogRecord) -> bool:
+    """The demo pods share uvicorn's logger with the router; only the router's lines show."""
+    return record.threadName != DEMO_THREAD

@@ -51,12 +51,14 @@ class ServerThread:
     signal handlers, which belong to the main server.
     """
 
-    def __init__(self, config: uvicorn.Config, sock: socket.socket) -> None:
+    def __init__(
+        self, config: uvicorn.Config, sock: socket.socket, name: str = "server"
+    ) -> None:
         self.sock = sock
         self.host, self.port = sock.getsockname()[:2]
         self.server = uvicorn.Server(config)
         self._thread = threading.Thread(
-            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True, name="server"
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True, name=name
         )
 
     @property

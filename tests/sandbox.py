@@ -158,7 +158,7 @@ class Pod:
     def __init__(self, name: str, ip: str, port: int = 0) -> None:
         self.app = Sandbox(name)
         self.name = name
-        config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off")
+        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off")
         self.thread = ServerThread(config, bind(ip, port)).start()
         self.ip = ip
         self.port = self.thread.port

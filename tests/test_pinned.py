@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from router.pods import StaticPodSource
-
 from tests.conftest import StartPods, StartRouter, static_config
 
 
