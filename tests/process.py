@@ -1,0 +1,76 @@
+"""The router as a real subprocess (`python -m router`), for the command line itself."""
+
+from __future__ import annotations
+
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+from collections.abc import Mapping, Sequence
+
+_LISTENING = re.compile(r"running on http://[^:\s]+:(\d+)")
+
+
+class RouterProcess:
+    """Start `python -m router ARGS` on 127.0.0.1, port 0, and learn its port from the
+    start-up log line; every output line is kept in `lines` for the test to read."""
+
+    def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+        command = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", "0",
+                   "--metrics-port", "0", *args]
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**os.environ, **(env or {})},
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+        self.port = self._wait_for_port()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _read(self) -> None:
+        assert self.process.stdout is not None
+        for line in self.process.stdout:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def _wait_for_port(self, timeout: float = 20.0) -> int:
+        while True:
+            line = self._queue.get(timeout=timeout)
+            if line is None:
+                raise RuntimeError("router exited before listening:\n" + "".join(self.lines))
+            match = _LISTENING.search(line)
+            if match:
+                return int(match.group(1))
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM, then wait; returns the exit status."""
+        if self.process.poll() is None:
+            self.process.terminate()
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait(timeout)
+
+
+def run_router(
+    args: Sequence[str], env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the command to completion (for --help and bad options)."""
+    return subprocess.run(
+        [sys.executable, "-m", "router", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **(env or {})},
+    )
