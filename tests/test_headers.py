@@ -1,0 +1,41 @@
+"""The header contract in isolation: what is forwarded, and the X-Sandbox-Timeout rule."""
+
+from __future__ import annotations
+
+from router.headers import read_request, response_headers, upstream_timeout
+
+
+def scope(*headers: tuple[bytes, bytes]) -> dict[str, object]:
+    return {"headers": list(headers), "client": ("198.51.100.7", 5000), "scheme": "http"}
+
+
+def test_names_listed_in_connection_are_dropped_case_insensitively():
+    incoming = read_request(scope((b"connection", b"Upgrade, X-Foo"), (b"x-foo", b"1"),
+                                  (b"upgrade", b"h2c"), (b"x-bar", b"2")))
+    forwarded = dict(incoming.forward)
+    assert "x-foo" not in forwarded and "upgrade" not in forwarded
+    assert forwarded["x-bar"] == "2"
+
+
+def test_an_unsafe_request_id_is_replaced():
+    incoming = read_request(scope((b"x-request-id", b"has space")))
+    assert incoming.request_id != "has space"
+    assert len(incoming.request_id) == 32
+
+
+def test_sandbox_timeout_only_shortens():
+    assert upstream_timeout(None, 180) == 180
+    assert upstream_timeout("30", 180) == 30
+    assert upstream_timeout("600", 180) == 180
+    assert upstream_timeout("0", 180) == 180
+    assert upstream_timeout("-5", 180) == 180
+    assert upstream_timeout("nan", 180) == 180
+    assert upstream_timeout("soon", 180) == 180
+
+
+def test_response_keeps_repeats_and_replaces_the_routers_own_headers():
+    raw = ((b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"), (b"X-Request-ID", b"pod"),
+           (b"Transfer-Encoding", b"chunked"))
+    headers = response_headers(raw, [(b"x-request-id", b"mine")])
+    assert headers == [(b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
+                       (b"x-request-id", b"mine")]
