@@ -70,7 +70,14 @@ class ServerThread:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        self.signal_stop()
+        self.join(timeout)
+
+    def signal_stop(self) -> None:
+        """Ask the server to finish; several can wind down at once before `join`."""
         self.server.should_exit = True
+
+    def join(self, timeout: float = 10.0) -> None:
         self._thread.join(timeout)
         self.sock.close()
 

@@ -44,7 +44,18 @@ StartRouter = Callable[..., httpx.Client]
 
 
 @pytest.fixture
-def start_pods() -> Iterator[StartPods]:
+def servers() -> Iterator[list[ServerThread]]:
+    """Every server a test starts; all are told to stop at once, then awaited."""
+    running: list[ServerThread] = []
+    yield running
+    for server in running:
+        server.signal_stop()
+    for server in running:
+        server.join()
+
+
+@pytest.fixture
+def start_pods(servers: list[ServerThread]) -> StartPods:
     """`start_pods(3)` runs pods pod-0.. on 127.0.0.2.., all on one shared port (as pods in a
     cluster share the sandbox port), and stops them after the test."""
     running: list[Pod] = []
@@ -55,11 +66,10 @@ def start_pods() -> Iterator[StartPods]:
             pod = Pod(f"pod-{len(running)}", f"127.0.0.{first_ip + index}", port)
             port = pod.port
             running.append(pod)
+            servers.append(pod.thread)
         return running[-count:]
 
-    yield start
-    for pod in running:
-        pod.stop()
+    return start
 
 
 def static_config(pods: list[Pod], **options: Any) -> Config:
@@ -71,10 +81,10 @@ def static_config(pods: list[Pod], **options: Any) -> Config:
 
 
 @pytest.fixture
-def start_router() -> Iterator[StartRouter]:
+def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
     """`start_router(config)` serves the router in a thread on 127.0.0.1 and returns an
     httpx client for it; the server and the client are closed after the test."""
-    running: list[tuple[ServerThread, httpx.Client]] = []
+    clients: list[httpx.Client] = []
 
     def start(
         config: Config,
@@ -87,10 +97,10 @@ def start_router() -> Iterator[StartRouter]:
         thread = ServerThread(server_config(config, app), bind("127.0.0.1")).start()
         client = httpx.Client(base_url=thread.url, timeout=30)
         client.app = app  # type: ignore[attr-defined]
-        running.append((thread, client))
+        clients.append(client)
+        servers.append(thread)
         return client
 
     yield start
-    for thread, client in running:
+    for client in clients:
         client.close()
-        thread.stop()

@@ -174,7 +174,7 @@ def test_hop_by_hop_response_headers_are_dropped(
 def test_upstream_timeout_answers_504(start_pods: StartPods, start_router: StartRouter):
     pods = start_pods(1)
     client = start_router(static_config(pods, proxy_timeout=0.5))
-    response = client.get("/slow?seconds=5")
+    response = client.get("/slow?seconds=2")
     assert response.status_code == 504
     assert response.json() == {"detail": "The backend sandbox did not answer in time."}
 

@@ -109,7 +109,7 @@ def test_sandbox_timeout_shortens_the_upstream_timeout(
     pods = start_pods(1)
     client = start_router(static_config(pods, proxy_timeout=30))
     response = client.get(
-        "/slow?seconds=5", headers={"X-Sandbox-ID": "pod-0", "X-Sandbox-Timeout": "0.5"}
+        "/slow?seconds=2", headers={"X-Sandbox-ID": "pod-0", "X-Sandbox-Timeout": "0.5"}
     )
     assert response.status_code == 504
     assert response.json() == {"detail": "The backend sandbox did not answer in time."}
