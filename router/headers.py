@@ -27,6 +27,9 @@ HOP_BY_HOP = frozenset(
         b"trailer",
         b"transfer-encoding",
         b"upgrade",
+        # Not hop-by-hop in RFC 9110, but answered on this hop: uvicorn sends the client its
+        # 100 Continue; forwarded, it would make the upstream client wait for another one.
+        b"expect",
     }
 )
 SANDBOX_PREFIX = b"x-sandbox-"

@@ -67,6 +67,7 @@ def test_hop_by_hop_and_routing_headers_are_not_forwarded(
             "X-Drop-Me": "1",
             "Keep-Alive": "timeout=5",
             "TE": "trailers",
+            "Expect": "100-continue",
             "Proxy-Authorization": "Basic eA==",
             "X-Sandbox-Namespace": "ignored",
             "X-Sandbox-Timeout": "10",
@@ -76,7 +77,9 @@ def test_hop_by_hop_and_routing_headers_are_not_forwarded(
     )
     seen = pods[0].app.seen[0]
     names = {name for name, _ in seen.headers}
-    assert not names & {"x-drop-me", "keep-alive", "te", "proxy-authorization", "connection"}
+    assert not names & {
+        "x-drop-me", "keep-alive", "te", "proxy-authorization", "connection", "expect"
+    }
     assert not any(name.startswith("x-sandbox-") for name in names)
     assert seen.header("x-custom") == "kept"
     assert seen.header("authorization") == "Bearer sandbox-token"
