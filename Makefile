@@ -16,10 +16,10 @@ demo: $(STAMP)
 	$(BIN)/warmpool-router --demo 3 --metrics-port 0
 
 test: $(STAMP)
-	$(BIN)/ruff check router tests bench
+	$(BIN)/ruff check
 	$(BIN)/mypy
 	$(BIN)/pytest
 
 lint: $(STAMP)
-	$(BIN)/ruff check router tests bench
+	$(BIN)/ruff check
 	$(BIN)/mypy
