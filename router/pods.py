@@ -7,7 +7,6 @@ and never sees a list being edited.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -39,19 +38,11 @@ class Snapshot:
 
     pods: tuple[Pod, ...]
     by_name: Mapping[tuple[str, str], Pod]
-    synced_at: float
 
     @classmethod
-    def of(cls, pods: Iterable[Pod], synced_at: float | None = None) -> Snapshot:
+    def of(cls, pods: Iterable[Pod]) -> Snapshot:
         ordered = tuple(sorted(pods, key=lambda pod: (pod.namespace, pod.name)))
-        return cls(
-            pods=ordered,
-            by_name={(pod.namespace, pod.name): pod for pod in ordered},
-            synced_at=time.monotonic() if synced_at is None else synced_at,
-        )
-
-    def age(self) -> float:
-        return time.monotonic() - self.synced_at
+        return cls(pods=ordered, by_name={(pod.namespace, pod.name): pod for pod in ordered})
 
 
 class PodSource(Protocol):

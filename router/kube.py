@@ -1,0 +1,325 @@
+"""The Kubernetes pod source: one background thread lists the warm-pool pods, then watches
+them, and publishes an immutable `Snapshot` after every change.
+
+The request path only reads `snapshot()`: no request waits on the API, and the API load is
+one list plus one watch per `--cache-ttl` window whatever the traffic. The official client
+is synchronous, so it never runs on the event loop; it gets its own thread rather than a
+slot of the default executor. One thread making one call at a time means at most one API
+call in flight per process.
+
+Freshness: the watch is opened with a server-side timeout of `--cache-ttl` (whole seconds,
+at least 1), so while the API answers, the list is re-confirmed at least that often (at
+the end of each watch, and on every event or bookmark); a read timeout a little longer
+than that window means a half-open connection cannot park the thread. A full re-list runs
+every `relist_every` as insurance against a missed event, and at once after a 410 Gone.
+Errors are logged, counted and retried with jittered backoff capped at `--cache-ttl`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from kubernetes import client as k8s
+from kubernetes import config as kubeconfig
+from kubernetes.watch.watch import iter_resp_lines
+
+from router.config import DEFAULT_SELECTOR, Config, ConfigError
+from router.observe import Observer
+from router.pods import Pod, Snapshot
+
+log = logging.getLogger("router.kube")
+
+WATCH_READ_SLACK = 5.0
+"""Seconds a watch may stay silent past its server timeout before it is taken for dead."""
+
+LIST_READ_TIMEOUT = 30.0
+"""Seconds to wait for a list answer: long enough for thousands of pods on a busy API."""
+
+Object = Mapping[str, Any]
+
+
+def fnv1a_32(text: str) -> str:
+    """FNV-1a 32-bit of `text` as 8 hex digits: the label value the agent-sandbox
+    controller stamps on the pods of a SandboxWarmPool."""
+    value = 0x811C9DC5
+    for byte in text.encode():
+        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
+    return f"{value:08x}"
+
+
+def label_selector(config: Config) -> str:
+    """`--warm-pool NAME` selects that pool's hash label; else `--selector` as given."""
+    if config.warm_pool:
+        return f"{DEFAULT_SELECTOR}={fnv1a_32(config.warm_pool)}"
+    return config.selector
+
+
+def candidate(obj: Object, port: int) -> Pod | None:
+    """The `Pod` to route to, if this API object is a ready, running, addressed pod that
+    is not being deleted; None for every other pod (and for malformed objects)."""
+    meta = obj.get("metadata") or {}
+    status = obj.get("status") or {}
+    if meta.get("deletionTimestamp") or status.get("phase") != "Running":
+        return None
+    ready = any(
+        c.get("type") == "Ready" and c.get("status") == "True"
+        for c in status.get("conditions") or ()
+        if isinstance(c, dict)
+    )
+    ip, name, namespace = status.get("podIP"), meta.get("name"), meta.get("namespace")
+    if not (ready and ip and name and namespace):
+        return None
+    return Pod(name, namespace, ip, port)
+
+
+class Expired(Exception):
+    """The watch's resourceVersion was compacted away (410 Gone): re-list."""
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """How often the thread talks to the API, derived from `--cache-ttl`."""
+
+    watch_window: int
+    relist_every: float
+    backoff_first: float
+    backoff_cap: float
+
+    @classmethod
+    def of(cls, cache_ttl: float) -> Schedule:
+        # A re-list only guards against a missed event (watches from a resourceVersion do
+        # not skip any), so it can be rare: 20 watch windows, between 30 s and 5 minutes.
+        return cls(
+            watch_window=max(1, int(cache_ttl)),
+            relist_every=min(300.0, max(30.0, 20 * cache_ttl)),
+            backoff_first=min(0.25, cache_ttl),
+            backoff_cap=cache_ttl,
+        )
+
+
+def connect(config: Config) -> k8s.ApiClient:
+    """An API client from `--kubeconfig`/`KUBECONFIG`, else the in-cluster service account.
+    Blocking (it reads files): called from a worker thread."""
+    try:
+        if config.kubeconfig:
+            api_client: k8s.ApiClient = kubeconfig.new_client_from_config(
+                config_file=config.kubeconfig
+            )
+            return api_client
+        configuration = k8s.Configuration()
+        kubeconfig.load_incluster_config(client_configuration=configuration)
+        return k8s.ApiClient(configuration)
+    except (kubeconfig.ConfigException, OSError, ValueError) as exc:
+        where = f"--kubeconfig {config.kubeconfig}" if config.kubeconfig else "in-cluster"
+        raise ConfigError(
+            f"cannot load the Kubernetes configuration ({where}): {exc}; "
+            "set --kubeconfig or KUBECONFIG, run in a pod, or use --pods/--demo"
+        ) from None
+
+
+class KubernetesPodSource:
+    """Warm-pool pods of `--namespace` matching the selector, kept by list + watch."""
+
+    def __init__(self, config: Config, observer: Observer) -> None:
+        self._config = config
+        self._observer = observer
+        self._selector = label_selector(config)
+        self._schedule = Schedule.of(config.cache_ttl)
+        self._snapshot: Snapshot | None = None
+        self._confirmed_at = 0.0
+        self._error: str | None = None
+        self._objects: dict[str, Object] = {}
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._api: k8s.CoreV1Api | None = None
+        self._response: Any = None
+
+    # The request path: reads only.
+
+    def snapshot(self) -> Snapshot | None:
+        return self._snapshot
+
+    def age(self) -> float | None:
+        """Seconds since the API last confirmed the list; None before the first sync."""
+        return None if self._snapshot is None else time.monotonic() - self._confirmed_at
+
+    def not_ready_reason(self) -> str | None:
+        age = self.age()
+        if age is None:
+            detail = f": {self._error}" if self._error else ""
+            return f"pod list not synced yet{detail}"
+        if age > self._config.max_stale:
+            return f"pod list is stale ({age:.0f} s since the last sync): {self._error}"
+        return None
+
+    # Lifecycle, from the app's lifespan.
+
+    async def start(self) -> None:
+        """Loads the client configuration (fails start-up if there is none) and starts the
+        thread; does not wait for the first list: `/ready` reports it."""
+        api_client = await asyncio.to_thread(connect, self._config)
+        self._api = k8s.CoreV1Api(api_client)
+        self._thread = threading.Thread(target=self._run, name="pod-watch", daemon=True)
+        self._thread.start()
+
+    async def stop(self) -> None:
+        self._stopping.set()
+        response = self._response
+        if response is not None:
+            response.shutdown()  # unblocks a read in progress on the watch thread
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, self._schedule.watch_window + 1)
+        if self._api is not None:
+            self._api.api_client.close()
+
+    # The thread.
+
+    def _run(self) -> None:
+        delay = self._schedule.backoff_first
+        while not self._stopping.is_set():
+            try:
+                version = self._list()
+                delay = self._schedule.backoff_first
+                relist_at = time.monotonic() + self._schedule.relist_every
+                while not self._stopping.is_set() and time.monotonic() < relist_at:
+                    version = self._watch(version)
+            except Expired:
+                log.info("pod watch expired (410 Gone); re-listing")
+            except Exception as exc:
+                if self._stopping.is_set():
+                    return
+                self._failed(exc)
+                self._stopping.wait(random.uniform(delay / 2, delay))
+                delay = min(delay * 2, self._schedule.backoff_cap)
+
+    def _list(self) -> str:
+        assert self._api is not None
+        response: Any = self._api.list_namespaced_pod(
+            self._config.namespace,
+            label_selector=self._selector,
+            _preload_content=False,
+            _request_timeout=(self._config.connect_timeout, LIST_READ_TIMEOUT),
+        )
+        body = _json(response.data)
+        items, version = body.get("items"), (body.get("metadata") or {}).get("resourceVersion")
+        if not isinstance(items, list) or not version:
+            raise ValueError("pod list answer has no items or no resourceVersion")
+        self._objects = {
+            _key(item): item for item in items if isinstance(item, dict) and _key(item)
+        }
+        self._confirm()
+        return str(version)
+
+    def _watch(self, version: str) -> str:
+        """One watch from `version` until the server ends it; returns the last version."""
+        assert self._api is not None
+        window = self._schedule.watch_window
+        try:
+            self._response = self._api.list_namespaced_pod(
+                self._config.namespace,
+                label_selector=self._selector,
+                watch=True,
+                allow_watch_bookmarks=True,
+                resource_version=version,
+                timeout_seconds=window,
+                _preload_content=False,
+                _request_timeout=(self._config.connect_timeout, window + WATCH_READ_SLACK),
+            )
+        except k8s.ApiException as exc:
+            if exc.status == 410:
+                raise Expired() from None
+            raise
+        try:
+            for event in _events(self._response):
+                version = self._apply(event) or version
+                if self._stopping.is_set():
+                    break
+        finally:
+            self._response.release_conn()
+            self._response = None
+        self._confirm()
+        return version
+
+    def _apply(self, event: Object) -> str | None:
+        kind, obj = event.get("type"), event.get("object")
+        if not isinstance(obj, dict):
+            raise ValueError(f"watch event {kind!r} has no object")
+        if kind == "ERROR":
+            if obj.get("code") == 410:
+                raise Expired()
+            raise ValueError(f"watch error {obj.get('code')}: {obj.get('message')}")
+        key = _key(obj)
+        if kind in ("ADDED", "MODIFIED") and key:
+            self._objects[key] = obj
+        elif kind == "DELETED" and key:
+            self._objects.pop(key, None)
+        elif kind != "BOOKMARK":
+            raise ValueError(f"unexpected watch event {kind!r}")
+        self._confirm(report=False)
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        return str(version) if version else None
+
+    def _confirm(self, report: bool = True) -> None:
+        """The API just vouched for `self._objects`: publish them if the pods changed."""
+        pods = Snapshot.of(
+            pod for obj in self._objects.values()
+            if (pod := candidate(obj, self._config.pod_port)) is not None
+        )
+        previous = self._snapshot
+        if previous is None or previous.pods != pods.pods:
+            self._snapshot = pods
+            _log_change(previous, pods)
+        self._confirmed_at = time.monotonic()
+        self._error = None
+        if report:
+            self._observer.pod_list_refreshed("ok")
+
+    def _failed(self, exc: Exception) -> None:
+        self._error = _describe(exc)
+        log.warning("pod list refresh failed: %s", self._error)
+        self._observer.pod_list_refreshed("error")
+
+
+def _events(response: Any) -> Iterator[Object]:
+    for line in iter_resp_lines(response):
+        if line:
+            yield _json(line)
+
+
+def _json(data: bytes | str) -> dict[str, Any]:
+    try:
+        value = json.loads(data)
+    except ValueError:
+        raise ValueError("the API answered something that is not JSON") from None
+    if not isinstance(value, dict):
+        raise ValueError("the API answered JSON that is not an object")
+    return value
+
+
+def _key(obj: Object) -> str:
+    meta = obj.get("metadata") or {}
+    return f"{meta.get('namespace', '')}/{meta.get('name', '')}" if meta.get("name") else ""
+
+
+def _describe(exc: Exception) -> str:
+    """One line for logs and `/ready`: the API's status and reason, not a traceback."""
+    if isinstance(exc, k8s.ApiException):
+        return f"Kubernetes API answered {exc.status} {exc.reason}".strip()
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _log_change(previous: Snapshot | None, current: Snapshot) -> None:
+    before = {pod.name for pod in previous.pods} if previous else set()
+    after = {pod.name for pod in current.pods}
+    log.info(
+        "pod list changed: %d pods (added %s, removed %s)",
+        len(after), sorted(after - before) or "none", sorted(before - after) or "none",
+    )

@@ -1,0 +1,366 @@
+"""A fake Kubernetes API server for the pod source: a real HTTP/1.1 server on loopback that
+the official client reaches through a generated kubeconfig.
+
+It speaks the wire format the router relies on: `GET /api/v1/namespaces/NS/pods` as a
+PodList with a resourceVersion, label and field selectors; `?watch=true` as a chunked
+stream of newline-delimited JSON events (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) from a
+resourceVersion, ended by the server after `timeoutSeconds`; an object leaving a watch's
+selector is sent as DELETED, as the real API server does. Tests drive it: add, change and
+delete pods, compact history (410 Gone), fail with a status, hang, drop open watches; every
+call is counted.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.parse
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+TOKEN = "fake-token"
+POOL_LABELS = {"agents.x-k8s.io/warm-pool-sandbox": "p"}
+Obj = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Call:
+    verb: str  # "list" or "watch"
+    namespace: str
+    query: Mapping[str, str]
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str
+    object: Obj
+    previous: Obj | None  # the object before this change, to see selector transitions
+    version: int
+
+
+def pod_object(
+    name: str,
+    ip: str | None,
+    *,
+    namespace: str = "default",
+    labels: Mapping[str, str] | None = None,
+    phase: str = "Running",
+    ready: bool = True,
+    deleting: bool = False,
+) -> Obj:
+    """A Pod as the API serves it, with the fields the router reads."""
+    meta: Obj = {
+        "name": name,
+        "namespace": namespace,
+        "uid": f"uid-{namespace}-{name}",
+        "labels": dict(POOL_LABELS if labels is None else labels),
+    }
+    if deleting:
+        meta["deletionTimestamp"] = "2026-11-25T00:00:00Z"
+    status: Obj = {
+        "phase": phase,
+        "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+    }
+    if ip:
+        status["podIP"] = ip
+    return {"kind": "Pod", "apiVersion": "v1", "metadata": meta, "spec": {}, "status": status}
+
+
+def _lookup(obj: Obj, path: str) -> str:
+    value: Any = obj
+    for part in path.split("."):
+        value = value.get(part, "") if isinstance(value, dict) else ""
+    return str(value)
+
+
+def _matches(selector: str, value_of: Any) -> bool:
+    """Equality-based selectors: `k`, `!k`, `k=v`, `k==v`, `k!=v`, comma-separated."""
+    for term in filter(None, (t.strip() for t in selector.split(","))):
+        if "!=" in term:
+            key, want = term.split("!=", 1)
+            if value_of(key) == want:
+                return False
+        elif "=" in term:
+            key, want = term.replace("==", "=").split("=", 1)
+            if value_of(key) != want:
+                return False
+        elif term.startswith("!"):
+            if value_of(term[1:]) is not None:
+                return False
+        elif value_of(term) is None:
+            return False
+    return True
+
+
+def selected(obj: Obj, query: Mapping[str, str]) -> bool:
+    labels = obj["metadata"].get("labels") or {}
+    return _matches(query.get("labelSelector", ""), labels.get) and _matches(
+        query.get("fieldSelector", ""), lambda path: _lookup(obj, path)
+    )
+
+
+def status(code: int, reason: str, message: str) -> Obj:
+    return {"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+            "message": message, "reason": reason, "code": code}
+
+
+class FakeKube:
+    """State and controls of the fake API; `start()` serves it on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.version = 100
+        self.objects: dict[tuple[str, str], Obj] = {}
+        self.history: list[Event] = []
+        self.compacted_below = 0
+        self.calls: list[Call] = []
+        self.failure: int | None = None
+        self.garbage = False
+        self.hanging = 0
+        self.released = threading.Event()
+        self.released.set()
+        self._dropped = 0
+        self._stopping = False
+        self.changed = threading.Condition()
+        self._server: ThreadingHTTPServer | None = None
+
+    # Controls, for tests.
+
+    def add_pod(self, name: str, ip: str | None, **fields: Any) -> None:
+        self._record("ADDED", pod_object(name, ip, **fields))
+
+    def update_pod(self, name: str, ip: str | None, **fields: Any) -> None:
+        self._record("MODIFIED", pod_object(name, ip, **fields))
+
+    def delete_pod(self, name: str, namespace: str = "default") -> None:
+        with self.changed:
+            obj = self.objects[(namespace, name)]
+        self._record("DELETED", obj)
+
+    def bookmark(self) -> None:
+        """A BOOKMARK at a newer version, as after changes to objects no watch selects."""
+        with self.changed:
+            self.version += 10
+            meta = {"resourceVersion": str(self.version)}
+            self.history.append(Event("BOOKMARK", {"kind": "Pod", "metadata": meta}, None,
+                                      self.version))
+            self.changed.notify_all()
+
+    def compact(self) -> None:
+        """Forget history: a watch from any version seen so far gets 410 Gone."""
+        with self.changed:
+            self.compacted_below = self.version + 1
+
+    def drop_watches(self) -> None:
+        """Cut every open watch stream mid-way, as a restarting API server or LB does."""
+        with self.changed:
+            self._dropped += 1
+            self.changed.notify_all()
+
+    def fail(self, code: int | None) -> None:
+        """Answer every call with `code` (e.g. 503) until `fail(None)`."""
+        with self.changed:
+            self.failure = code
+        if code is not None:
+            self.drop_watches()
+
+    @contextmanager
+    def hang(self) -> Iterator[None]:
+        """Calls made inside the block hang until it ends."""
+        self.released.clear()
+        self.drop_watches()
+        try:
+            yield
+        finally:
+            self.released.set()
+
+    def count(self, verb: str) -> int:
+        with self.changed:
+            return sum(1 for call in self.calls if call.verb == verb)
+
+    def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
+        """Block until `predicate()` holds, re-checked whenever a call arrives."""
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not predicate():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError("fake Kubernetes API: condition not reached")
+                self.changed.wait(left)
+
+    def _record(self, kind: str, obj: Obj) -> None:
+        with self.changed:
+            self.version += 1
+            key = (obj["metadata"]["namespace"], obj["metadata"]["name"])
+            previous = self.objects.get(key)
+            obj = json.loads(json.dumps(obj))
+            obj["metadata"]["resourceVersion"] = str(self.version)
+            if kind == "DELETED":
+                del self.objects[key]
+            else:
+                self.objects[key] = obj
+            self.history.append(Event(kind, obj, previous, self.version))
+            self.changed.notify_all()
+
+    # Serving.
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        host, port = self._server.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> FakeKube:
+        fake = self
+
+        class Handler(_Handler):
+            kube = fake
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="fake-kube", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        with self.changed:
+            self._stopping = True
+            self.changed.notify_all()
+        self.released.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+
+    def write_kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
+            "users": [{"name": "fake", "user": {"token": TOKEN}}],
+            "contexts": [{"name": "fake",
+                          "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}],
+            "current-context": "fake",
+        }
+        path.write_text(json.dumps(config))
+        return path
+
+    # Answers, called from the handler threads.
+
+    def list_pods(self, namespace: str, query: Mapping[str, str]) -> Obj:
+        with self.changed:
+            items = [obj for (ns, _), obj in sorted(self.objects.items())
+                     if ns == namespace and selected(obj, query)]
+            return {"kind": "PodList", "apiVersion": "v1",
+                    "metadata": {"resourceVersion": str(self.version)}, "items": items}
+
+    def watch_events(self, namespace: str, query: Mapping[str, str]) -> Iterator[Obj | None]:
+        """Events after `resourceVersion` until `timeoutSeconds`; None means: cut the
+        stream without ending it properly."""
+        since = int(query.get("resourceVersion") or self.version)
+        if since < self.compacted_below:
+            yield {"type": "ERROR", "object": status(
+                410, "Expired", f"too old resource version: {since} ({self.compacted_below})")}
+            return
+        deadline = time.monotonic() + float(query.get("timeoutSeconds") or 60)
+        bookmarks = query.get("allowWatchBookmarks") == "true"
+        with self.changed:
+            dropped = self._dropped
+            position = next((i for i, e in enumerate(self.history) if e.version > since),
+                            len(self.history))
+        while True:
+            with self.changed:
+                while (position == len(self.history) and dropped == self._dropped
+                       and not self._stopping and time.monotonic() < deadline):
+                    self.changed.wait(deadline - time.monotonic())
+                if dropped != self._dropped or self._stopping:
+                    yield None
+                    return
+                if position == len(self.history):
+                    return
+                event = self.history[position]
+                position += 1
+            if event.object["metadata"].get("namespace", namespace) != namespace:
+                continue
+            sent = _as_seen(event, query, bookmarks)
+            if sent is not None:
+                yield sent
+
+
+def _as_seen(event: Event, query: Mapping[str, str], bookmarks: bool) -> Obj | None:
+    """The event as a watch with this query sees it, or None if it sees nothing."""
+    if event.type == "BOOKMARK":
+        return {"type": "BOOKMARK", "object": event.object} if bookmarks else None
+    was = event.previous is not None and selected(event.previous, query)
+    now = event.type != "DELETED" and selected(event.object, query)
+    if was and now:
+        return {"type": "MODIFIED", "object": event.object}
+    if now:
+        return {"type": "ADDED", "object": event.object}
+    if was:
+        return {"type": "DELETED", "object": event.object}
+    return None
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    kube: FakeKube
+
+    def log_message(self, format: str, *args: Any) -> None:
+        return None
+
+    def do_GET(self) -> None:
+        url = urllib.parse.urlsplit(self.path)
+        query = dict(urllib.parse.parse_qsl(url.query))
+        parts = url.path.strip("/").split("/")
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._json(401, status(401, "Unauthorized", "Unauthorized"))
+        if len(parts) != 5 or parts[:3] != ["api", "v1", "namespaces"] or parts[4] != "pods":
+            return self._json(404, status(404, "NotFound", f"no route {url.path}"))
+        namespace = parts[3]
+        watch = query.get("watch") in ("true", "1")
+        kube = self.kube
+        with kube.changed:
+            kube.calls.append(Call("watch" if watch else "list", namespace, query))
+            kube.hanging += 1
+            kube.changed.notify_all()
+        kube.released.wait()
+        with kube.changed:
+            kube.hanging -= 1
+            failure = kube.failure
+        if failure is not None:
+            return self._json(failure, status(failure, "InternalError", "fake outage"))
+        if kube.garbage:
+            return self._send(200, b"<html>not the API</html>")
+        if not watch:
+            return self._json(200, kube.list_pods(namespace, query))
+        self._stream(kube.watch_events(namespace, query))
+
+    def _json(self, code: int, body: Obj) -> None:
+        self._send(code, json.dumps(body).encode())
+
+    def _send(self, code: int, data: bytes) -> None:
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def _stream(self, events: Iterator[Obj | None]) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        for event in events:
+            if event is None:
+                self.close_connection = True
+                self.connection.shutdown(2)
+                return
+            line = json.dumps(event).encode() + b"\n"
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()

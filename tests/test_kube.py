@@ -1,0 +1,351 @@
+"""The Kubernetes pod source, end to end: the router lists and watches a fake API server
+through the official client, and routes to pods that are real servers on 127.0.0.x."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from router.config import DEFAULT_SELECTOR, Config
+from router.kube import Schedule, fnv1a_32
+from router.observe import NullObserver, Refresh
+from tests.conftest import StartPods, StartRouter
+from tests.fake_kube import FakeKube
+from tests.process import run_router
+from tests.sandbox import Pod
+
+
+class RefreshLog(NullObserver):
+    def __init__(self) -> None:
+        self.refreshes: collections.Counter[str] = collections.Counter()
+
+    def pod_list_refreshed(self, outcome: Refresh) -> None:
+        self.refreshes[outcome] += 1
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKube]:
+    fake = FakeKube().start()
+    yield fake
+    fake.stop()
+
+
+@pytest.fixture
+def kube_router(kube: FakeKube, tmp_path: Path, start_router: StartRouter) -> Callable[..., Any]:
+    """`kube_router(pods, **options)` starts a router whose pods come from the fake API."""
+
+    def start(pods: list[Pod], observer: Any = None, **options: Any) -> httpx.Client:
+        options.setdefault("cache_ttl", 1.0)
+        config = dataclasses.replace(
+            Config(port=0, metrics_port=0, log_level="warning"),
+            kubeconfig=str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
+            pod_port=pods[0].port,
+            **options,
+        )
+        return start_router(config, observer=observer, names={})
+
+    return start
+
+
+def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
+    """Polls a condition on the router's side, where no event tells us it changed."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def ready(client: httpx.Client) -> bool:
+    return client.get("/ready").status_code == 200
+
+
+def served_by(client: httpx.Client, count: int) -> collections.Counter[str]:
+    answers = (client.get("/") for _ in range(count))
+    return collections.Counter(a.headers["x-sandbox-id"] for a in answers if a.status_code == 200)
+
+
+def pool_names(client: httpx.Client) -> set[str]:
+    snapshot = client.app.source.snapshot()  # type: ignore[attr-defined]
+    return {pod.name for pod in snapshot.pods} if snapshot else set()
+
+
+def test_fnv1a_matches_the_controller_hash() -> None:
+    assert fnv1a_32("") == "811c9dc5"
+    assert fnv1a_32("a") == "e40c292c"
+    assert fnv1a_32("foobar") == "bf9cf968"
+
+
+def test_schedule_follows_the_cache_ttl() -> None:
+    assert Schedule.of(3.0) == Schedule(watch_window=3, relist_every=60.0,
+                                        backoff_first=0.25, backoff_cap=3.0)
+    assert Schedule.of(0.5).watch_window == 1
+    assert Schedule.of(100).relist_every == 300.0
+
+
+def test_round_robin_over_listed_pods(kube: FakeKube, kube_router: Any, start_pods: StartPods
+                                      ) -> None:
+    pods = start_pods(3)
+    for pod in pods:
+        kube.add_pod(pod.name, pod.ip)
+    client = kube_router(pods)
+    eventually(lambda: ready(client))
+
+    assert client.get("/ready").json() == {"status": "ready", "pods": 3}
+    assert served_by(client, 300) == {"pod-0": 100, "pod-1": 100, "pod-2": 100}
+    assert client.get("/").headers["x-sandbox-namespace"] == "default"
+
+
+def test_only_ready_running_addressed_selected_pods_are_used(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(8)
+    good = pods[:2]
+    kube.add_pod(pods[0].name, pods[0].ip)
+    kube.add_pod(pods[1].name, pods[1].ip)
+    kube.add_pod(pods[2].name, pods[2].ip, ready=False)
+    kube.add_pod(pods[3].name, pods[3].ip, phase="Pending")
+    kube.add_pod(pods[4].name, None)
+    kube.add_pod(pods[5].name, pods[5].ip, deleting=True)
+    kube.add_pod(pods[6].name, pods[6].ip, labels={"app": "something-else"})
+    kube.add_pod(pods[7].name, pods[7].ip, namespace="elsewhere")
+    client = kube_router(pods)
+    eventually(lambda: ready(client))
+
+    assert served_by(client, 60) == {good[0].name: 30, good[1].name: 30}
+    assert [pod.app.hits for pod in pods[2:]] == [0] * 6
+
+
+def test_pods_joining_and_leaving_are_followed(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(3)
+    kube.add_pod(pods[0].name, pods[0].ip)
+    kube.add_pod(pods[1].name, pods[1].ip)
+    client = kube_router(pods)
+    eventually(lambda: ready(client))
+
+    kube.add_pod(pods[2].name, pods[2].ip)
+    eventually(lambda: pool_names(client) == {"pod-0", "pod-1", "pod-2"})
+    assert set(served_by(client, 3)) == {"pod-0", "pod-1", "pod-2"}
+
+    kube.update_pod(pods[0].name, pods[0].ip, ready=False)
+    kube.delete_pod(pods[1].name)
+    eventually(lambda: pool_names(client) == {"pod-2"})
+    assert served_by(client, 10) == {"pod-2": 10}
+
+
+def test_a_pod_leaving_the_selector_is_dropped(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(2)
+    for pod in pods:
+        kube.add_pod(pod.name, pod.ip)
+    client = kube_router(pods)
+    eventually(lambda: pool_names(client) == {"pod-0", "pod-1"})
+
+    kube.update_pod(pods[0].name, pods[0].ip, labels={"claimed": "yes"})
+    eventually(lambda: pool_names(client) == {"pod-1"})
+
+
+def test_traffic_does_not_add_api_calls(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(3)
+    for pod in pods:
+        kube.add_pod(pod.name, pod.ip)
+    client = kube_router(pods, cache_ttl=2.0)
+    eventually(lambda: ready(client))
+    started = time.monotonic()
+    watches_before = kube.count("watch")
+
+    assert sum(served_by(client, 1500).values()) == 1500
+
+    elapsed = time.monotonic() - started
+    # The schedule: one list, then one watch per 2 s window (plus the one open at each end).
+    assert kube.count("list") == 1
+    assert kube.count("watch") - watches_before <= elapsed / 2 + 2
+
+
+def test_an_outage_is_ridden_out_then_fails_readiness_then_recovers(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(2)
+    for pod in pods:
+        kube.add_pod(pod.name, pod.ip)
+    refreshes = RefreshLog()
+    client = kube_router(pods, observer=refreshes, max_stale=2.0)
+    eventually(lambda: ready(client))
+
+    kube.fail(503)
+    kube.wait_for(lambda: kube.calls[-1].verb == "list")  # the failing re-list
+    assert served_by(client, 10) == {"pod-0": 5, "pod-1": 5}
+    eventually(lambda: not ready(client))
+    answer = client.get("/ready")
+    assert answer.status_code == 503
+    assert "stale" in answer.json()["reason"]
+    assert "503" in answer.json()["reason"]
+    assert refreshes.refreshes["error"] >= 1
+    assert served_by(client, 4) == {"pod-0": 2, "pod-1": 2}  # still routed while stale
+
+    kube.fail(None)
+    eventually(lambda: ready(client))
+
+
+def test_not_ready_until_the_first_list_succeeds(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(1)
+    kube.add_pod(pods[0].name, pods[0].ip)
+    kube.fail(403)
+    client = kube_router(pods)
+    kube.wait_for(lambda: kube.count("list") >= 2)
+
+    answer = client.get("/ready")
+    assert answer.status_code == 503
+    assert answer.json() == {
+        "status": "not ready",
+        "reason": "pod list not synced yet: Kubernetes API answered 403 Forbidden",
+    }
+    assert client.get("/").json() == {"detail": "No warm pool pods are available."}
+
+    kube.fail(None)
+    eventually(lambda: ready(client))
+    assert client.get("/").status_code == 200
+
+
+def test_an_answer_that_is_not_json_is_reported(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(1)
+    kube.garbage = True
+    client = kube_router(pods)
+    kube.wait_for(lambda: kube.count("list") >= 2)
+
+    reason = client.get("/ready").json()["reason"]
+    assert reason == (
+        "pod list not synced yet: ValueError: the API answered something that is not JSON"
+    )
+    assert client.get("/healthz").status_code == 200
+
+
+def test_gone_leads_to_a_relist(kube: FakeKube, kube_router: Any, start_pods: StartPods
+                                ) -> None:
+    pods = start_pods(2)
+    kube.add_pod(pods[0].name, pods[0].ip)
+    client = kube_router(pods)
+    eventually(lambda: ready(client))
+
+    kube.compact()
+    kube.drop_watches()
+    kube.wait_for(lambda: kube.count("list") == 2)
+    kube.add_pod(pods[1].name, pods[1].ip)
+    eventually(lambda: pool_names(client) == {"pod-0", "pod-1"})
+
+
+def test_a_dropped_watch_is_resumed(kube: FakeKube, kube_router: Any, start_pods: StartPods
+                                    ) -> None:
+    pods = start_pods(2)
+    kube.add_pod(pods[0].name, pods[0].ip)
+    client = kube_router(pods)
+    eventually(lambda: ready(client))
+
+    kube.drop_watches()
+    kube.add_pod(pods[1].name, pods[1].ip)
+    eventually(lambda: pool_names(client) == {"pod-0", "pod-1"})
+    assert ready(client)
+
+
+def test_watch_resumes_from_a_bookmark(kube: FakeKube, kube_router: Any, start_pods: StartPods
+                                       ) -> None:
+    pods = start_pods(1)
+    kube.add_pod(pods[0].name, pods[0].ip)
+    client = kube_router(pods)
+    eventually(lambda: ready(client))
+    kube.wait_for(lambda: kube.count("watch") >= 1)
+
+    kube.bookmark()
+    watches = kube.count("watch")
+    kube.wait_for(lambda: kube.count("watch") > watches)
+    assert kube.calls[-1].query["resourceVersion"] == str(kube.version)
+    assert kube.calls[-1].query["allowWatchBookmarks"] == "true"
+
+
+def test_warm_pool_selects_by_the_hash_label(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(4)
+    for pod, pool in zip(pods, ["pool-a", "pool-b", "pool-a", "pool-b"], strict=True):
+        kube.add_pod(pod.name, pod.ip, labels={DEFAULT_SELECTOR: fnv1a_32(pool)})
+    client = kube_router(pods, warm_pool="pool-a")
+    eventually(lambda: ready(client))
+
+    assert served_by(client, 10) == {"pod-0": 5, "pod-2": 5}
+    assert kube.calls[0].query["labelSelector"] == f"{DEFAULT_SELECTOR}={fnv1a_32('pool-a')}"
+
+
+def test_namespace_selects_where_pods_are_listed(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(3)
+    kube.add_pod(pods[0].name, pods[0].ip, namespace="team-a")
+    kube.add_pod(pods[1].name, pods[1].ip)
+    kube.add_pod(pods[2].name, pods[2].ip, namespace="team-a")
+    client = kube_router(pods, namespace="team-a")
+    eventually(lambda: ready(client))
+
+    answers = [client.get("/") for _ in range(4)]
+    assert collections.Counter(a.headers["x-sandbox-id"] for a in answers) == {
+        "pod-0": 2, "pod-2": 2}
+    assert {a.headers["x-sandbox-namespace"] for a in answers} == {"team-a"}
+    assert {call.namespace for call in kube.calls} == {"team-a"}
+
+
+def test_pinned_request_reaches_a_pool_pod_by_name_without_dns(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(3)
+    for pod in pods:
+        kube.add_pod(pod.name, pod.ip, namespace="team-a")
+    client = kube_router(pods, namespace="team-a")
+    eventually(lambda: ready(client))
+
+    for _ in range(3):
+        answer = client.get("/", headers={"X-Sandbox-ID": "pod-1",
+                                          "X-Sandbox-Namespace": "team-a"})
+        assert answer.status_code == 200
+    assert [pod.app.hits for pod in pods] == [0, 3, 0]
+    # Not in the cache and no DNS name for it: the DNS form fails, nothing else is tried.
+    missing = client.get("/", headers={"X-Sandbox-ID": "gone", "X-Sandbox-Namespace": "team-a"})
+    assert missing.status_code == 502
+
+
+def test_a_hanging_api_never_holds_up_requests(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(2)
+    for pod in pods:
+        kube.add_pod(pod.name, pod.ip)
+    client = kube_router(pods)
+    eventually(lambda: ready(client))
+
+    with kube.hang():
+        kube.wait_for(lambda: kube.hanging == 1)
+        assert served_by(client, 200) == {"pod-0": 100, "pod-1": 100}
+        assert ready(client)
+        assert kube.hanging == 1  # the API call was pending the whole time
+    eventually(lambda: kube.hanging == 0)
+
+
+def test_start_up_fails_clearly_without_a_kubeconfig(tmp_path: Path) -> None:
+    result = run_router(["--kubeconfig", str(tmp_path / "missing"), "--port", "0",
+                         "--metrics-port", "0"])
+    assert result.returncode != 0
+    assert "cannot load the Kubernetes configuration" in result.stderr
+    assert "Traceback" not in result.stderr
