@@ -7,18 +7,23 @@ for route matching it never needs; three exact paths are a dict lookup.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import socket
 from collections.abc import Awaitable, Callable
 
 from aiohttp.abc import AbstractResolver
 
 from router import upstream
 from router.asgi import Receive, Scope, Send
-from router.config import Config
+from router.config import Config, ConfigError
 from router.errors import send_json
-from router.observe import NullObserver, Observer
+from router.logs import AccessLog
+from router.metrics import Metrics
+from router.observe import Observer, combine
 from router.pods import Pod, PodSource, StaticPodSource
 from router.proxy import Proxy
+from router.server import bind
 
 log = logging.getLogger("router.app")
 
@@ -41,7 +46,12 @@ def build_source(config: Config, observer: Observer) -> PodSource:
 
 
 class Router:
-    """`GET /healthz`, `GET /ready` (`/readyz`) answered here; everything else proxied."""
+    """`GET /healthz`, `GET /ready` (`/readyz`) answered here; everything else proxied.
+
+    Metrics (`--metrics-port`) and the access log (`--access-log`) are built from the
+    config; `metrics` may be passed in already serving (tests bind it to a free port), and
+    `observer` adds one more subscriber.
+    """
 
     def __init__(
         self,
@@ -49,11 +59,18 @@ class Router:
         source: PodSource | None = None,
         observer: Observer | None = None,
         resolver: AbstractResolver | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self._resolver = resolver
-        self.observer: Observer = observer if observer is not None else NullObserver()
+        if metrics is None and config.metrics_port:
+            metrics = Metrics(config.proxy_timeout)
+        self.metrics = metrics
+        self.access_log = AccessLog() if config.access_log else None
+        self.observer = combine(metrics, self.access_log, observer)
         self.source = source if source is not None else build_source(config, self.observer)
+        if metrics is not None:
+            metrics.track(self.source)
         self.draining = False
         self._proxy: Proxy | None = None
         self._probes: dict[str, Probe] = {
@@ -95,6 +112,10 @@ class Router:
         return self.source.not_ready_reason()
 
     async def startup(self) -> None:
+        if self.metrics is not None and self.metrics.port is None:
+            self.metrics.serve(self._metrics_socket())
+        if self.access_log is not None:
+            self.access_log.start()
         await self.source.start()
         session = upstream.create_session(self._resolver)
         self._proxy = Proxy(self.config, self.source, session, self.observer)
@@ -105,6 +126,18 @@ class Router:
             self._proxy = None
             await self._session.close()
         await self.source.stop()
+        if self.access_log is not None:
+            await asyncio.to_thread(self.access_log.stop)
+        if self.metrics is not None:
+            await asyncio.to_thread(self.metrics.close)
+
+    def _metrics_socket(self) -> socket.socket:
+        host, port = self.config.host, self.config.metrics_port
+        try:
+            return bind(host, port)
+        except OSError as exc:
+            raise ConfigError(f"--metrics-port {port}: cannot listen on {host}: {exc.strerror}"
+                              ) from None
 
     async def _lifespan(self, receive: Receive, send: Send) -> None:
         while True:
@@ -112,6 +145,10 @@ class Router:
             if message["type"] == "lifespan.startup":
                 try:
                     await self.startup()
+                except ConfigError as exc:
+                    log.error("start-up failed: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
                 except Exception as exc:
                     log.exception("start-up failed")
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})

@@ -62,6 +62,7 @@ class Config:
     metrics_port: int = 9090
     allow_loopback_pod_ip: bool = False
     shutdown_timeout: float = 30.0
+    drain_grace: float = 5.0
     log_level: str = "info"
     access_log: bool = True
     limit_concurrency: int = 0
@@ -247,7 +248,11 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("metrics_port", port_number, "port of the Prometheus /metrics endpoint (0 = off)"),
     _Option("allow_loopback_pod_ip", _boolean,
             "accept a loopback X-Sandbox-Pod-IP (sidecar use, tests)", flag=True),
-    _Option("shutdown_timeout", _seconds(allow_zero=True), "drain budget on SIGTERM (s)"),
+    _Option("shutdown_timeout", _seconds(allow_zero=True),
+            "on SIGTERM, time to finish in-flight requests, grace window included (s)"),
+    _Option("drain_grace", _seconds(allow_zero=True),
+            "on SIGTERM, keep accepting this long with /ready failing, so endpoints move "
+            "away first (s)"),
     _Option("log_level", _log_level, "log level: " + ", ".join(LOG_LEVELS)),
     _Option("access_log", _boolean, "one JSON line per proxied request on stdout", flag=True),
     _Option("limit_concurrency", _whole(0),
@@ -343,6 +348,11 @@ def validate(config: Config) -> Config:
         raise ConfigError("--warm-pool and --selector cannot be used together")
     if config.metrics_port and config.metrics_port == config.port:
         raise ConfigError("--metrics-port must differ from --port")
+    if config.workers > 1 and config.metrics_port:
+        raise ConfigError(
+            "--workers above 1 needs --metrics-port 0: each worker keeps its own counters "
+            "and one port cannot show them all (run more replicas instead)"
+        )
     return config
 
 

@@ -62,6 +62,9 @@ class DemoPool:
     def not_ready_reason(self) -> str | None:
         return None if self._snapshot is not None else "demo pods not started"
 
+    def age(self) -> float | None:
+        return None if self._snapshot is None else 0.0
+
     async def start(self) -> None:
         logging.getLogger("uvicorn.error").addFilter(_quiet_demo_pods)
         pods = []

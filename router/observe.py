@@ -6,6 +6,7 @@ never formats a log line or touches a metric itself.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -30,6 +31,7 @@ class Exchange:
     attempts: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    duration: float = 0.0
 
 
 class Observer(Protocol):
@@ -58,3 +60,34 @@ class NullObserver:
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         return None
+
+
+class Observers:
+    """Several observers as one, so the proxy makes one call per event whatever is on."""
+
+    def __init__(self, observers: Sequence[Observer]) -> None:
+        self._observers = tuple(observers)
+
+    def request_started(self, route: Route) -> None:
+        for observer in self._observers:
+            observer.request_started(route)
+
+    def attempt(self, outcome: Outcome) -> None:
+        for observer in self._observers:
+            observer.attempt(outcome)
+
+    def request_finished(self, exchange: Exchange) -> None:
+        for observer in self._observers:
+            observer.request_finished(exchange)
+
+    def pod_list_refreshed(self, outcome: Refresh) -> None:
+        for observer in self._observers:
+            observer.pod_list_refreshed(outcome)
+
+
+def combine(*observers: Observer | None) -> Observer:
+    """The observers that are on, as one; `NullObserver` when none is."""
+    present = [observer for observer in observers if observer is not None]
+    if not present:
+        return NullObserver()
+    return present[0] if len(present) == 1 else Observers(present)

@@ -56,6 +56,10 @@ class PodSource(Protocol):
         """Why `/ready` must fail now (never synced, too stale), or None when fine."""
         ...
 
+    def age(self) -> float | None:
+        """Seconds since the list was last confirmed; None before the first sync."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -72,6 +76,9 @@ class StaticPodSource:
 
     def not_ready_reason(self) -> str | None:
         return None
+
+    def age(self) -> float | None:
+        return 0.0
 
     async def start(self) -> None:
         return None

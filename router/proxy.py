@@ -94,6 +94,7 @@ class Proxy:
             exchange.status = CLIENT_CLOSED
         finally:
             exchange.bytes_in = body.size if body is not None else 0
+            exchange.duration = time.perf_counter() - exchange.started
             self._observer.request_finished(exchange)
 
     async def _pool(

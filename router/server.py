@@ -1,46 +1,102 @@
-"""Serving: listening sockets, the uvicorn settings that come from our options, and a
-server run in a thread (the demo pods, and tests)."""
+"""Serving: listening sockets, the uvicorn settings that come from our options, the drain on
+SIGTERM, and a server run in a thread (the demo pods, and tests)."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import threading
+import time
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
 
 import uvicorn
 
-from router.app import Router
 from router.config import Config
 
 
-def bind(host: str = "127.0.0.1", port: int = 0) -> socket.socket:
+def bind(host: str = "127.0.0.1", port: int = 0, backlog: int = 2048) -> socket.socket:
     """A listening socket; port 0 picks a free port, read back with `getsockname()`."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(2048)
+    sock.listen(backlog)
     return sock
 
 
-def server_config(config: Config, app: Router) -> uvicorn.Config:
+def server_config(
+    config: Config, app: Callable[..., Any], *, factory: bool = False,
+    log_config: dict[str, Any] | None = None,
+) -> uvicorn.Config:
     """uvicorn settings from our options. uvicorn's own access log, `Server` and `Date`
     headers are off, so the sandbox's headers pass unchanged; so is its proxy-headers
-    rewrite, so the client address stays the peer's own."""
+    rewrite, so the client address stays the peer's own. `factory` builds the app in each
+    worker process; `log_config` None leaves logging as the caller set it."""
     return uvicorn.Config(
         app,
+        factory=factory,
         host=config.host,
         port=config.port,
+        workers=config.workers,
         lifespan="on",
         access_log=False,
         proxy_headers=False,
         server_header=False,
         date_header=False,
+        log_config=log_config,
         log_level=config.log_level,
         limit_concurrency=config.limit_concurrency or None,
         backlog=config.backlog,
         timeout_keep_alive=int(config.timeout_keep_alive),
-        timeout_graceful_shutdown=int(config.shutdown_timeout),
+        timeout_graceful_shutdown=max(1, int(config.shutdown_timeout)),
     )
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, with the drain a pod behind a Service needs on SIGTERM.
+
+    1. `/ready` fails at once (the app's `draining` flag), while new connections are still
+       served for `--drain-grace`, the time the endpoints controller needs to stop sending;
+    2. then the listener closes and in-flight requests get the rest of
+       `--shutdown-timeout`; what is still running after that is cancelled;
+    3. the process exits 0: a drain is the normal end of a pod's life.
+
+    SIGINT (Ctrl-C) skips the grace window; a second signal stops at once.
+    """
+
+    def __init__(self, config: uvicorn.Config, options: Config) -> None:
+        super().__init__(config)
+        self._options = options
+        self._drain_started: float | None = None
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit or self._drain_started is not None:
+            self.should_exit = self.force_exit = True
+            return
+        self._drain_started = time.monotonic()
+        app = self.config.loaded_app
+        while app is not None and not hasattr(app, "draining"):
+            app = getattr(app, "app", None)  # uvicorn's wrappers, e.g. at --log-level trace
+        if app is not None:
+            app.draining = True
+        if sig == signal.SIGINT:
+            self._stop_accepting()
+
+    async def on_tick(self, counter: int) -> bool:
+        started = self._drain_started
+        if started is not None and time.monotonic() - started >= self._options.drain_grace:
+            self._stop_accepting()
+            return True
+        return await super().on_tick(counter)
+
+    def _stop_accepting(self) -> None:
+        """Give in-flight requests what is left of the shutdown budget, then stop."""
+        assert self._drain_started is not None
+        spent = time.monotonic() - self._drain_started
+        self.config.timeout_graceful_shutdown = max(1, int(self._options.shutdown_timeout - spent))
+        self.should_exit = True
 
 
 class ServerThread:
@@ -80,10 +136,3 @@ class ServerThread:
     def join(self, timeout: float = 10.0) -> None:
         self._thread.join(timeout)
         self.sock.close()
-
-
-def run(config: Config) -> bool:
-    """Serve until SIGTERM/SIGINT; False when the server could not start."""
-    server = uvicorn.Server(server_config(config, Router(config)))
-    server.run()
-    return server.started

@@ -13,6 +13,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 
 from router.app import Router
 from router.config import Config, StaticPod
+from router.metrics import Metrics
 from router.observe import Observer
 from router.pods import PodSource
 from router.server import ServerThread, bind, server_config
@@ -91,9 +92,11 @@ def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
         source: PodSource | None = None,
         observer: Observer | None = None,
         names: dict[str, str] | None = None,
+        metrics: Metrics | None = None,
     ) -> httpx.Client:
         resolver = NamesResolver(names) if names is not None else None
-        app = Router(config, source=source, observer=observer, resolver=resolver)
+        app = Router(config, source=source, observer=observer, resolver=resolver,
+                     metrics=metrics)
         thread = ServerThread(server_config(config, app), bind("127.0.0.1")).start()
         client = httpx.Client(base_url=thread.url, timeout=30)
         client.app = app  # type: ignore[attr-defined]

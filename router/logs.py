@@ -1,0 +1,132 @@
+"""Logs as JSON, one object per line: the access log on stdout, everything else (errors,
+pod-list changes, API failures, start and shutdown) on stderr.
+
+The access log never writes on the event loop: the proxy hands each finished `Exchange` to
+a bounded queue, and a writer thread formats and writes it. If stdout stalls long enough
+to fill the queue, lines are dropped and counted rather than slowing every request.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import sys
+import threading
+import time
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+from router.observe import Exchange, NullObserver
+
+QUEUE_LINES = 10_000
+
+log = logging.getLogger("router.access")
+
+
+def _timestamp(seconds: float) -> str:
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+
+
+class JsonFormatter(logging.Formatter):
+    """`{"time", "level", "logger", "message"}` plus `error` with the traceback, if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "time": _timestamp(record.created),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["error"] = self.formatException(record.exc_info)
+        return json.dumps(entry)
+
+
+def logging_config(level: str) -> dict[str, Any]:
+    """A `dictConfig` for the process (and each worker): every logger, uvicorn's included,
+    goes to one JSON handler on stderr."""
+    numeric = 5 if level == "trace" else level.upper()
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"json": {"()": JsonFormatter}},
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "json",
+                       "stream": "ext://sys.stderr"},
+        },
+        "loggers": {
+            "uvicorn": {"handlers": [], "propagate": True},
+            "uvicorn.error": {"handlers": [], "propagate": True},
+            "uvicorn.access": {"handlers": [], "propagate": False},
+        },
+        "root": {"handlers": ["stderr"], "level": numeric},
+    }
+
+
+def access_entry(exchange: Exchange, finished: float) -> dict[str, Any]:
+    """The access-log object of one request. `path` has no query string: queries may
+    carry tokens."""
+    return {
+        "time": _timestamp(finished),
+        "method": exchange.method,
+        "path": exchange.path,
+        "status": exchange.status or 500,
+        "duration_ms": round(exchange.duration * 1000, 3),
+        "route": exchange.route,
+        "pod": exchange.pod,
+        "namespace": exchange.namespace,
+        "attempts": exchange.attempts,
+        "bytes_in": exchange.bytes_in,
+        "bytes_out": exchange.bytes_out,
+        "client": exchange.client,
+        "request_id": exchange.request_id,
+    }
+
+
+class AccessLog(NullObserver):
+    """One JSON line per proxied request on `stream`, written by a thread of its own."""
+
+    def __init__(self, stream: TextIO | None = None, capacity: int = QUEUE_LINES) -> None:
+        self._stream = stream if stream is not None else sys.stdout
+        self._queue: queue.Queue[tuple[Exchange, float] | None] = queue.Queue(capacity)
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+
+    def request_finished(self, exchange: Exchange) -> None:
+        try:
+            self._queue.put_nowait((exchange, time.time()))
+        except queue.Full:
+            self.dropped += 1
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._write, name="access-log", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Write what is queued, then end the thread (blocking: call off the loop)."""
+        if self._thread is not None:
+            self._queue.put(None)
+            self._thread.join()
+            self._thread = None
+
+    def _write(self) -> None:
+        reported = 0
+        while True:
+            item = self._queue.get()
+            lines = []
+            while item is not None:
+                lines.append(json.dumps(access_entry(*item)))
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+            if lines:
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+            if self.dropped > reported:
+                reported = self.dropped
+                log.warning("access log dropped %d lines so far: stdout is not keeping up",
+                            reported)
+            if item is None:
+                return

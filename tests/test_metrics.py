@@ -1,0 +1,102 @@
+"""`/metrics` after known traffic: exact counters and labels, scraped over HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from router.config import StaticPod
+from router.metrics import Metrics, duration_buckets
+from router.server import bind
+from tests.conftest import StartPods, StartRouter, static_config
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(metrics: Metrics) -> Samples:
+    text = httpx.get(f"http://127.0.0.1:{metrics.port}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
+
+
+@pytest.fixture
+def metrics() -> Iterator[Metrics]:
+    served = Metrics(proxy_timeout=30)
+    served.serve(bind("127.0.0.1"))
+    yield served
+    served.close()
+
+
+def test_duration_buckets_end_at_the_proxy_timeout() -> None:
+    assert duration_buckets(180) == (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+                                     30, 60, 120, 180)
+    assert duration_buckets(1)[-2:] == (0.5, 1)
+
+
+def test_counters_after_known_traffic(
+    start_pods: StartPods, start_router: StartRouter, metrics: Metrics
+) -> None:
+    busy, ok = start_pods(2)
+    busy.app.mode = "busy"
+    dead = StaticPod("pod-9", "127.0.0.9", ok.port)  # nothing listens there
+    config = static_config([busy, ok])
+    config = dataclasses.replace(config, pods=(*config.pods, dead))
+    client = start_router(config, metrics=metrics)
+
+    # Pool, starting at pod-0, pod-1, pod-9 in turn: (busy, ok), (ok), (refused, busy, ok).
+    assert [client.get("/").status_code for _ in range(6)] == [200] * 6
+    assert client.post("/", content=b"x" * 100).status_code == 200
+    pinned = {"X-Sandbox-Namespace": "default"}
+    assert client.get("/", headers={**pinned, "X-Sandbox-ID": "pod-1"}).status_code == 200
+    assert client.get("/", headers={**pinned, "X-Sandbox-ID": "pod-0"}).status_code == 503
+    slow = {**pinned, "X-Sandbox-ID": "pod-1", "X-Sandbox-Timeout": "0.3"}
+    assert client.get("/slow?seconds=5", headers=slow).status_code == 504
+    assert client.get("/", headers={"X-Sandbox-ID": "Not_A_Label"}).status_code == 400
+
+    samples = scrape(metrics)
+    requests = "warmpool_router_requests_total"
+    assert value(samples, requests, route="pool", method="GET", code="200") == 6
+    assert value(samples, requests, route="pool", method="POST", code="200") == 1
+    assert value(samples, requests, route="pinned", method="GET", code="200") == 1
+    assert value(samples, requests, route="pinned", method="GET", code="503") == 1
+    assert value(samples, requests, route="pinned", method="GET", code="504") == 1
+    assert value(samples, requests, route="pinned", method="GET", code="400") == 1
+    assert sum(v for (name, _), v in samples.items() if name == requests) == 11
+
+    attempts = "warmpool_router_upstream_attempts_total"
+    assert {outcome: value(samples, attempts, outcome=outcome)
+            for outcome in ("ok", "busy", "connect_error", "timeout", "error")} == {
+        "ok": 9, "busy": 5, "connect_error": 2, "timeout": 1, "error": 0}
+    assert value(samples, "warmpool_router_retries_total") == 7
+    duration = "warmpool_router_request_duration_seconds_count"
+    assert value(samples, duration, route="pool") == 7
+    assert value(samples, duration, route="pinned") == 4
+    assert value(samples, "warmpool_router_inflight_requests") == 0
+    assert value(samples, "warmpool_router_pool_pods") == 3
+    assert value(samples, "warmpool_router_pod_list_age_seconds") == 0
+    assert value(samples, "warmpool_router_pod_list_refreshes_total", outcome="ok") == 0
+    assert value(samples, "warmpool_router_build_info", version="0.1.0") == 1
+
+
+def test_no_label_names_a_pod_or_sandbox(
+    start_pods: StartPods, start_router: StartRouter, metrics: Metrics
+) -> None:
+    pods = start_pods(2)
+    client = start_router(static_config(pods), metrics=metrics)
+    client.get("/")
+    client.get("/", headers={"X-Sandbox-ID": "pod-1"})
+
+    labels = {label for _, pairs in scrape(metrics) for label in pairs}
+    assert {name for name, _ in labels} <= {"route", "method", "code", "outcome", "version", "le"}
+    assert not {value for _, value in labels} & {"pod-0", "pod-1"}
