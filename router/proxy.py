@@ -38,6 +38,7 @@ log = logging.getLogger("router.proxy")
 _DRAIN_LIMIT = 64 * 1024
 # nginx's code for "client closed the request", for the access log.
 CLIENT_CLOSED = 499
+SHUTTING_DOWN = ProxyError(503, "The router is shutting down.")
 
 
 class Proxy:
@@ -92,6 +93,12 @@ class Proxy:
             exchange.bytes_out = await send_error(send, error, tuple(own_headers))
         except ClientGone:
             exchange.status = CLIENT_CLOSED
+        except asyncio.CancelledError:
+            # uvicorn cancels what is still running when --shutdown-timeout runs out: answer
+            # 503 if nothing was sent yet, and end quietly rather than as a crash.
+            if exchange.status == 0:
+                exchange.status = 503
+                exchange.bytes_out = await send_error(send, SHUTTING_DOWN, tuple(own_headers))
         finally:
             exchange.bytes_in = body.size if body is not None else 0
             exchange.duration = time.perf_counter() - exchange.started

@@ -3,6 +3,7 @@ SIGTERM, and a server run in a thread (the demo pods, and tests)."""
 
 from __future__ import annotations
 
+import logging
 import signal
 import socket
 import threading
@@ -14,6 +15,8 @@ from typing import Any
 import uvicorn
 
 from router.config import Config
+
+log = logging.getLogger("router.server")
 
 
 def bind(host: str = "127.0.0.1", port: int = 0, backlog: int = 2048) -> socket.socket:
@@ -82,7 +85,12 @@ class DrainingServer(uvicorn.Server):
         if app is not None:
             app.draining = True
         if sig == signal.SIGINT:
+            log.info("interrupted: finishing in-flight requests")
             self._stop_accepting()
+        else:
+            log.info("draining: /ready fails now; accepting for %g s, then finishing in-flight "
+                     "requests within %g s of this signal",
+                     self._options.drain_grace, self._options.shutdown_timeout)
 
     async def on_tick(self, counter: int) -> bool:
         started = self._drain_started

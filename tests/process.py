@@ -14,12 +14,13 @@ _LISTENING = re.compile(r"running on http://[^:\s]+:(\d+)")
 
 
 class RouterProcess:
-    """Start `python -m router ARGS` on 127.0.0.1, port 0, and learn its port from the
-    start-up log line; every output line is kept in `lines` for the test to read."""
+    """Start `python -m router ARGS` on 127.0.0.1, port 0, no metrics, no drain grace
+    (unless ARGS say otherwise), and learn its port from the start-up log line; every
+    output line is kept in `lines` for the test to read."""
 
     def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
         command = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", "0",
-                   "--metrics-port", "0", *args]
+                   "--metrics-port", "0", "--drain-grace", "0", *args]
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.PIPE,

@@ -9,6 +9,7 @@ import pytest
 
 from router import config
 from router.config import Config, StaticPod
+from router.server import bind
 from tests.process import RouterProcess, run_router
 
 
@@ -41,6 +42,8 @@ def test_every_option_is_a_config_field():
         ([], {"ROUTER_ALLOW_LOOPBACK_POD_IP": "maybe"}, "ROUTER_ALLOW_LOOPBACK_POD_IP"),
         (["--pods", "127.0.0.1:1", "--demo", "2"], {}, "--demo"),
         (["--nonsense"], {}, "--nonsense"),
+        (["--workers", "2", "--metrics-port", "9100"], {}, "--workers"),
+        (["--drain-grace", "soon"], {}, "--drain-grace"),
     ],
 )
 def test_bad_values_exit_2_with_one_line_naming_the_option(
@@ -84,3 +87,16 @@ def test_demo_pool_serves_round_robin_out_of_the_box():
     finally:
         router.stop()
     assert served == {"demo-0": 10, "demo-1": 10, "demo-2": 10}
+
+
+def test_a_metrics_port_in_use_stops_start_up_with_one_clear_line():
+    taken = bind("127.0.0.1")
+    port = taken.getsockname()[1]
+    try:
+        result = run_router(["--demo", "1", "--host", "127.0.0.1", "--port", "0",
+                             "--metrics-port", str(port)])
+    finally:
+        taken.close()
+    assert result.returncode == 3  # uvicorn's start-up failure
+    assert f"--metrics-port {port}: cannot listen" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -1,0 +1,68 @@
+"""Logs: one JSON object per line, access lines for proxied requests only, no query
+strings; seen from the real command's output."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+
+from tests.conftest import StartPods
+from tests.process import RouterProcess
+
+ACCESS_KEYS = {"time", "method", "path", "status", "duration_ms", "route", "pod", "namespace",
+               "attempts", "bytes_in", "bytes_out", "client", "request_id"}
+
+
+def test_every_line_is_json_and_each_proxied_request_has_one_access_line(
+    start_pods: StartPods,
+) -> None:
+    pods = start_pods(2)
+    pods[0].app.mode = "busy"
+    listed = ",".join(f"{pod.name}={pod.ip}:{pod.port}" for pod in pods)
+    router = RouterProcess(["--pods", listed])
+    try:
+        with httpx.Client(base_url=router.url) as client:
+            first = client.get("/items/7?token=s3cret", headers={"X-Request-ID": "req-1"})
+            second = client.post("/upload?sig=s3cret", content=b"x" * 1234)
+            pinned = client.get("/", headers={"X-Sandbox-ID": "pod-0"})
+            for probe in ("/healthz", "/ready", "/readyz"):
+                assert client.get(probe).status_code == 200
+    finally:
+        assert router.stop() == 0
+    output = "".join(router.lines)
+    entries = [json.loads(line) for line in router.lines]  # every line is JSON
+
+    assert "s3cret" not in output
+    access = [entry for entry in entries if "request_id" in entry]
+    assert [set(entry) for entry in access] == [ACCESS_KEYS] * 3
+    assert [(e["method"], e["path"], e["status"], e["route"], e["pod"], e["attempts"])
+            for e in access] == [
+        ("GET", "/items/7", 200, "pool", "pod-1", 2),
+        ("POST", "/upload", 200, "pool", "pod-1", 1),
+        ("GET", "/", 503, "pinned", "pod-0", 1),
+    ]
+    assert access[0]["request_id"] == "req-1" == first.headers["x-request-id"]
+    assert access[1]["request_id"] == second.headers["x-request-id"]
+    assert access[1]["bytes_in"] == 1234
+    assert access[1]["bytes_out"] == len(second.content)
+    assert access[2]["bytes_out"] == len(pinned.content)
+    assert {e["namespace"] for e in access} == {"default"}
+    assert {e["client"] for e in access} == {"127.0.0.1"}
+    assert all(e["duration_ms"] > 0 for e in access)
+
+    lifecycle = [e for e in entries if "request_id" not in e]
+    assert all({"time", "level", "logger", "message"} <= set(e) for e in lifecycle)
+    assert any("running on" in e["message"] for e in lifecycle)
+    assert any("Shutting down" in e["message"] for e in lifecycle)
+
+
+def test_no_access_log_writes_no_access_lines(start_pods: StartPods) -> None:
+    pod = start_pods(1)[0]
+    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--no-access-log"])
+    try:
+        assert httpx.get(router.url + "/").status_code == 200
+    finally:
+        assert router.stop() == 0
+    assert pod.app.hits == 1
+    assert not [line for line in router.lines if "request_id" in json.loads(line)]

@@ -1,0 +1,75 @@
+"""The process as operators run it: drain on SIGTERM, and `--workers`."""
+
+from __future__ import annotations
+
+import signal
+import threading
+import time
+
+import httpx
+
+from tests.conftest import StartPods
+from tests.process import RouterProcess
+
+
+def wait_for(check: object, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():  # type: ignore[operator]
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+def test_sigterm_drains_in_flight_requests_then_exits_0(start_pods: StartPods) -> None:
+    pod = start_pods(1)[0]
+    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--drain-grace", "1",
+                            "--shutdown-timeout", "20"])
+    answers: list[httpx.Response] = []
+    slow = threading.Thread(
+        target=lambda: answers.append(httpx.get(router.url + "/slow?seconds=3", timeout=30))
+    )
+    slow.start()
+    wait_for(lambda: pod.app.hits == 1)
+
+    router.process.send_signal(signal.SIGTERM)
+    wait_for(lambda: httpx.get(router.url + "/ready").status_code == 503)
+    assert httpx.get(router.url + "/ready").json() == {"status": "not ready",
+                                                       "reason": "shutting down"}
+    assert httpx.get(router.url + "/").status_code == 200  # new connections, in the grace window
+    assert router.process.wait(timeout=20) == 0
+    slow.join()
+
+    assert answers[0].status_code == 200
+    assert answers[0].text == "slow"
+    assert any("draining" in line for line in router.lines)
+
+
+def test_shutdown_timeout_bounds_the_drain(start_pods: StartPods) -> None:
+    pod = start_pods(1)[0]
+    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--shutdown-timeout", "1"])
+    answers: list[httpx.Response] = []
+    client = threading.Thread(
+        target=lambda: answers.append(httpx.get(router.url + "/slow?seconds=60", timeout=30))
+    )
+    client.start()
+    wait_for(lambda: pod.app.hits == 1)
+    router.process.send_signal(signal.SIGTERM)
+
+    assert router.process.wait(timeout=20) == 0
+    client.join()
+    assert answers[0].status_code == 503  # cut off at the budget, not waited for
+    assert answers[0].json() == {"detail": "The router is shutting down."}
+    assert any("Cancel 1 running task" in line for line in router.lines)
+    assert not any("Traceback" in line for line in router.lines)
+
+
+def test_workers_share_the_port_and_drain_together(start_pods: StartPods) -> None:
+    pods = start_pods(2)
+    listed = ",".join(f"{pod.ip}:{pod.port}" for pod in pods)
+    router = RouterProcess(["--pods", listed, "--workers", "2"])
+    with httpx.Client(base_url=router.url) as client:
+        wait_for(lambda: sum("Application startup complete" in line for line in router.lines) == 2)
+        assert [client.get("/").status_code for _ in range(20)] == [200] * 20
+    assert pods[0].app.hits + pods[1].app.hits == 20
+
+    assert router.stop() == 0
+    assert any("with 2 workers" in line for line in router.lines)
