@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -15,6 +16,7 @@ import pytest
 
 from router.config import DEFAULT_SELECTOR, Config
 from router.kube import Schedule, fnv1a_32
+from router.metrics import Metrics
 from router.observe import NullObserver, Refresh
 from tests.conftest import StartPods, StartRouter
 from tests.fake_kube import FakeKube
@@ -41,7 +43,8 @@ def kube() -> Iterator[FakeKube]:
 def kube_router(kube: FakeKube, tmp_path: Path, start_router: StartRouter) -> Callable[..., Any]:
     """`kube_router(pods, **options)` starts a router whose pods come from the fake API."""
 
-    def start(pods: list[Pod], observer: Any = None, **options: Any) -> httpx.Client:
+    def start(pods: list[Pod], observer: Any = None, metrics: Metrics | None = None,
+              **options: Any) -> httpx.Client:
         options.setdefault("cache_ttl", 1.0)
         config = dataclasses.replace(
             Config(port=0, metrics_port=0, log_level="warning"),
@@ -49,7 +52,7 @@ def kube_router(kube: FakeKube, tmp_path: Path, start_router: StartRouter) -> Ca
             pod_port=pods[0].port,
             **options,
         )
-        return start_router(config, observer=observer, names={})
+        return start_router(config, observer=observer, names={}, metrics=metrics)
 
     return start
 
@@ -349,3 +352,26 @@ def test_start_up_fails_clearly_without_a_kubeconfig(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "cannot load the Kubernetes configuration" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_refreshes_pods_and_age_are_reported_as_metrics(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    pods = start_pods(2)
+    for pod in pods:
+        kube.add_pod(pod.name, pod.ip)
+    metrics = Metrics(proxy_timeout=30)
+    sample = metrics.registry.get_sample_value
+    with kube.hang():
+        client = kube_router(pods, metrics=metrics)
+        kube.wait_for(lambda: kube.hanging == 1)
+        assert sample("warmpool_router_pod_list_age_seconds") == math.inf  # never synced
+        assert sample("warmpool_router_pool_pods") == 0
+    eventually(lambda: ready(client))
+    assert sample("warmpool_router_pool_pods") == 2
+    assert sample("warmpool_router_pod_list_age_seconds") < 30
+    assert sample("warmpool_router_pod_list_refreshes_total", {"outcome": "ok"}) >= 1
+
+    kube.fail(500)
+    eventually(lambda: sample("warmpool_router_pod_list_refreshes_total",
+                              {"outcome": "error"}) >= 1)
