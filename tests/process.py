@@ -31,7 +31,12 @@ class RouterProcess:
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
-        self.port = self._wait_for_port()
+        try:
+            self.port = self._wait_for_port()
+        except BaseException:
+            self.process.kill()
+            self.process.wait()
+            raise
 
     @property
     def url(self) -> str:

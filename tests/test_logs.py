@@ -3,10 +3,13 @@ strings; seen from the real command's output."""
 
 from __future__ import annotations
 
+import io
 import json
 
 import httpx
 
+from router.logs import AccessLog
+from router.observe import Exchange
 from tests.conftest import StartPods
 from tests.process import RouterProcess
 
@@ -66,3 +69,15 @@ def test_no_access_log_writes_no_access_lines(start_pods: StartPods) -> None:
         assert router.stop() == 0
     assert pod.app.hits == 1
     assert not [line for line in router.lines if "request_id" in json.loads(line)]
+
+
+def test_a_full_buffer_drops_lines_and_counts_them() -> None:
+    stream = io.StringIO()
+    access = AccessLog(stream, capacity=2)
+    for index in range(3):
+        access.request_finished(Exchange("GET", f"/{index}", None, f"id-{index}", "pool", 0.0))
+    access.start()
+    access.stop()
+
+    assert access.dropped == 1
+    assert [json.loads(line)["path"] for line in stream.getvalue().splitlines()] == ["/0", "/1"]
