@@ -12,8 +12,6 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from aiohttp.abc import AbstractResolver
-
 from router import upstream
 from router.asgi import Receive, Scope, Send
 from router.config import Config, ConfigError
@@ -58,7 +56,7 @@ class Router:
         config: Config,
         source: PodSource | None = None,
         observer: Observer | None = None,
-        resolver: AbstractResolver | None = None,
+        resolver: upstream.Resolver | None = None,
         metrics: Metrics | None = None,
     ) -> None:
         self.config = config
@@ -117,14 +115,13 @@ class Router:
         if self.access_log is not None:
             self.access_log.start()
         await self.source.start()
-        session = upstream.create_session(self._resolver)
-        self._proxy = Proxy(self.config, self.source, session, self.observer)
-        self._session = session
+        self._client = upstream.Client(self._resolver)
+        self._proxy = Proxy(self.config, self.source, self._client, self.observer)
 
     async def shutdown(self) -> None:
         if self._proxy is not None:
             self._proxy = None
-            await self._session.close()
+            await self._client.close()
         await self.source.stop()
         if self.access_log is not None:
             await asyncio.to_thread(self.access_log.stop)

@@ -19,10 +19,12 @@ class ClientGone(Exception):
 
 class RequestBody:
     def __init__(
-        self, receive: Receive, whole: bytes | None, first: bytes = b"", more: bool = False
+        self, receive: Receive, whole: bytes | None, first: bytes = b"", more: bool = False,
+        declared: int | None = None,
     ) -> None:
         self._receive = receive
         self._whole = whole
+        self._declared = declared
         self._first = first
         self.size = len(whole) if whole is not None else 0
         # True once the client has sent its last byte; until then only the stream may
@@ -41,21 +43,22 @@ class RequestBody:
         chunk: bytes = message.get("body", b"")
         more = message.get("more_body", False)
         if not more and len(chunk) <= limit:
-            return cls(receive, chunk)
+            return cls(receive, chunk, declared=content_length)
         if not more or content_length is None or content_length > limit:
-            return cls(receive, None, chunk, more)
+            return cls(receive, None, chunk, more, declared=content_length)
         parts = [chunk]
         while message.get("more_body", False):
             message = await receive()
             if message["type"] == "http.disconnect":
                 raise ClientGone
             parts.append(message.get("body", b""))
-        return cls(receive, b"".join(parts))
+        return cls(receive, b"".join(parts), declared=content_length)
 
     def data(self) -> bytes | AsyncIterator[bytes] | None:
-        """What the upstream client sends: None for no body, so a GET gains no length."""
+        """What the upstream client sends: None for no body (a GET gains no length), but
+        an empty body the client declared (`Content-Length: 0`) stays declared."""
         if self._whole is not None:
-            return self._whole or None
+            return self._whole if self._whole or self._declared is not None else None
         return self._stream()
 
     async def _stream(self) -> AsyncIterator[bytes]:

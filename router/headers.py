@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from router.asgi import Scope
@@ -74,8 +74,8 @@ def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[byte
 def read_request(scope: Scope) -> Incoming:
     """Split the client's headers into routing values and the headers sent upstream.
 
-    Dropped: hop-by-hop headers and those named in `Connection`, `Host` (the upstream's is
-    set by the client library), and every `X-Sandbox-*` header.
+    Dropped: hop-by-hop headers and those named in `Connection`, `Host` and
+    `Content-Length` (the upstream client sets both), and every `X-Sandbox-*` header.
     """
     raw: list[tuple[bytes, bytes]] = scope["headers"]
     dropped = _connection_tokens(raw)
@@ -101,9 +101,10 @@ def read_request(scope: Scope) -> Incoming:
             if _REQUEST_ID.fullmatch(text):
                 incoming.request_id = text
             continue
-        if name == b"content-length":
+        if name == b"content-length":  # the upstream client frames the body itself
             incoming.content_length = int(text) if text.isdigit() else None
-        elif name == b"x-forwarded-proto":
+            continue
+        if name == b"x-forwarded-proto":
             forwarded_proto = text
         elif name == b"x-forwarded-host":
             forwarded_host = text
@@ -193,7 +194,7 @@ def upstream_timeout(raw: str | None, cap: float) -> float:
 
 
 def response_headers(
-    raw: tuple[tuple[bytes, bytes], ...], extra: list[tuple[bytes, bytes]]
+    raw: Sequence[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]
 ) -> list[tuple[bytes, bytes]]:
     """The sandbox's headers minus hop-by-hop ones, repeated headers (`Set-Cookie`) kept,
     followed by the router's own (`X-Request-ID`, and the serving pod on pool requests)."""

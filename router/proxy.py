@@ -11,16 +11,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from urllib.parse import quote
-
-import aiohttp
 
 from router import upstream
 from router.asgi import Message, Receive, Scope, Send
 from router.balancer import RoundRobin
 from router.body import ClientGone, RequestBody
 from router.config import Config
-from router.errors import ConnectFailed, ProxyError, UpstreamTimeout, busy, no_pods, send_error
+from router.errors import (
+    ConnectFailed,
+    ProxyError,
+    UpstreamFailed,
+    UpstreamTimeout,
+    busy,
+    no_pods,
+    send_error,
+)
 from router.headers import (
     Incoming,
     Pinned,
@@ -30,7 +37,7 @@ from router.headers import (
     upstream_timeout,
 )
 from router.observe import Exchange, Observer, Outcome
-from router.pods import Pod, PodSource, origin
+from router.pods import Pod, PodSource
 
 log = logging.getLogger("router.proxy")
 
@@ -48,15 +55,15 @@ class Proxy:
         self,
         config: Config,
         source: PodSource,
-        session: aiohttp.ClientSession,
+        client: upstream.Client,
         observer: Observer,
     ) -> None:
         self._config = config
         self._source = source
-        self._session = session
+        self._client = client
         self._observer = observer
         self._balancer = RoundRobin(config.max_attempts)
-        self._timeout = upstream.timeout(config.proxy_timeout, config.connect_timeout)
+        self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         incoming = read_request(scope)
@@ -106,7 +113,7 @@ class Proxy:
 
     async def _pool(
         self, scope: Scope, incoming: Incoming, body: RequestBody, exchange: Exchange
-    ) -> tuple[aiohttp.ClientResponse, Pod]:
+    ) -> tuple[upstream.Response, Pod]:
         snapshot = self._source.snapshot()
         if snapshot is None or not snapshot.pods:
             raise no_pods()
@@ -116,7 +123,8 @@ class Proxy:
         for pod in self._balancer.order(snapshot.pods):
             exchange.attempts += 1
             try:
-                response = await self._send(scope, pod.origin + target, incoming, body, limits)
+                response = await self._send(scope, pod.ip, pod.port, target, incoming, body,
+                                            limits)
             except ConnectFailed:
                 self._observer.attempt("connect_error")
                 continue
@@ -138,7 +146,7 @@ class Proxy:
         pinned: Pinned,
         body: RequestBody,
         exchange: Exchange,
-    ) -> aiohttp.ClientResponse:
+    ) -> upstream.Response:
         """The one sandbox the client named; its answer, 503 included, is final. Target: the
         given pod IP, else the cached pod of that name, else the cluster DNS name."""
         snapshot = self._source.snapshot()
@@ -153,10 +161,7 @@ class Proxy:
         exchange.attempts = 1
         try:
             response = await self._send(
-                scope,
-                origin(host, port) + _raw_path_qs(scope),
-                incoming,
-                body,
+                scope, host, port, _raw_path_qs(scope), incoming, body,
                 self._request_timeout(incoming),
             )
         except ConnectFailed:
@@ -170,35 +175,31 @@ class Proxy:
     async def _send(
         self,
         scope: Scope,
+        host: str,
+        port: int,
         target: str,
         incoming: Incoming,
         body: RequestBody,
-        limits: aiohttp.ClientTimeout,
-    ) -> aiohttp.ClientResponse:
+        limits: upstream.Timeout,
+    ) -> upstream.Response:
         try:
-            return await self._session.request(
-                scope["method"],
-                upstream.url(target),
-                headers=incoming.forward,
-                data=body.data(),
-                timeout=limits,
-                allow_redirects=False,
+            return await self._client.request(
+                scope["method"], host, port, target, incoming.forward, body.data(), limits,
+                incoming.content_length,
             )
-        except upstream.UPSTREAM_ERRORS as exc:
-            error = upstream.map_error(exc)
-            if not isinstance(error, ConnectFailed):
-                self._observer.attempt(_outcome(error))
-            raise error from exc
+        except (UpstreamTimeout, UpstreamFailed) as error:
+            self._observer.attempt(_outcome(error))
+            raise
 
-    def _request_timeout(self, incoming: Incoming) -> aiohttp.ClientTimeout:
+    def _request_timeout(self, incoming: Incoming) -> upstream.Timeout:
         if incoming.sandbox_timeout is None:
             return self._timeout
         seconds = upstream_timeout(incoming.sandbox_timeout, self._config.proxy_timeout)
-        return upstream.timeout(seconds, self._config.connect_timeout)
+        return upstream.Timeout(seconds, self._config.connect_timeout)
 
     async def _relay(
         self,
-        response: aiohttp.ClientResponse,
+        response: upstream.Response,
         body: RequestBody,
         receive: Receive,
         send: Send,
@@ -218,14 +219,14 @@ class Proxy:
                 }
             )
             exchange.status = response.status
-            async for chunk in response.content.iter_any():
+            async for chunk in response.chunks():
                 exchange.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 if watcher is None and body.complete:
                     watcher = asyncio.ensure_future(receive())
-                    watcher.add_done_callback(lambda _: response.close())
+                    watcher.add_done_callback(_closer(response))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
-        except upstream.UPSTREAM_ERRORS as exc:
+        except (UpstreamTimeout, UpstreamFailed) as exc:
             # Headers are out: the only honest signal left is an incomplete response.
             if watcher is None or not watcher.done():
                 log.warning("upstream failed mid-response from %s: %r", exchange.pod, exc)
@@ -235,15 +236,26 @@ class Proxy:
             response.release()
 
 
-async def _discard(response: aiohttp.ClientResponse) -> None:
+async def _discard(response: upstream.Response) -> None:
     """Read a small busy answer to the end so its connection goes back to the pool."""
     try:
         if response.content_length is not None and response.content_length <= _DRAIN_LIMIT:
             await response.read()
-    except upstream.UPSTREAM_ERRORS:
+    except (UpstreamTimeout, UpstreamFailed):
         pass
     finally:
         response.release()
+
+
+def _closer(response: upstream.Response) -> Callable[[asyncio.Future[Message]], None]:
+    """When the client's next message comes mid-response, it can only be a disconnect:
+    abandon the pod's answer (a cancelled watcher means the relay ended on its own)."""
+
+    def close(watcher: asyncio.Future[Message]) -> None:
+        if not watcher.cancelled():
+            response.close()
+
+    return close
 
 
 def _raw_path_qs(scope: Scope) -> str:

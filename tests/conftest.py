@@ -9,7 +9,6 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp.abc import AbstractResolver, ResolveResult
 
 from router.app import Router
 from router.config import Config, StaticPod
@@ -17,30 +16,24 @@ from router.metrics import Metrics
 from router.observe import Observer
 from router.pods import PodSource
 from router.server import ServerThread, bind, server_config
+from router.upstream import Resolver
 from tests.sandbox import Pod
 
 StartPods = Callable[..., list[Pod]]
 
 
-class NamesResolver(AbstractResolver):
+def names_resolver(names: dict[str, str]) -> Resolver:
     """Name lookups from a dict, so cluster DNS names can point at loopback pods with no
     query leaving the machine; unknown names fail as NXDOMAIN would."""
 
-    def __init__(self, names: dict[str, str]) -> None:
-        self._names = names
-
-    async def resolve(
-        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
-    ) -> list[ResolveResult]:
-        if host not in self._names:
+    async def resolve(host: str) -> str:
+        if host not in names:
             raise OSError(socket.EAI_NONAME, f"unknown host {host}")
-        return [
-            ResolveResult(hostname=host, host=self._names[host], port=port,
-                          family=socket.AF_INET, proto=0, flags=0)
-        ]
+        return names[host]
 
-    async def close(self) -> None:
-        return None
+    return resolve
+
+
 StartRouter = Callable[..., httpx.Client]
 
 
@@ -94,7 +87,7 @@ def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
         names: dict[str, str] | None = None,
         metrics: Metrics | None = None,
     ) -> httpx.Client:
-        resolver = NamesResolver(names) if names is not None else None
+        resolver = names_resolver(names) if names is not None else None
         app = Router(config, source=source, observer=observer, resolver=resolver,
                      metrics=metrics)
         thread = ServerThread(server_config(config, app), bind("127.0.0.1")).start()

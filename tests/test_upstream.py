@@ -1,0 +1,241 @@
+"""The upstream client against scripted HTTP servers on loopback: framing, keep-alive,
+stale pooled connections, timeouts and broken answers, byte for byte."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+
+import pytest
+
+from router.errors import ConnectFailed, UpstreamFailed, UpstreamTimeout
+from router.upstream import Client, Response, Timeout
+
+LIMITS = Timeout(read=2.0, connect=2.0)
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+
+
+class Scripted:
+    """A TCP server on 127.0.0.2 answering with raw bytes: every request head it read
+    and every connection it accepted are recorded."""
+
+    def __init__(self, script: Script) -> None:
+        self.script = script
+        self.connections = 0
+        self.heads: list[bytes] = []
+        self.bodies: list[bytes] = []
+        self.port = 0
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Scripted:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.2", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        try:
+            await self.script(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
+        head = await reader.readuntil(b"\r\n\r\n")
+        self.heads.append(head)
+        body = b""
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                body = await reader.readexactly(int(line.split(b":")[1]))
+            if line.lower() == b"transfer-encoding: chunked":
+                body = await _read_chunked(reader)
+        self.bodies.append(body)
+        return head
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    parts = []
+    while size := int((await reader.readuntil(b"\r\n")).strip(), 16):
+        parts.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+    await reader.readexactly(2)
+    return b"".join(parts)
+
+
+def answering(*answers: bytes, close: bool = False) -> Callable[[Scripted], Script]:
+    """The answers in turn, across connections; a connection ends after an answer that
+    says `connection: close`, or after every answer with `close`."""
+
+    def script_for(server: Scripted) -> Script:
+        remaining = iter(answers)
+
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            for answer in remaining:
+                await server.read_request(reader)
+                writer.write(answer)
+                await writer.drain()
+                if close or b"connection: close" in answer:
+                    return
+            await reader.read()
+
+        return script
+
+    return script_for
+
+
+def one_answer_per_connection(server: Scripted) -> Script:
+    """Each connection answers one request, then drops the next one unanswered: a pod
+    closing an idle connection just as the router reuses it."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(OK)
+        await writer.drain()
+        await server.read_request(reader)
+
+    return script
+
+
+OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+
+
+def run(scenario: Callable[[Scripted, Client], Awaitable[None]],
+        script_for: Callable[[Scripted], Script]) -> None:
+    async def main() -> None:
+        server = Scripted(lambda r, w: asyncio.sleep(0))
+        server.script = script_for(server)
+        client = Client()
+        async with server:
+            try:
+                await scenario(server, client)
+            finally:
+                await client.close()
+
+    asyncio.run(main())
+
+
+async def get(server: Scripted, client: Client, method: str = "GET",
+              body: bytes | AsyncIterator[bytes] | None = None,
+              length: int | None = None) -> tuple[Response, bytes]:
+    response = await client.request(method, "127.0.0.2", server.port, "/a%2Fb?q=1",
+                                    [("x-one", "1")], body, LIMITS, length)
+    data = await response.read()
+    response.release()
+    return response, data
+
+
+def test_connections_are_reused_and_the_request_is_sent_as_given() -> None:
+    async def scenario(server: Scripted, client: Client) -> None:
+        for _ in range(5):
+            response, data = await get(server, client)
+            assert (response.status, data) == (200, b"ok")
+        assert server.connections == 1
+        assert server.heads[0] == (
+            f"GET /a%2Fb?q=1 HTTP/1.1\r\nhost: 127.0.0.2:{server.port}\r\nx-one: 1\r\n\r\n"
+        ).encode()
+
+    run(scenario, answering(*[OK] * 5))
+
+
+def test_a_pooled_connection_the_pod_closed_is_replaced_for_idempotent_requests() -> None:
+    async def scenario(server: Scripted, client: Client) -> None:
+        await get(server, client)
+        response, data = await get(server, client)
+        assert data == b"ok"
+        assert server.connections == 2
+        assert len(server.heads) == 3  # sent, dropped unanswered, sent again
+
+    run(scenario, one_answer_per_connection)
+
+
+def test_a_stale_connection_is_not_replayed_for_a_post() -> None:
+    async def scenario(server: Scripted, client: Client) -> None:
+        await get(server, client)
+        with pytest.raises(UpstreamFailed):
+            await get(server, client, "POST", b"data")
+        assert server.connections == 1
+
+    run(scenario, one_answer_per_connection)
+
+
+def test_bodies_are_framed_as_declared() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"ab"
+        yield b"cd"
+
+    async def scenario(server: Scripted, client: Client) -> None:
+        await get(server, client, "POST", b"")
+        await get(server, client, "POST", chunks())
+        await get(server, client, "PUT", chunks(), length=4)
+        assert b"content-length: 0\r\n" in server.heads[0]
+        assert b"transfer-encoding: chunked\r\n" in server.heads[1]
+        assert b"content-length: 4\r\n" in server.heads[2]
+        assert server.bodies == [b"", b"abcd", b"abcd"]
+
+    run(scenario, answering(OK, OK, OK))
+
+
+def test_head_informational_chunked_and_close_delimited_answers() -> None:
+    async def scenario(server: Scripted, client: Client) -> None:
+        response, data = await get(server, client, "HEAD")
+        assert (response.status, response.content_length, data) == (200, 10, b"")
+        response, data = await get(server, client)
+        assert (response.status, data) == (200, b"chunked!")
+        assert (b"x-final", b"1") in response.raw_headers
+        response, data = await get(server, client)
+        assert (response.status, data) == (200, b"until the end")
+        assert server.connections == 1
+
+    run(scenario, answering(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\n"
+        b"HTTP/1.1 200 OK\r\nx-final: 1\r\ntransfer-encoding: chunked\r\n\r\n"
+        b"4\r\nchun\r\n4\r\nked!\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end",
+        close=False,
+    ))
+
+
+def test_a_silent_pod_times_out() -> None:
+    async def scenario(server: Scripted, client: Client) -> None:
+        with pytest.raises(UpstreamTimeout):
+            await client.request("GET", "127.0.0.2", server.port, "/", [], None,
+                                 Timeout(read=0.2, connect=1))
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    run(scenario, lambda server: silent)
+
+
+def test_refused_connections_fail_before_anything_is_sent() -> None:
+    async def scenario(server: Scripted, client: Client) -> None:
+        with pytest.raises(ConnectFailed):
+            await client.request("GET", "127.0.0.2", 1, "/", [], None, LIMITS)
+        with pytest.raises(ConnectFailed):  # a name that does not resolve
+            await Client(_no_names).request("GET", "sandbox.invalid", 80, "/", [], None, LIMITS)
+
+    run(scenario, answering(OK))
+
+
+async def _no_names(host: str) -> str:
+    raise OSError(f"unknown host {host}")
+
+
+def test_broken_and_truncated_answers_fail() -> None:
+    async def scenario(server: Scripted, client: Client) -> None:
+        with pytest.raises(UpstreamFailed):
+            await get(server, client)
+        with pytest.raises(UpstreamFailed):
+            await get(server, client)
+
+    run(scenario, answering(
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part",
+        close=True,
+    ))
