@@ -3,7 +3,7 @@
 
 Labels are bounded on purpose: route, method (unknown methods count as `other`), status
 code and outcome. No pod or sandbox label: thousands of sandboxes would be thousands of
-series. Label children are looked up once and kept, so a request costs a few increments.
+series. A request costs a few integer increments (measured in bench/: see the README).
 """
 
 from __future__ import annotations
@@ -11,11 +11,20 @@ from __future__ import annotations
 import math
 import socket
 import threading
+from bisect import bisect_left
+from collections.abc import Iterable
 from importlib.metadata import PackageNotFoundError, version
+from itertools import accumulate
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from router.observe import Exchange, Outcome, Refresh, Route
@@ -23,12 +32,22 @@ from router.pods import PodSource
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 OUTCOMES: tuple[Outcome, ...] = ("ok", "busy", "connect_error", "timeout", "error")
+ROUTES: tuple[Route, ...] = ("pool", "pinned")
+REFRESHES: tuple[Refresh, ...] = ("ok", "error")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
 def duration_buckets(proxy_timeout: float) -> tuple[float, ...]:
     """The usual latency buckets, cut at the proxy timeout, which no request outlives."""
     return (*(b for b in _BUCKETS if b < proxy_timeout), proxy_timeout)
+
+
+def _counter(name: str, documentation: str, label: str,
+             counts: Iterable[tuple[str, int]]) -> CounterMetricFamily:
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for value, count in counts:
+        family.add_metric([value], count)
+    return family
 
 
 def _version() -> str:
@@ -39,88 +58,106 @@ def _version() -> str:
 
 
 class Metrics:
-    """Every `warmpool_router_*` metric, in a registry of its own (one per router)."""
+    """Every `warmpool_router_*` metric, in a registry of its own (one per router).
+
+    The request path only bumps plain integers (no lock, no metric object): the event loop
+    is their one writer, and a scrape, from the metrics thread, turns them into metric
+    families. Copying a dict or a list is one step under the GIL, so a scrape always reads
+    a consistent value of each.
+    """
 
     def __init__(self, proxy_timeout: float) -> None:
         self.registry = CollectorRegistry()
-        registry = self.registry
-        self._requests = Counter(
-            "warmpool_router_requests", "Proxied requests, by route, method and status code.",
-            ["route", "method", "code"], registry=registry,
-        )
-        self._duration = Histogram(
-            "warmpool_router_request_duration_seconds",
-            "Time from request to the end of the response, by route.",
-            ["route"], buckets=duration_buckets(proxy_timeout), registry=registry,
-        )
-        attempts = Counter(
-            "warmpool_router_upstream_attempts", "Attempts to reach a pod, by outcome.",
-            ["outcome"], registry=registry,
-        )
-        self._attempts = {outcome: attempts.labels(outcome) for outcome in OUTCOMES}
-        self._retries = Counter(
-            "warmpool_router_retries", "Pool attempts after the first one of a request.",
-            registry=registry,
-        )
-        self._inflight = Gauge(
-            "warmpool_router_inflight_requests", "Requests being proxied now.", registry=registry
-        )
-        self._pods = Gauge(
-            "warmpool_router_pool_pods", "Pods in the current pod list.", registry=registry
-        )
-        self._age = Gauge(
-            "warmpool_router_pod_list_age_seconds",
-            "Seconds since the pod list was last confirmed (+Inf before the first sync).",
-            registry=registry,
-        )
-        refreshes = Counter(
-            "warmpool_router_pod_list_refreshes", "Pod list calls to the Kubernetes API.",
-            ["outcome"], registry=registry,
-        )
-        self._refreshes = {outcome: refreshes.labels(outcome) for outcome in ("ok", "error")}
-        build = Gauge("warmpool_router_build_info", "The running version.", ["version"],
-                      registry=registry)
-        build.labels(_version()).set(1)
-        self._routes = {route: self._duration.labels(route) for route in ("pool", "pinned")}
+        self._bounds = duration_buckets(proxy_timeout)
+        self._les = [*(repr(float(bound)) for bound in self._bounds), "+Inf"]
+        self._requests: dict[tuple[str, str, int], int] = {}
+        self._durations = {route: [0] * (len(self._bounds) + 1) for route in ROUTES}
+        self._duration_sums = dict.fromkeys(ROUTES, 0.0)
+        self._attempts = dict.fromkeys(OUTCOMES, 0)
+        self._refreshes = dict.fromkeys(REFRESHES, 0)
+        self._retries = 0
+        self._started = 0
+        self._finished = 0
+        self._source: PodSource | None = None
+        self._version = _version()
         self._server: ThreadingWSGIServer | None = None
-        self._children: dict[tuple[str, str, int], Any] = {}
+        self.registry.register(self)
 
     def track(self, source: PodSource) -> None:
-        """Read the pool gauges from `source` at scrape time."""
+        """Report the pool gauges of `source`, read at scrape time."""
+        self._source = source
 
-        def pods() -> float:
-            snapshot = source.snapshot()
-            return len(snapshot.pods) if snapshot else 0
-
-        def age() -> float:
-            seconds = source.age()
-            return math.inf if seconds is None else seconds
-
-        self._pods.set_function(pods)
-        self._age.set_function(age)
-
-    # The Observer interface, called by the proxy and the pod source.
+    # The Observer interface, called by the proxy (and by a pod source, from its thread).
 
     def request_started(self, route: Route) -> None:
-        self._inflight.inc()
+        self._started += 1
 
     def attempt(self, outcome: Outcome) -> None:
-        self._attempts[outcome].inc()
+        self._attempts[outcome] += 1
 
     def request_finished(self, exchange: Exchange) -> None:
-        self._inflight.dec()
+        self._finished += 1
         method = exchange.method if exchange.method in METHODS else "other"
         key = (exchange.route, method, exchange.status or 500)
-        child = self._children.get(key)
-        if child is None:
-            child = self._children[key] = self._requests.labels(*key[:2], str(key[2]))
-        child.inc()
-        self._routes[exchange.route].observe(exchange.duration)
+        self._requests[key] = self._requests.get(key, 0) + 1
+        self._durations[exchange.route][bisect_left(self._bounds, exchange.duration)] += 1
+        self._duration_sums[exchange.route] += exchange.duration
         if exchange.attempts > 1 and exchange.route == "pool":
-            self._retries.inc(exchange.attempts - 1)
+            self._retries += exchange.attempts - 1
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
-        self._refreshes[outcome].inc()
+        self._refreshes[outcome] += 1
+
+    # The Collector interface, called by a scrape.
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        requests = CounterMetricFamily(
+            "warmpool_router_requests", "Proxied requests, by route, method and status code.",
+            labels=["route", "method", "code"])
+        for (route, method, code), count in self._requests.copy().items():
+            requests.add_metric([route, method, str(code)], count)
+        yield requests
+        duration = HistogramMetricFamily(
+            "warmpool_router_request_duration_seconds",
+            "Time from request to the end of the response, by route.", labels=["route"])
+        for route in ROUTES:
+            counts = accumulate(self._durations[route].copy())
+            duration.add_metric([route], list(zip(self._les, counts, strict=True)),
+                                self._duration_sums[route])
+        yield duration
+        yield _counter("warmpool_router_upstream_attempts",
+                       "Attempts to reach a pod, by outcome.", "outcome",
+                       self._attempts.copy().items())
+        yield CounterMetricFamily("warmpool_router_retries",
+                                  "Pool attempts after the first one of a request.",
+                                  value=self._retries)
+        yield GaugeMetricFamily("warmpool_router_inflight_requests",
+                                "Requests being proxied now.",
+                                value=self._started - self._finished)
+        yield GaugeMetricFamily("warmpool_router_pool_pods", "Pods in the current pod list.",
+                                value=self._pool_pods())
+        yield GaugeMetricFamily(
+            "warmpool_router_pod_list_age_seconds",
+            "Seconds since the pod list was last confirmed (+Inf before the first sync).",
+            value=self._pod_list_age())
+        yield _counter("warmpool_router_pod_list_refreshes",
+                       "Pod list calls to the Kubernetes API.", "outcome",
+                       self._refreshes.copy().items())
+        build = GaugeMetricFamily("warmpool_router_build_info", "The running version.",
+                                  labels=["version"])
+        build.add_metric([self._version], 1)
+        yield build
+
+    def _pool_pods(self) -> float:
+        snapshot = self._source.snapshot() if self._source is not None else None
+        return len(snapshot.pods) if snapshot else 0
+
+    def _pod_list_age(self) -> float:
+        age = self._source.age() if self._source is not None else None
+        return math.inf if age is None else age
 
     # Serving.
 

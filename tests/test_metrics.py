@@ -82,6 +82,10 @@ def test_counters_after_known_traffic(
     duration = "warmpool_router_request_duration_seconds_count"
     assert value(samples, duration, route="pool") == 7
     assert value(samples, duration, route="pinned") == 4
+    bucket = "warmpool_router_request_duration_seconds_bucket"
+    assert value(samples, bucket, route="pinned", le="+Inf") == 4
+    assert value(samples, bucket, route="pinned", le="0.25") <= 3  # the 504 waited 0.3 s
+    assert value(samples, "warmpool_router_request_duration_seconds_sum", route="pinned") >= 0.3
     assert value(samples, "warmpool_router_inflight_requests") == 0
     assert value(samples, "warmpool_router_pool_pods") == 3
     assert value(samples, "warmpool_router_pod_list_age_seconds") == 0
