@@ -206,9 +206,10 @@ class Proxy:
         own_headers: list[tuple[bytes, bytes]],
         exchange: Exchange,
     ) -> None:
-        """Stream the pod's answer as it arrives. After the first chunk (once the request
-        body is all read) a watcher waits for the client to leave; if it does, the upstream
-        response is closed at once, which ends the loop even while the pod is silent."""
+        """Stream the pod's answer as it arrives (or, when it is all in already, pass it in
+        one message). After the first chunk (once the request body is all read) a watcher
+        waits for the client to leave; if it does, the upstream response is closed at once,
+        which ends the loop even while the pod is silent."""
         watcher: asyncio.Future[Message] | None = None
         try:
             await send(
@@ -219,6 +220,11 @@ class Proxy:
                 }
             )
             exchange.status = response.status
+            whole = response.whole()
+            if whole is not None:  # the answer is all in: one message, no watcher needed
+                exchange.bytes_out = len(whole)
+                await send({"type": "http.response.body", "body": whole})
+                return
             async for chunk in response.chunks():
                 exchange.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -3,6 +3,7 @@ SIGTERM, and a server run in a thread (the demo pods, and tests)."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import signal
 import socket
@@ -10,9 +11,10 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any
+from typing import Any, cast
 
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from router.config import Config
 
@@ -29,6 +31,46 @@ def bind(host: str = "127.0.0.1", port: int = 0, backlog: int = 2048) -> socket.
     return sock
 
 
+class CoalescingTransport:
+    """A client connection's transport whose writes made in one turn of the event loop go
+    out in one system call. uvicorn writes a response's head and its body separately; a
+    proxied answer has both ready at once, and on a small answer the extra system call is
+    a measurable share of the request. Everything else is the real transport's."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol over a `CoalescingTransport`."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
+
+
 def server_config(
     config: Config, app: Callable[..., Any], *, factory: bool = False,
     log_config: dict[str, Any] | None = None,
@@ -40,6 +82,7 @@ def server_config(
     return uvicorn.Config(
         app,
         factory=factory,
+        http=HttpProtocol,
         host=config.host,
         port=config.port,
         workers=config.workers,

@@ -373,6 +373,15 @@ class Response:
             else:
                 await self._wait()
 
+    def whole(self) -> bytes | None:
+        """The entire body if it has all arrived already (small answers usually come in
+        the same read as their headers), else None: then use `chunks()`."""
+        if not self._complete:
+            return None
+        data = b"".join(self._chunks)
+        self._chunks.clear()
+        return data
+
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
 
