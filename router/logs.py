@@ -10,12 +10,14 @@ slowing every request.
 from __future__ import annotations
 
 import collections
+import functools
 import json
 import logging
 import sys
 import threading
 import time
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii
 from typing import Any, TextIO
 
 from router.observe import Exchange, NullObserver
@@ -26,8 +28,15 @@ FLUSH_SECONDS = 0.1
 log = logging.getLogger("router.access")
 
 
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    return datetime.fromtimestamp(whole, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+
+
 def _timestamp(seconds: float) -> str:
-    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+    """ISO 8601 in UTC with milliseconds; the formatted second is reused within it."""
+    whole = int(seconds)
+    return f"{_second(whole)}.{int((seconds - whole) * 1000):03d}+00:00"
 
 
 class JsonFormatter(logging.Formatter):
@@ -66,24 +75,25 @@ def logging_config(level: str) -> dict[str, Any]:
     }
 
 
-def access_entry(exchange: Exchange, finished: float) -> dict[str, Any]:
-    """The access-log object of one request. `path` has no query string: queries may
-    carry tokens."""
-    return {
-        "time": _timestamp(finished),
-        "method": exchange.method,
-        "path": exchange.path,
-        "status": exchange.status or 500,
-        "duration_ms": round(exchange.duration * 1000, 3),
-        "route": exchange.route,
-        "pod": exchange.pod,
-        "namespace": exchange.namespace,
-        "attempts": exchange.attempts,
-        "bytes_in": exchange.bytes_in,
-        "bytes_out": exchange.bytes_out,
-        "client": exchange.client,
-        "request_id": exchange.request_id,
-    }
+def access_line(exchange: Exchange, finished: float) -> str:
+    """The access-log line of one request, written out by hand: the fields are fixed and
+    mostly numbers or checked names, so only the free-text ones (method, path, request
+    id) go through the JSON string encoder; `json.dumps` of a dict costs three times as
+    much, on the same core as the proxy. `path` has no query string: queries may carry
+    tokens."""
+    return (
+        f'{{"time": "{_timestamp(finished)}", "method": {_string(exchange.method)}, '
+        f'"path": {_string(exchange.path)}, "status": {exchange.status or 500}, '
+        f'"duration_ms": {round(exchange.duration * 1000, 3)}, "route": "{exchange.route}", '
+        f'"pod": {_string(exchange.pod)}, "namespace": {_string(exchange.namespace)}, '
+        f'"attempts": {exchange.attempts}, "bytes_in": {exchange.bytes_in}, '
+        f'"bytes_out": {exchange.bytes_out}, "client": {_string(exchange.client)}, '
+        f'"request_id": {_string(exchange.request_id)}}}'
+    )
+
+
+def _string(value: str | None) -> str:
+    return "null" if value is None else encode_basestring_ascii(value)
 
 
 class AccessLog(NullObserver):
@@ -134,7 +144,7 @@ class AccessLog(NullObserver):
         lines = []
         pending = self._pending
         while pending:
-            lines.append(json.dumps(access_entry(*pending.popleft())))
+            lines.append(access_line(*pending.popleft()))
         if lines:
             self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()

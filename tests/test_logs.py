@@ -8,7 +8,7 @@ import json
 
 import httpx
 
-from router.logs import AccessLog
+from router.logs import AccessLog, access_line
 from router.observe import Exchange
 from tests.conftest import StartPods
 from tests.process import RouterProcess
@@ -81,3 +81,16 @@ def test_a_full_buffer_drops_lines_and_counts_them() -> None:
 
     assert access.dropped == 1
     assert [json.loads(line)["path"] for line in stream.getvalue().splitlines()] == ["/0", "/1"]
+
+
+def test_access_lines_are_json_whatever_the_path_holds() -> None:
+    exchange = Exchange("GET", '/a "quoted"\\path/é\n', "::1", 'id-"1"', "pinned", 0.0,
+                        status=404, pod="sbx", namespace="team", attempts=1, duration=0.0015)
+    entry = json.loads(access_line(exchange, 1764000000.25))
+
+    assert entry == {
+        "time": "2025-11-24T16:00:00.250+00:00", "method": "GET",
+        "path": '/a "quoted"\\path/é\n', "status": 404, "duration_ms": 1.5, "route": "pinned",
+        "pod": "sbx", "namespace": "team", "attempts": 1, "bytes_in": 0, "bytes_out": 0,
+        "client": "::1", "request_id": 'id-"1"',
+    }
