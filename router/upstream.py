@@ -66,7 +66,7 @@ class Client:
 
     def __init__(self, resolve: Resolver | None = None) -> None:
         self._resolve = resolve or _system_resolver()
-        self._idle: dict[tuple[str, int], list[Connection]] = {}
+        self._idle: dict[tuple[str, int], collections.deque[Connection]] = {}
 
     async def request(
         self, method: str, host: str, port: int, target: str,
@@ -93,7 +93,9 @@ class Client:
         if idle:
             now = asyncio.get_running_loop().time()
             while idle:
-                connection = idle.pop()  # the most recently used: warm, least likely closed
+                # The longest idle first: under steady load every pooled connection keeps
+                # being used, so none reaches the keep-alive limit and is reopened.
+                connection = idle.popleft()
                 if not connection.closed and now - connection.idle_since < KEEPALIVE_SECONDS:
                     connection.reused = True
                     return connection
@@ -114,7 +116,10 @@ class Client:
 
     def keep(self, connection: Connection) -> None:
         connection.idle_since = asyncio.get_running_loop().time()
-        self._idle.setdefault(connection.key, []).append(connection)
+        idle = self._idle.get(connection.key)
+        if idle is None:
+            idle = self._idle[connection.key] = collections.deque()
+        idle.append(connection)
 
     def forget(self, connection: Connection) -> None:
         idle = self._idle.get(connection.key)
