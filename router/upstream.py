@@ -40,6 +40,8 @@ DNS_CACHE_SECONDS = 10.0
 HIGH_WATER = 512 * 1024
 """Response bytes buffered before reading from the pod pauses (the client is slower)."""
 LOW_WATER = 128 * 1024
+JOIN_LIMIT = 64 * 1024
+"""Small pieces that gathered are joined into one message; larger ones pass uncopied."""
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 Body = bytes | AsyncIterator[bytes] | None
@@ -272,10 +274,12 @@ class Response:
         self._headers_done = False
         self._complete = False
         self._keep_alive = False
+        self._keep_alive_header = False
         self._received = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
+        self._remaining: int | None = None
 
     @property
     def reusable(self) -> bool:
@@ -293,16 +297,21 @@ class Response:
             return
         self.status = status
         self._headers_done = True
+        self._keep_alive_header = self._parser.should_keep_alive()
         for name, value in self.raw_headers:
             if name.lower() == b"content-length" and value.isdigit():
                 self.content_length = int(value)
         if self._no_body or status in (204, 304):
             self._finish()
+        elif self.content_length is not None and not self._until_close():
+            self._remaining = self.content_length  # framing is plain: `feed` skips the parser
         self._wake()
 
     def on_body(self, body: bytes) -> None:
         self._chunks.append(body)
         self._buffered += len(body)
+        if self._remaining is not None:
+            self._remaining -= len(body)
         if self._buffered > HIGH_WATER and not self._paused:
             self._paused = True
             self._connection.pause_reading()
@@ -315,7 +324,8 @@ class Response:
 
     def _finish(self) -> None:
         self._complete = True
-        self._keep_alive = self._parser.should_keep_alive()
+        self._keep_alive = self._keep_alive_header
+        self._remaining = None
 
     # From the connection
 
@@ -323,6 +333,16 @@ class Response:
         self._received = True
         if self._complete:
             self._keep_alive = False  # bytes after the end (a HEAD answer with a body)
+            return
+        if self._remaining is not None:
+            # A body of known length past the head: handed on as received, without the
+            # parser's copy of every chunk (what bounds a large download's speed).
+            if len(data) > self._remaining:
+                self._keep_alive = False
+                data = data[: self._remaining]
+            self.on_body(data)
+            if not self._remaining:
+                self.on_message_complete()
             return
         try:
             self._parser.feed_data(data)
@@ -364,10 +384,14 @@ class Response:
         chunks = self._chunks
         while True:
             if chunks:
-                data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
-                chunks.clear()
-                self._buffered = 0
-                if self._paused:
+                if len(chunks) == 1 or self._buffered > JOIN_LIMIT:
+                    data = chunks.popleft()  # large reads pass on as they are, uncopied
+                    self._buffered -= len(data)
+                else:
+                    data = b"".join(chunks)
+                    chunks.clear()
+                    self._buffered = 0
+                if self._paused and self._buffered <= LOW_WATER:
                     self._paused = False
                     self._connection.resume_reading()
                 yield data

@@ -1,0 +1,49 @@
+"""The router under test, as its own process (`python -m router`, the command's module
+form) over a static pool, on a port picked for it."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.nginx import Pod
+from bench.procs import Child, fetch, free_port
+
+
+class RouterProcess(Child):
+    """`observability=True` is the operator default: `/metrics` served and one access-log
+    line per request (to /dev/null); off, both are disabled to show the bare proxy."""
+
+    def __init__(self, name: str, workdir: Path, pods: Sequence[Pod], observability: bool):
+        self.port = free_port()
+        self.metrics_port = free_port() if observability else 0
+        argv = [
+            sys.executable, "-m", "router",
+            "--host", "127.0.0.1", "--port", str(self.port),
+            "--pods", ",".join(f"{p.name}={p.host}:{p.port}" for p in pods),
+            "--metrics-port", str(self.metrics_port),
+            "--log-level", "info" if observability else "warning",
+            "--access-log" if observability else "--no-access-log",
+        ]
+        super().__init__(name, argv, workdir / f"{name}.log")
+        try:
+            self.wait_ready(self.url + "/ready")
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def metrics_served(self) -> bool:
+        """Whether `/metrics` answers with the router's counters (it is built in parallel
+        with this bench; without it the observability cost is only the access log's)."""
+        if not self.metrics_port:
+            return False
+        try:
+            status, body = fetch(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=2.0)
+        except OSError:
+            return False
+        return status == 200 and b"warmpool_router_requests_total" in body

@@ -1,0 +1,360 @@
+"""`make bench`: the router against nginx (the reference round-robin proxy) and against
+the direct path to one pod, over nginx pods on 127.0.0.2-5. Prints one Markdown table and
+the target checks, and writes everything to bench/results/<timestamp>.json.
+
+At c=64 and c=256 the small GET also measures three uvicorn references (bench/floor.py):
+uvicorn answering by itself, and bare round-robin proxies on aiohttp's and httpx's clients,
+so the table shows what any uvicorn-based proxy reaches on this machine.
+
+Cells are interleaved (for each concurrency, every target in turn) so drift of the
+machine hits all targets alike; the ratios quoted come from one run. Each wrk cell
+follows an uncounted warm-up at the same concurrency, so the proxies' connection pools
+are filled and "new upstream connections" measures steady-state churn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import itertools
+import platform
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+import psutil
+
+from bench import nginx, pyspy, report, transfer, wrk
+from bench.floor import FloorProcess
+from bench.nginx import Pod
+from bench.procs import free_port
+from bench.report import Check, Row
+from bench.router import RouterProcess
+from bench.usage import Usage
+
+RESULTS = Path(__file__).with_name("results")
+DIRECT, NGINX, ROUTER, ROUTER_OBS = "direct", "nginx", "router", "router+obs"
+FLOOR = "floor"  # the uvicorn references; their names must not start with ROUTER
+# (name, bench.floor kind, whether it forwards to the pods, the concurrencies measured).
+# httpx stops at c=64: at c=256 it collapses (from ~400 down to ~11 req/s in our runs,
+# varying run to run; see encode/httpx#3215), a cell that says no more than c=64 does.
+FLOORS = (
+    ("uvicorn hello (no upstream)", "hello", False, (64, 256)),
+    ("bare proxy: uvicorn+aiohttp", "proxy", True, (64, 256)),
+    ("bare proxy: uvicorn+httpx", "httpx", True, (64,)),
+)
+BUSY_CELL = "GET 100 B, pool of 3 + 1 always-503"
+
+
+@dataclass(frozen=True)
+class Settings:
+    duration: int  # wrk takes whole seconds
+    warmup: int
+    threads: int
+    concurrency: tuple[int, ...]
+    busy_connections: int
+    reps: int
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where load goes. `pid` is the proxy process measured (none for the direct path);
+    connections accepted by `pods` during a cell are the proxy's new upstream ones."""
+
+    name: str
+    kind: str  # DIRECT, NGINX, ROUTER or FLOOR
+    url: str
+    pid: int | None
+    pods: tuple[Pod, ...]
+
+
+def measure(target: Target, path: str, cell: str, c: int, s: Settings) -> Row:
+    url = target.url + path
+    if s.warmup:
+        wrk.run(url, c, s.warmup, s.threads)
+    before = nginx.accepts(target.pods)
+    with Usage(target.pid) as usage:
+        result = wrk.run(url, c, s.duration, s.threads)
+    conns = None
+    if target.pods and result.requests:
+        new = nginx.accepts(target.pods) - before - len(target.pods)
+        conns = new / result.requests * 1000
+    row = Row(
+        cell=cell, target=target.name, connections=c, throughput=result.rps, unit="req/s",
+        requests=result.requests, p50_ms=result.p50_ms, p99_ms=result.p99_ms,
+        errors=result.socket_errors, non_2xx=result.non_2xx,
+        cpu_seconds=usage.cpu_seconds if target.pid else None,
+        peak_rss_mib=usage.peak_rss_mib if target.pid else None,
+        upstream_conns_per_1k=conns,
+    )
+    print(f"  {cell} c={c} {target.name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.2f} ms",
+          file=sys.stderr, flush=True)
+    return row
+
+
+def _ratio(value: float, reference: float) -> float | None:
+    return value / reference if reference else None
+
+
+def small_gets(targets: Sequence[Target], floors: Sequence[tuple[Target, Sequence[int]]],
+               s: Settings) -> list[Row]:
+    """The 100-byte GET at every concurrency, each uvicorn reference in turn with the rest
+    at its own concurrencies only; ratios against nginx and the direct path of the same
+    cell, and observability's cost as router+obs ÷ router."""
+    rows: list[Row] = []
+    for c in s.concurrency:
+        measured = [*targets, *(floor for floor, cs in floors if c in cs)]
+        cell = {t.name: measure(t, "/", "GET 100 B", c, s) for t in measured}
+        for row in cell.values():
+            if row.target not in (NGINX, DIRECT):
+                row.vs_nginx = _ratio(row.throughput, cell[NGINX].throughput)
+            if row.target != DIRECT:
+                row.vs_direct = _ratio(row.throughput, cell[DIRECT].throughput)
+        cell[ROUTER_OBS].vs_base = _ratio(cell[ROUTER_OBS].throughput, cell[ROUTER].throughput)
+        rows.extend(cell.values())
+    return rows
+
+
+def _transfer(target: Target, direction: str, big: Path, reps: int) -> Row:
+    speeds: list[float] = []
+    errors = 0
+    cpu, rss = 0.0, 0.0
+    for _ in range(reps):
+        with Usage(target.pid) as usage:
+            try:
+                if direction == "download":
+                    speeds.append(transfer.download(target.url + "/big", nginx.BIG_SIZE))
+                else:
+                    speeds.append(transfer.upload(target.url + "/upload", big))
+            except RuntimeError as exc:
+                errors += 1
+                print(f"  {target.name} {direction}: {exc}", file=sys.stderr)
+        cpu += usage.cpu_seconds
+        rss = max(rss, usage.peak_rss_mib)
+    mibs = statistics.median(speeds) if speeds else 0.0
+    print(f"  {direction} 64 MiB {target.name}: {mibs:,.0f} MiB/s", file=sys.stderr, flush=True)
+    return Row(
+        cell=f"{'GET' if direction == 'download' else 'POST'} 64 MiB", target=target.name,
+        connections=1, throughput=mibs, unit="MiB/s", errors=errors,
+        cpu_seconds=cpu if target.pid else None, peak_rss_mib=rss if target.pid else None,
+    )
+
+
+def transfers(targets: Sequence[Target], big: Path, reps: int) -> list[Row]:
+    """64 MiB each way, one repetition per target in turn; the median rate is reported, the
+    CPU summed over the repetitions, and the peak RSS over all of them."""
+    rows: list[Row] = []
+    for direction in ("download", "upload"):
+        cell = {t.name: _transfer(t, direction, big, reps) for t in targets}
+        for row in cell.values():
+            if row.target == ROUTER:
+                row.vs_nginx = _ratio(row.throughput, cell[NGINX].throughput)
+            if row.target != DIRECT:
+                row.vs_direct = _ratio(row.throughput, cell[DIRECT].throughput)
+        rows.extend(cell.values())
+    return rows
+
+
+def busy_pool(plain: Sequence[Target], busy: Sequence[Target], s: Settings) -> list[Row]:
+    """A fourth pod that answers every request 503: each proxy on that pool against itself
+    on the pool without it. nginx runs twice: with its default `max_fails=1`, which benches
+    the pod for 10 s after one 503, and with `max_fails=0`, which tries it every round as
+    the router does. The router is compared with nginx's default."""
+    c = s.busy_connections
+    base = {t.kind: measure(t, "/", BUSY_CELL, c, s) for t in plain}
+    rows = list(base.values())
+    first: dict[str, Row] = {}
+    for target in busy:
+        row = measure(target, "/", BUSY_CELL, c, s)
+        row.vs_base = _ratio(row.throughput, base[target.kind].throughput)
+        first.setdefault(target.kind, row)
+        rows.append(row)
+    base[ROUTER].vs_nginx = _ratio(base[ROUTER].throughput, base[NGINX].throughput)
+    first[ROUTER].vs_nginx = _ratio(first[ROUTER].throughput, first[NGINX].throughput)
+    return rows
+
+
+def _find(rows: Sequence[Row], cell: str, target: str, c: int | None = None) -> Row | None:
+    for row in rows:
+        if row.cell == cell and row.target == target and (c is None or row.connections == c):
+            return row
+    return None
+
+
+def checks(rows: Sequence[Row]) -> list[Check]:
+    """The targets the router is held to, each from this run's own numbers."""
+    found: list[Check] = []
+    r64, r16, r256 = (_find(rows, "GET 100 B", ROUTER, c) for c in (64, 16, 256))
+    n64 = _find(rows, "GET 100 B", NGINX, 64)
+    if r64 and r64.vs_nginx is not None:
+        found.append(Check("router ÷ nginx req/s, c=64", r64.vs_nginx, ">= 0.20",
+                           r64.vs_nginx >= 0.20))
+    if r16 and r256 and r16.throughput:
+        ratio = r256.throughput / r16.throughput
+        found.append(Check("router req/s c=256 ÷ c=16", ratio, ">= 0.70", ratio >= 0.70))
+    if r64 and n64 and r64.p99_ms is not None and n64.p99_ms:
+        ratio = r64.p99_ms / n64.p99_ms
+        found.append(Check("router p99 ÷ nginx p99, c=64", ratio, "<= 10", ratio <= 10))
+    routers = [r for r in rows if r.target.startswith(ROUTER)]
+    conns = [r.upstream_conns_per_1k for r in routers if r.upstream_conns_per_1k is not None]
+    if conns:
+        found.append(Check("router new upstream conns / 1k req, worst cell", max(conns),
+                           "<= 1", max(conns) <= 1))
+    for cell in ("GET 64 MiB", "POST 64 MiB"):
+        row = _find(rows, cell, ROUTER)
+        if row and row.vs_nginx is not None:
+            found.append(Check(f"router ÷ nginx MiB/s, {cell}", row.vs_nginx, ">= 2",
+                               row.vs_nginx >= 2))
+    rss = [r.peak_rss_mib for r in routers if r.peak_rss_mib is not None]
+    if rss:
+        found.append(Check("router peak RSS MiB, all cells", max(rss), "< 150", max(rss) < 150))
+    busy = next((r for r in routers if r.cell == BUSY_CELL and r.vs_base is not None), None)
+    if busy and busy.vs_base is not None:
+        found.append(Check("busy pool: 503s the client saw", busy.non_2xx, "== 0",
+                           busy.non_2xx == 0))
+        found.append(Check("busy pool: router req/s ÷ pool without it", busy.vs_base,
+                           ">= 0.60", busy.vs_base >= 0.60))
+    return found
+
+
+def _version(argv: list[str]) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True)
+    return (done.stdout + done.stderr).strip().splitlines()[0]
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk cell")
+    parser.add_argument("--warmup", type=int, default=2,
+                        help="uncounted seconds before each wrk cell (0 = none)")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke run: 2 s cells, 1 s warm-ups, one transfer each")
+    parser.add_argument("--threads", type=int, default=2, help="wrk threads (at most c)")
+    parser.add_argument("--concurrency", default="1,16,64,256",
+                        help="comma-separated connection counts for the small GET")
+    parser.add_argument("--busy-connections", type=int, default=64,
+                        help="connections for the busy-pool cell")
+    parser.add_argument("--reps", type=int, default=3, help="64 MiB transfers per target")
+    parser.add_argument("--profile", type=Path, metavar="PATH",
+                        help="after the table, profile the router with py-spy at c=64 "
+                             "(.txt: collapsed stacks, else SVG flame graph)")
+    return parser.parse_args(argv)
+
+
+def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)  # unwinds through every `with`, stopping the children
+
+
+class Lab:
+    """Starts the pods and the proxies in one temp directory, each registered with one
+    `ExitStack` so every process stops (by its PID) however the run ends."""
+
+    def __init__(self, stack: ExitStack, workdir: Path) -> None:
+        self._stack = stack
+        self._workdir = workdir
+        self._started = itertools.count()
+        self.big = nginx.make_big_file(workdir / "big.bin")
+        hosts = [f"127.0.0.{i}" for i in range(2, 6)]
+        port = free_port(hosts)
+        self.pods = tuple(Pod(f"pod-{i}", host, port) for i, host in enumerate(hosts[:3]))
+        self.busy_pods = (*self.pods, Pod("pod-3", hosts[3], port, busy=True))
+        for pod in self.busy_pods:
+            stack.enter_context(nginx.start_pod(pod, workdir, self.big))
+
+    def nginx(self, name: str, pool: tuple[Pod, ...], max_fails: int | None = None) -> Target:
+        port = free_port()
+        directory = f"nginx-{next(self._started)}"
+        child = self._stack.enter_context(
+            nginx.start_proxy(directory, self._workdir, pool, port, max_fails))
+        return Target(name, NGINX, f"http://127.0.0.1:{port}", child.pid, pool)
+
+    def router(self, name: str, pool: tuple[Pod, ...],
+               observability: bool = False) -> tuple[Target, RouterProcess]:
+        directory = f"router-{next(self._started)}"
+        child = self._stack.enter_context(
+            RouterProcess(directory, self._workdir, pool, observability))
+        return Target(name, ROUTER, child.url, child.pid, pool), child
+
+    def floor(self, name: str, kind: str, forwards: bool) -> Target:
+        """A uvicorn reference (bench/floor.py); the proxies forward to the plain pool."""
+        pool = self.pods if forwards else ()
+        child = self._stack.enter_context(FloorProcess(name, kind, self._workdir, pool))
+        return Target(name, FLOOR, child.url, child.pid, pool)
+
+
+def run(s: Settings, profile: Path | None) -> tuple[list[Row], bool]:
+    """Every cell, in order; also whether router+obs served its metrics."""
+    with tempfile.TemporaryDirectory(prefix="warmpool-bench-") as tmp, ExitStack() as stack:
+        lab = Lab(stack, Path(tmp))
+        direct = Target(DIRECT, DIRECT, lab.pods[0].url, None, ())
+        proxy = lab.nginx(NGINX, lab.pods)
+        router, _ = lab.router(ROUTER, lab.pods)
+        observed, observed_process = lab.router(ROUTER_OBS, lab.pods, observability=True)
+        busy = [
+            lab.router("router, +busy pod", lab.busy_pods)[0],
+            lab.nginx("nginx, +busy pod", lab.busy_pods),
+            lab.nginx("nginx max_fails=0, +busy pod", lab.busy_pods, max_fails=0),
+        ]
+        floors = [(lab.floor(name, kind, forwards), cs) for name, kind, forwards, cs in FLOORS]
+        rows = small_gets([direct, proxy, router, observed], floors, s)
+        rows += transfers([direct, proxy, router], lab.big, s.reps)
+        rows += busy_pool([router, proxy], busy, s)
+        metrics_served = observed_process.metrics_served()
+        if profile is not None and router.pid is not None:
+            pyspy.record(router.pid, router.url + "/", 64, max(s.duration, 5), profile)
+    return rows, metrics_served
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    s = Settings(
+        duration=2 if args.quick else max(1, args.duration),
+        warmup=1 if args.quick else args.warmup,
+        threads=args.threads,
+        concurrency=tuple(int(c) for c in args.concurrency.split(",")),
+        busy_connections=args.busy_connections,
+        reps=1 if args.quick else args.reps,
+    )
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    started = datetime.datetime.now(datetime.UTC)
+    rows, metrics_served = run(s, args.profile)
+    found = checks(rows)
+    meta = {
+        "started": started.isoformat(timespec="seconds"),
+        "settings": s.__dict__,
+        "cpus": psutil.cpu_count(),
+        "python": platform.python_version(),
+        "nginx": _version(["nginx", "-v"]),
+        "wrk": _version(["wrk", "-v"]),
+        "git": _version(["git", "rev-parse", "HEAD"]),
+        "router_obs_metrics_served": metrics_served,
+    }
+    out = RESULTS / f"{started.strftime('%Y%m%dT%H%M%SZ')}.json"
+    report.write_json(out, meta, rows, found)
+    print(report.table(rows))
+    print()
+    print(f"nginx: one worker (`master_process off`), keepalive 64 to the pods; wrk -t"
+          f"{s.threads}, {s.duration:g} s cells after {s.warmup:g} s warm-ups; "
+          f"{psutil.cpu_count()} CPUs shared by everything.")
+    print("÷base: router+obs ÷ router; a busy-pod pool ÷ the same proxy without the busy pod. "
+          f"router+obs /metrics served: {'yes' if metrics_served else 'no'}.")
+    print("References (GET 100 B; httpx at c=64 only): uvicorn answering 100 B itself is the "
+          "ceiling of any uvicorn server here; the bare proxies forward round robin with one "
+          "shared aiohttp or httpx client (unbounded pool) and nothing else: the least a "
+          "uvicorn-based proxy's hop can cost here.")
+    print()
+    print(report.checks_text(found))
+    print()
+    print(f"JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
