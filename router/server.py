@@ -31,6 +31,10 @@ def bind(host: str = "127.0.0.1", port: int = 0, backlog: int = 2048) -> socket.
     return sock
 
 
+COALESCE_LIMIT = 16 * 1024
+"""Writes up to this size wait for the end of the loop turn; larger ones go out at once."""
+
+
 class CoalescingTransport:
     """A client connection's transport whose writes made in one turn of the event loop go
     out in one system call. uvicorn writes a response's head and its body separately; a
@@ -43,6 +47,10 @@ class CoalescingTransport:
         self._loop = asyncio.get_running_loop()
 
     def write(self, data: bytes) -> None:
+        if len(data) > COALESCE_LIMIT:  # a large body part: no copy, and flow control sees it
+            self._flush()
+            self._transport.write(data)
+            return
         if not self._pending:
             self._loop.call_soon(self._flush)
         self._pending.append(data)
@@ -59,6 +67,17 @@ class CoalescingTransport:
     def abort(self) -> None:
         self._pending = []
         self._transport.abort()
+
+    # Called per request by uvicorn's flow control: spared the `__getattr__` detour.
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)

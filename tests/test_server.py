@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import threading
 import time
 
 import httpx
 
+from router.server import COALESCE_LIMIT, CoalescingTransport
 from tests.conftest import StartPods
 from tests.process import RouterProcess
 
@@ -73,3 +75,30 @@ def test_workers_share_the_port_and_drain_together(start_pods: StartPods) -> Non
 
     assert router.stop() == 0
     assert any("with 2 workers" in line for line in router.lines)
+
+
+class RecordingTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def is_closing(self) -> bool:
+        return False
+
+
+def test_small_writes_of_one_loop_turn_go_out_together_and_large_ones_at_once() -> None:
+    async def scenario() -> list[bytes]:
+        real = RecordingTransport()
+        transport = CoalescingTransport(real)  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.write(b"small body")
+        await asyncio.sleep(0)  # the end of the loop turn
+        transport.write(b"head")
+        transport.write(b"x" * (COALESCE_LIMIT + 1))
+        return real.writes
+
+    assert asyncio.run(scenario()) == [
+        b"HTTP/1.1 200 OK\r\n\r\nsmall body", b"head", b"x" * (COALESCE_LIMIT + 1)
+    ]
