@@ -195,11 +195,17 @@ def upstream_timeout(raw: str | None, cap: float) -> float:
 
 
 def response_headers(
-    raw: Sequence[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]
+    raw: Sequence[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]], status: int = 200
 ) -> list[tuple[bytes, bytes]]:
     """The sandbox's headers minus hop-by-hop ones, repeated headers (`Set-Cookie`) kept,
-    followed by the router's own (`X-Request-ID`, and the serving pod on pool requests)."""
+    followed by the router's own (`X-Request-ID`, and the serving pod on pool requests).
+
+    A 204 or 304 has no body, whatever `Content-Length` says (a 304 may state the length
+    of the 200 it stands for); the header is dropped there, as the server side would
+    otherwise wait for that many bytes."""
     dropped = _connection_tokens(raw)
+    if status in (204, 304):
+        dropped = dropped | {b"content-length"}
     own = {name for name, _ in extra}
     kept = [(name, value) for name, value in raw if (lowered := name.lower()) not in dropped
             and lowered not in own]

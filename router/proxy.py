@@ -216,7 +216,9 @@ class Proxy:
                 {
                     "type": "http.response.start",
                     "status": response.status,
-                    "headers": response_headers(response.raw_headers, own_headers),
+                    "headers": response_headers(
+                        response.raw_headers, own_headers, response.status
+                    ),
                 }
             )
             exchange.status = response.status

@@ -233,7 +233,7 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self._client.forget(self)
         if self.response is not None:
-            self.response.lost()
+            self.response.lost(exc)
         self.resume_writing()
 
     def pause_writing(self) -> None:
@@ -275,6 +275,7 @@ class Response:
         self._complete = False
         self._keep_alive = False
         self._keep_alive_header = False
+        self._tainted = False  # the pod sent bytes beyond its answer: never reuse
         self._received = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
@@ -283,14 +284,21 @@ class Response:
 
     @property
     def reusable(self) -> bool:
-        return self._complete and self._keep_alive and self.body_sent and not self._chunks
+        return (self._complete and self._keep_alive and self.body_sent and not self._chunks
+                and not self._tainted)
 
     # httptools callbacks
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._complete:
+            self._tainted = True  # a second answer nobody asked for: ignored
+            return
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self._complete:
+            self._tainted = True
+            return
         status = self._parser.get_status_code()
         if status < 200:  # 1xx: informational, the real answer follows
             self.raw_headers = []
@@ -308,6 +316,9 @@ class Response:
         self._wake()
 
     def on_body(self, body: bytes) -> None:
+        if self._complete:  # e.g. a body after the head of a HEAD answer
+            self._tainted = True
+            return
         self._chunks.append(body)
         self._buffered += len(body)
         if self._remaining is not None:
@@ -332,13 +343,13 @@ class Response:
     def feed(self, data: bytes) -> None:
         self._received = True
         if self._complete:
-            self._keep_alive = False  # bytes after the end (a HEAD answer with a body)
+            self._tainted = True  # bytes after the end (a HEAD answer with a body)
             return
         if self._remaining is not None:
             # A body of known length past the head: handed on as received, without the
             # parser's copy of every chunk (what bounds a large download's speed).
             if len(data) > self._remaining:
-                self._keep_alive = False
+                self._tainted = True
                 data = data[: self._remaining]
             self.on_body(data)
             if not self._remaining:
@@ -350,11 +361,11 @@ class Response:
             self.fail(UpstreamFailed("The backend sandbox sent an invalid HTTP response."))
             self._connection.close()
 
-    def lost(self) -> None:
+    def lost(self, error: Exception | None) -> None:
         if self._complete:
             return
-        if self._headers_done and self._until_close():
-            self._complete = True  # the answer was delimited by the end of the connection
+        if self._headers_done and self._until_close() and error is None:
+            self._complete = True  # delimited by a clean end of the connection (not a reset)
             self._wake()
         elif not self._received and self._connection.reused:
             self.fail(_Stale())

@@ -39,3 +39,9 @@ def test_response_keeps_repeats_and_replaces_the_routers_own_headers():
     headers = response_headers(raw, [(b"x-request-id", b"mine")])
     assert headers == [(b"Set-Cookie", b"a=1"), (b"Set-Cookie", b"b=2"),
                        (b"x-request-id", b"mine")]
+
+
+def test_a_bodyless_answer_loses_its_content_length() -> None:
+    raw = [(b"ETag", b'"x"'), (b"Content-Length", b"1234")]
+    assert response_headers(raw, [], 304) == [(b"ETag", b'"x"')]
+    assert response_headers(raw, [], 200) == raw

@@ -4,6 +4,8 @@ stale pooled connections, timeouts and broken answers, byte for byte."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
@@ -75,13 +77,13 @@ def answering(*answers: bytes, close: bool = False) -> Callable[[Scripted], Scri
         remaining = iter(answers)
 
         async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            for answer in remaining:
+            while True:
                 await server.read_request(reader)
+                answer = next(remaining)
                 writer.write(answer)
                 await writer.drain()
                 if close or b"connection: close" in answer:
                     return
-            await reader.read()
 
         return script
 
@@ -239,3 +241,39 @@ def test_broken_and_truncated_answers_fail() -> None:
         b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part",
         close=True,
     ))
+
+
+def test_bytes_beyond_an_answer_are_dropped_with_the_connection() -> None:
+    async def scenario(server: Scripted, client: Client) -> None:
+        response, data = await get(server, client, "HEAD")
+        assert (data, response.reusable) == (b"", False)
+        response, data = await get(server, client)
+        assert (data, response.reusable) == (b"hello", False)
+        response, data = await get(server, client)
+        assert (response.status, data) == (200, b"ok")
+        assert server.connections == 3
+
+    run(scenario, answering(
+        b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\n\r\nbody",  # a body after a HEAD answer
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello"
+        b"HTTP/1.1 201 Created\r\ncontent-length: 3\r\n\r\nabc",  # an answer nobody asked for
+        OK,
+    ))
+
+
+def test_a_reset_is_not_the_end_of_a_close_delimited_body() -> None:
+    async def scenario(server: Scripted, client: Client) -> None:
+        response = await client.request("GET", "127.0.0.2", server.port, "/", [], None, LIMITS)
+        with pytest.raises(UpstreamFailed):
+            await response.read()
+        response.release()
+
+    async def resets(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\npartial")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        writer.transport.abort()
+
+    run(scenario, lambda server: resets)
