@@ -273,11 +273,11 @@ class KubernetesPodSource:
             pod for obj in self._objects.values()
             if (pod := candidate(obj, self._config.pod_port)) is not None
         )
+        self._confirmed_at = time.monotonic()  # first: a reader seeing the snapshot sees it fresh
         previous = self._snapshot
         if previous is None or previous.pods != pods.pods:
             self._snapshot = pods
             _log_change(previous, pods)
-        self._confirmed_at = time.monotonic()
         self._error = None
         if report:
             self._observer.pod_list_refreshed("ok")

@@ -24,6 +24,7 @@ from router.observe import Exchange, NullObserver
 
 QUEUE_LINES = 10_000
 FLUSH_SECONDS = 0.1
+STOP_SECONDS = 5.0
 
 log = logging.getLogger("router.access")
 
@@ -127,7 +128,7 @@ class AccessLog(NullObserver):
         """Write what is pending, then end the thread (blocking: call off the loop)."""
         if self._thread is not None:
             self._stopping.set()
-            self._thread.join()
+            self._thread.join(STOP_SECONDS)  # a stdout that never drains must not hang exit
             self._thread = None
 
     def _run(self) -> None:

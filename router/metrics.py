@@ -38,7 +38,8 @@ _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120
 
 
 def duration_buckets(proxy_timeout: float) -> tuple[float, ...]:
-    """The usual latency buckets, cut at the proxy timeout, which no request outlives."""
+    """The usual latency buckets, cut at the proxy timeout (a request that streams for
+    longer, with no wait for the pod as long as that, lands in `+Inf`)."""
     return (*(b for b in _BUCKETS if b < proxy_timeout), proxy_timeout)
 
 

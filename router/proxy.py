@@ -15,7 +15,7 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 from router import upstream
-from router.asgi import Message, Receive, Scope, Send
+from router.asgi import Receive, Scope, Send
 from router.balancer import RoundRobin
 from router.body import ClientGone, RequestBody
 from router.config import Config
@@ -38,6 +38,7 @@ from router.headers import (
 )
 from router.observe import Exchange, Observer, Outcome
 from router.pods import Pod, PodSource
+from router.server import DISCONNECT, ClientWatch
 
 log = logging.getLogger("router.proxy")
 
@@ -66,6 +67,17 @@ class Proxy:
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watch: ClientWatch | None = scope.get("extensions", {}).get(DISCONNECT)
+        gone = _Gone()
+        if watch is not None:
+            watch.callback = gone.cancel(asyncio.current_task())
+        try:
+            await self._serve(scope, receive, send, gone)
+        finally:
+            if watch is not None:
+                watch.callback = None
+
+    async def _serve(self, scope: Scope, receive: Receive, send: Send, gone: _Gone) -> None:
         incoming = read_request(scope)
         client = scope.get("client")
         exchange = Exchange(
@@ -94,16 +106,20 @@ class Proxy:
             else:
                 exchange.pod, exchange.namespace = pinned.sandbox_id, pinned.namespace
                 response = await self._pinned(scope, incoming, pinned, body, exchange)
-            await self._relay(response, body, receive, send, own_headers, exchange)
+            await self._relay(response, send, own_headers, exchange)
         except ProxyError as error:
             exchange.status = error.status
             exchange.bytes_out = await send_error(send, error, tuple(own_headers))
         except ClientGone:
             exchange.status = CLIENT_CLOSED
         except asyncio.CancelledError:
-            # uvicorn cancels what is still running when --shutdown-timeout runs out: answer
-            # 503 if nothing was sent yet, and end quietly rather than as a crash.
-            if exchange.status == 0:
+            # The client went away (see `_Gone`), or uvicorn cancels what is still running
+            # when --shutdown-timeout runs out: then answer 503 if nothing was sent yet.
+            # Either way the pod's connection was closed on the way out, and the request
+            # ends quietly rather than as a crash.
+            if gone.happened:
+                exchange.status = CLIENT_CLOSED
+            elif exchange.status == 0:
                 exchange.status = 503
                 exchange.bytes_out = await send_error(send, SHUTTING_DOWN, tuple(own_headers))
         finally:
@@ -200,17 +216,13 @@ class Proxy:
     async def _relay(
         self,
         response: upstream.Response,
-        body: RequestBody,
-        receive: Receive,
         send: Send,
         own_headers: list[tuple[bytes, bytes]],
         exchange: Exchange,
     ) -> None:
         """Stream the pod's answer as it arrives (or, when it is all in already, pass it in
-        one message). After the first chunk (once the request body is all read) a watcher
-        waits for the client to leave; if it does, the upstream response is closed at once,
-        which ends the loop even while the pod is silent."""
-        watcher: asyncio.Future[Message] | None = None
+        one message). A client leaving cancels the request (`_Gone`), which ends the loop
+        even while the pod is silent; the pod's connection is closed on the way out."""
         try:
             await send(
                 {
@@ -230,17 +242,11 @@ class Proxy:
             async for chunk in response.chunks():
                 exchange.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                if watcher is None and body.complete:
-                    watcher = asyncio.ensure_future(receive())
-                    watcher.add_done_callback(_closer(response))
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (UpstreamTimeout, UpstreamFailed) as exc:
             # Headers are out: the only honest signal left is an incomplete response.
-            if watcher is None or not watcher.done():
-                log.warning("upstream failed mid-response from %s: %r", exchange.pod, exc)
+            log.warning("upstream failed mid-response from %s: %r", exchange.pod, exc)
         finally:
-            if watcher is not None and not watcher.done():
-                watcher.cancel()
             response.release()
 
 
@@ -255,15 +261,21 @@ async def _discard(response: upstream.Response) -> None:
         response.release()
 
 
-def _closer(response: upstream.Response) -> Callable[[asyncio.Future[Message]], None]:
-    """When the client's next message comes mid-response, it can only be a disconnect:
-    abandon the pod's answer (a cancelled watcher means the relay ended on its own)."""
+class _Gone:
+    """Whether the request was cancelled because its client went away."""
 
-    def close(watcher: asyncio.Future[Message]) -> None:
-        if not watcher.cancelled():
-            response.close()
+    __slots__ = ("happened",)
 
-    return close
+    def __init__(self) -> None:
+        self.happened = False
+
+    def cancel(self, task: asyncio.Task[object] | None) -> Callable[[], object]:
+        def cancel() -> None:
+            self.happened = True
+            if task is not None:
+                task.cancel()
+
+        return cancel
 
 
 def _raw_path_qs(scope: Scope) -> str:

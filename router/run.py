@@ -52,8 +52,11 @@ def supervise(options: config.Config) -> int:
 
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers directly
+    # A SIGTERM while workers start waits until every one has a PID to pass it on to.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
     for worker in workers:
         worker.start()
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     host, port = sock.getsockname()[:2]
     log.info("running on http://%s:%d with %d workers", host, port, len(workers))
     running = list(workers)

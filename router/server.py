@@ -83,11 +83,38 @@ class CoalescingTransport:
         return getattr(self._transport, name)
 
 
+DISCONNECT = "router.disconnect"
+"""The scope extension through which a request learns that its client has gone."""
+
+
+class ClientWatch:
+    """Set `callback` while a request is served: it is called if the client connection
+    is lost, at once, whatever the request is waiting for (the pod's first byte
+    included), so the pod's connection can be dropped rather than left working."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], object] | None = None
+
+
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a `CoalescingTransport`."""
+    """uvicorn's httptools protocol over a `CoalescingTransport`, telling the request it
+    serves when the client goes away (the `router.disconnect` scope extension)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.watch = ClientWatch()
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.scope["extensions"] = {DISCONNECT: self.watch}  # type: ignore[dict-item]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        callback, self.watch.callback = self.watch.callback, None
+        super().connection_lost(exc)
+        if callback is not None:
+            callback()
 
 
 def server_config(

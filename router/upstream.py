@@ -69,6 +69,7 @@ class Client:
     def __init__(self, resolve: Resolver | None = None) -> None:
         self._resolve = resolve or _system_resolver()
         self._idle: dict[tuple[str, int], collections.deque[Connection]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(
         self, method: str, host: str, port: int, target: str,
@@ -105,30 +106,53 @@ class Client:
         return await self._connect(host, port, connect_timeout)
 
     async def _connect(self, host: str, port: int, connect_timeout: float) -> Connection:
-        loop = asyncio.get_running_loop()
         try:
-            address = host if _is_ip(host) else await self._resolve(host)
-            _, connection = await asyncio.wait_for(
-                loop.create_connection(lambda: Connection(self, (host, port)), address, port),
-                connect_timeout,
-            )
+            return await asyncio.wait_for(self._open(host, port), connect_timeout)
         except (OSError, TimeoutError) as exc:
             raise ConnectFailed() from exc
+
+    async def _open(self, host: str, port: int) -> Connection:
+        """Look the name up (unless it is an address) and connect: both within the
+        connect timeout."""
+        address = host if _is_ip(host) else await self._resolve(host)
+        _, connection = await asyncio.get_running_loop().create_connection(
+            lambda: Connection(self, (host, port)), address, port
+        )
         return connection
 
     def keep(self, connection: Connection) -> None:
-        connection.idle_since = asyncio.get_running_loop().time()
+        loop = asyncio.get_running_loop()
+        connection.idle_since = loop.time()
         idle = self._idle.get(connection.key)
         if idle is None:
             idle = self._idle[connection.key] = collections.deque()
         idle.append(connection)
+        if self._sweeper is None:
+            self._sweeper = loop.call_later(KEEPALIVE_SECONDS, self._sweep)
 
     def forget(self, connection: Connection) -> None:
         idle = self._idle.get(connection.key)
         if idle and connection in idle:
             idle.remove(connection)
 
+    def _sweep(self) -> None:
+        """Close connections idle past the keep-alive limit, so pods that get no more
+        requests (gone, or pinned sandboxes whose session ended) are not held open."""
+        self._sweeper = None
+        loop = asyncio.get_running_loop()
+        limit = loop.time() - KEEPALIVE_SECONDS
+        for key, idle in list(self._idle.items()):
+            while idle and idle[0].idle_since <= limit:  # oldest first: the deque's order
+                idle.popleft().close()
+            if not idle:
+                del self._idle[key]
+        if self._idle:
+            self._sweeper = loop.call_later(KEEPALIVE_SECONDS, self._sweep)
+
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         idle, self._idle = self._idle, {}
         for connections in idle.values():
             for connection in connections:
@@ -148,6 +172,7 @@ class Connection(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
+        self._aborted = False
 
     async def send(
         self, method: str, head: bytes, body: Body, length: int | None, read_timeout: float
@@ -204,6 +229,7 @@ class Connection(asyncio.Protocol):
     def close(self) -> None:
         if not self.closed:
             self.closed = True
+            self._aborted = True
             if self._transport is not None:
                 self._transport.abort()
 
@@ -233,7 +259,8 @@ class Connection(asyncio.Protocol):
         self.closed = True
         self._client.forget(self)
         if self.response is not None:
-            self.response.lost(exc)
+            # Our own abort ends the connection without an error, but never cleanly.
+            self.response.lost(exc or (ConnectionAbortedError() if self._aborted else None))
         self.resume_writing()
 
     def pause_writing(self) -> None:
@@ -420,6 +447,10 @@ class Response:
             return None
         data = b"".join(self._chunks)
         self._chunks.clear()
+        self._buffered = 0
+        if self._paused:
+            self._paused = False
+            self._connection.resume_reading()
         return data
 
     async def read(self) -> bytes:

@@ -112,6 +112,9 @@ class Sandbox:
             await send({"type": "http.response.body", "body": b"data: hi\n\n", "more_body": True})
             await receive()  # returns only when the router drops the connection
             self.events_closed.set()
+        elif path == "/hold":  # no answer at all until the router drops the connection
+            await receive()
+            self.events_closed.set()
         elif path == "/gzip":
             body = gzip.compress(b"hello " * 100)
             await _send(send, 200, body, [(b"content-encoding", b"gzip")])

@@ -4,7 +4,9 @@ leaves mid-stream closes the upstream side too."""
 from __future__ import annotations
 
 import hashlib
+import socket
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -77,5 +79,24 @@ def test_client_leaving_mid_stream_closes_the_upstream(
     with client.stream("GET", "/events") as response:
         assert next(response.iter_raw()) == b"data: hi\n\n"
     # Leaving the block closed the client's connection while the pod was silent.
+    assert pods[0].app.events_closed.wait(10)
+    assert client.get("/").status_code == 200
+
+
+def test_client_leaving_before_the_pod_answers_closes_the_upstream(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    host, port = client.base_url.host, client.base_url.port
+    with socket.create_connection((host, port)) as raw:
+        raw.sendall(b"GET /hold HTTP/1.1\r\nHost: router\r\n\r\n")
+        deadline = time.monotonic() + 10
+        while pods[0].app.hits == 0:  # until the pod holds the request
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert not pods[0].app.events_closed.is_set()
+    # The client left before a single byte of answer: the pod's connection is dropped too,
+    # rather than kept until --proxy-timeout.
     assert pods[0].app.events_closed.wait(10)
     assert client.get("/").status_code == 200

@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
+from router import upstream
 from router.errors import ConnectFailed, UpstreamFailed, UpstreamTimeout
 from router.upstream import Client, Response, Timeout
 
@@ -277,3 +278,26 @@ def test_a_reset_is_not_the_end_of_a_close_delimited_body() -> None:
         writer.transport.abort()
 
     run(scenario, lambda server: resets)
+
+
+def test_idle_connections_are_closed_after_the_keep_alive_limit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(upstream, "KEEPALIVE_SECONDS", 0.05)
+    closed = asyncio.Event()
+
+    async def scenario(server: Scripted, client: Client) -> None:
+        await get(server, client)
+        await asyncio.wait_for(closed.wait(), 5)  # the router let go of the idle connection
+        assert client._idle == {}
+
+    def script_for(server: Scripted) -> Script:
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(OK)
+            await reader.read()  # returns when the router closes its end
+            closed.set()
+
+        return script
+
+    run(scenario, script_for)
