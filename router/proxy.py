@@ -19,6 +19,7 @@ from router.asgi import Receive, Scope, Send
 from router.balancer import RoundRobin
 from router.body import ClientGone, RequestBody
 from router.config import Config
+from router.connection import Response
 from router.errors import (
     ConnectFailed,
     ProxyError,
@@ -129,7 +130,7 @@ class Proxy:
 
     async def _pool(
         self, scope: Scope, incoming: Incoming, body: RequestBody, exchange: Exchange
-    ) -> tuple[upstream.Response, Pod]:
+    ) -> tuple[Response, Pod]:
         snapshot = self._source.snapshot()
         if snapshot is None or not snapshot.pods:
             raise no_pods()
@@ -162,7 +163,7 @@ class Proxy:
         pinned: Pinned,
         body: RequestBody,
         exchange: Exchange,
-    ) -> upstream.Response:
+    ) -> Response:
         """The one sandbox the client named; its answer, 503 included, is final. Target: the
         given pod IP, else the cached pod of that name, else the cluster DNS name."""
         snapshot = self._source.snapshot()
@@ -197,7 +198,7 @@ class Proxy:
         incoming: Incoming,
         body: RequestBody,
         limits: upstream.Timeout,
-    ) -> upstream.Response:
+    ) -> Response:
         try:
             return await self._client.request(
                 scope["method"], host, port, target, incoming.forward, body.data(), limits,
@@ -215,7 +216,7 @@ class Proxy:
 
     async def _relay(
         self,
-        response: upstream.Response,
+        response: Response,
         send: Send,
         own_headers: list[tuple[bytes, bytes]],
         exchange: Exchange,
@@ -250,7 +251,7 @@ class Proxy:
             response.release()
 
 
-async def _discard(response: upstream.Response) -> None:
+async def _discard(response: Response) -> None:
     """Read a small busy answer to the end so its connection goes back to the pool."""
     try:
         if response.content_length is not None and response.content_length <= _DRAIN_LIMIT:

@@ -11,8 +11,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from router import upstream
+from router.connection import Response
 from router.errors import ConnectFailed, UpstreamFailed, UpstreamTimeout
-from router.upstream import Client, Response, Timeout
+from router.upstream import Client, Timeout
 
 LIMITS = Timeout(read=2.0, connect=2.0)
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
