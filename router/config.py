@@ -348,11 +348,6 @@ def validate(config: Config) -> Config:
         raise ConfigError("--warm-pool and --selector cannot be used together")
     if config.metrics_port and config.metrics_port == config.port:
         raise ConfigError("--metrics-port must differ from --port")
-    if config.workers > 1 and config.metrics_port:
-        raise ConfigError(
-            "--workers above 1 needs --metrics-port 0: each worker keeps its own counters "
-            "and one port cannot show them all (run more replicas instead)"
-        )
     return config
 
 

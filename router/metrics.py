@@ -9,10 +9,12 @@ series. A request costs a few integer increments (measured in bench/: see the RE
 from __future__ import annotations
 
 import math
+import operator
 import socket
 import threading
+import urllib.request
 from bisect import bisect_left
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from itertools import accumulate
 from typing import Any
@@ -26,6 +28,7 @@ from prometheus_client.core import (
     Metric,
 )
 from prometheus_client.exposition import ThreadingWSGIServer
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.observe import Exchange, Outcome, Refresh, Route
 from router.pods import PodSource
@@ -169,16 +172,7 @@ class Metrics:
 
     def serve(self, sock: socket.socket) -> None:
         """Serve `/metrics` on a listening socket, from a thread of its own."""
-        host, port = sock.getsockname()[:2]
-        server = ThreadingWSGIServer((host, port), _QuietHandler, bind_and_activate=False)
-        server.socket.close()
-        server.socket = sock
-        server.server_address = (host, port)
-        server.server_name, server.server_port = host, port
-        server.setup_environ()
-        server.set_app(make_wsgi_app(self.registry))
-        threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
-        self._server = server
+        self._server = serve_registry(self.registry, sock)
 
     def close(self) -> None:
         """Stop serving; blocks up to the server's poll interval (call off the loop)."""
@@ -186,6 +180,58 @@ class Metrics:
             self._server.shutdown()
             self._server.server_close()
             self._server = None
+
+
+# Worker metrics are on loopback: never through a proxy from the environment.
+_LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def serve_registry(registry: CollectorRegistry, sock: socket.socket) -> ThreadingWSGIServer:
+    """A threaded HTTP server answering every path with `registry`'s metrics."""
+    host, port = sock.getsockname()[:2]
+    server = ThreadingWSGIServer((host, port), _QuietHandler, bind_and_activate=False)
+    server.socket.close()
+    server.socket = sock
+    server.server_address = (host, port)
+    server.server_name, server.server_port = host, port
+    server.setup_environ()
+    server.set_app(make_wsgi_app(registry))
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return server
+
+
+class Gathered:
+    """`--workers N`: the workers' metrics as one. Each worker serves its own on a
+    loopback port it reports to the supervisor; a scrape of the supervisor reads them all
+    and adds them up, except the pod-list gauges, where the worst worker speaks for all
+    (the fewest pods, the oldest list), and `build_info`."""
+
+    WORST = {"warmpool_router_pool_pods": min, "warmpool_router_pod_list_age_seconds": max,
+             "warmpool_router_build_info": max}
+
+    def __init__(self, ports: Callable[[], list[int]]) -> None:
+        self._ports = ports
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterable[Metric]:
+        families: dict[str, Metric] = {}
+        values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
+        for port in self._ports():
+            with _LOOPBACK.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                text = page.read().decode()
+            for family in text_string_to_metric_families(text):
+                families.setdefault(family.name,
+                                    Metric(family.name, family.documentation, family.type))
+                combine = self.WORST.get(family.name, operator.add)
+                for sample in family.samples:
+                    key = (family.name, sample.name, tuple(sorted(sample.labels.items())))
+                    values[key] = (combine(values[key], sample.value) if key in values
+                                   else sample.value)
+        for (family_name, name, labels), value in values.items():
+            families[family_name].add_sample(name, dict(labels), value)
+        return list(families.values())
 
 
 class _QuietHandler(WSGIRequestHandler):

@@ -11,19 +11,25 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+from multiprocessing.queues import SimpleQueue
 from types import FrameType
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import ThreadingWSGIServer
 
 from router import config, logs
 from router.app import Router
+from router.metrics import Gathered, Metrics, serve_registry
 from router.server import DrainingServer, bind, server_config
 
 log = logging.getLogger("router.run")
 
 
-def serve(options: config.Config, sock: socket.socket | None = None) -> int:
+def serve(options: config.Config, sock: socket.socket | None = None,
+          metrics: Metrics | None = None) -> int:
     """Serve until SIGTERM (drained: exit 0) or SIGINT. A start-up failure (a port in use)
     exits 3 from inside uvicorn."""
-    app = Router(options)
+    app = Router(options, metrics=metrics)
     server = DrainingServer(
         server_config(options, app, log_config=logs.logging_config(options.log_level)), options
     )
@@ -33,12 +39,14 @@ def serve(options: config.Config, sock: socket.socket | None = None) -> int:
 
 def supervise(options: config.Config) -> int:
     """`--workers N`: N processes accept from one socket, each with its own pod cache,
-    counter and upstream pool. SIGTERM is passed on to each, and each drains; if one
-    worker dies, the others are stopped too, so the pod restarts whole."""
+    counter and upstream pool; `/metrics` is served here, gathered from all of them.
+    SIGTERM is passed on to each, and each drains; if one worker dies, the others are
+    stopped too, so the pod restarts whole."""
     sock = bind(options.host, options.port, options.backlog)
     context = multiprocessing.get_context("spawn")
+    reports = context.SimpleQueue() if options.metrics_port else None
     workers = [
-        context.Process(target=_worker, args=(options, sock), name=f"worker-{index}")
+        context.Process(target=_worker, args=(options, sock, reports), name=f"worker-{index}")
         for index in range(options.workers)
     ]
     stopping = False
@@ -53,7 +61,10 @@ def supervise(options: config.Config) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers directly
     # A SIGTERM while workers start waits until every one has a PID to pass it on to.
+    # Threads started meanwhile (the metrics server's) keep it blocked, so it always
+    # reaches this thread, the one waiting on the workers.
     signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    metrics_server = _gather(options, reports) if reports is not None else None
     for worker in workers:
         worker.start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
@@ -68,9 +79,37 @@ def supervise(options: config.Config) -> int:
                 log.error("%s exited with %s; stopping the others", worker.name, worker.exitcode)
                 forward(signal.SIGTERM, None)
     sock.close()
+    if metrics_server is not None:
+        metrics_server.shutdown()
+        metrics_server.server_close()
     return int(any(worker.exitcode for worker in workers))
 
 
-def _worker(options: config.Config, sock: socket.socket) -> None:
+def _gather(options: config.Config, reports: SimpleQueue[int]) -> ThreadingWSGIServer:
+    """`/metrics` of the supervisor: every worker's, added up (`metrics.Gathered`)."""
+    ports: list[int] = []
+
+    def worker_ports() -> list[int]:
+        while not reports.empty():
+            ports.append(reports.get())
+        return ports
+
+    registry = CollectorRegistry()
+    registry.register(Gathered(worker_ports))
+    try:
+        return serve_registry(registry, bind(options.host, options.metrics_port))
+    except OSError as exc:
+        config.main_error(f"--metrics-port {options.metrics_port}: cannot listen on "
+                          f"{options.host}: {exc.strerror}")
+
+
+def _worker(options: config.Config, sock: socket.socket,
+            reports: SimpleQueue[int] | None) -> None:
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked while we started
     logging.config.dictConfig(logs.logging_config(options.log_level))
-    raise SystemExit(serve(options, sock))
+    metrics = None
+    if reports is not None:  # served on loopback for the supervisor to gather
+        metrics = Metrics(options.proxy_timeout)
+        metrics.serve(bind("127.0.0.1"))
+        reports.put(metrics.port or 0)
+    raise SystemExit(serve(options, sock, metrics))

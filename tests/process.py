@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
+import signal
 import subprocess
 import sys
 import threading
@@ -27,6 +29,7 @@ class RouterProcess:
             stderr=subprocess.STDOUT,
             text=True,
             env={**os.environ, **(env or {})},
+            start_new_session=True,  # its own group: `--workers` children go down with it
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
@@ -34,8 +37,7 @@ class RouterProcess:
         try:
             self.port = self._wait_for_port()
         except BaseException:
-            self.process.kill()
-            self.process.wait()
+            self.kill()
             raise
 
     @property
@@ -65,8 +67,14 @@ class RouterProcess:
         try:
             return self.process.wait(timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            self.kill()
             return self.process.wait(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL to the router and every process it started (its process group)."""
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.process.pid, signal.SIGKILL)
+        self.process.wait()
 
 
 def run_router(

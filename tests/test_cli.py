@@ -42,7 +42,6 @@ def test_every_option_is_a_config_field():
         ([], {"ROUTER_ALLOW_LOOPBACK_POD_IP": "maybe"}, "ROUTER_ALLOW_LOOPBACK_POD_IP"),
         (["--pods", "127.0.0.1:1", "--demo", "2"], {}, "--demo"),
         (["--nonsense"], {}, "--nonsense"),
-        (["--workers", "2", "--metrics-port", "9100"], {}, "--workers"),
         (["--drain-grace", "soon"], {}, "--drain-grace"),
     ],
 )

@@ -8,8 +8,9 @@ import threading
 import time
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
-from router.server import COALESCE_LIMIT, CoalescingTransport
+from router.server import COALESCE_LIMIT, CoalescingTransport, bind
 from tests.conftest import StartPods
 from tests.process import RouterProcess
 
@@ -75,6 +76,31 @@ def test_workers_share_the_port_and_drain_together(start_pods: StartPods) -> Non
 
     assert router.stop() == 0
     assert any("with 2 workers" in line for line in router.lines)
+
+
+def test_workers_metrics_are_gathered_into_one_endpoint(start_pods: StartPods) -> None:
+    pods = start_pods(2)
+    listed = ",".join(f"{pod.ip}:{pod.port}" for pod in pods)
+    probe = bind("127.0.0.1")  # the supervisor binds it itself: only a free number is needed
+    metrics_port = probe.getsockname()[1]
+    probe.close()
+    router = RouterProcess(["--pods", listed, "--workers", "2",
+                            "--metrics-port", str(metrics_port)])
+    try:
+        with httpx.Client(base_url=router.url) as client:
+            assert [client.get("/").status_code for _ in range(20)] == [200] * 20
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+    finally:
+        assert router.stop() == 0
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text) for sample in family.samples
+    }
+    assert samples[("warmpool_router_requests_total",
+                    (("code", "200"), ("method", "GET"), ("route", "pool")))] == 20
+    assert samples[("warmpool_router_upstream_attempts_total", (("outcome", "ok"),))] == 20
+    assert samples[("warmpool_router_pool_pods", ())] == 2
+    assert samples[("warmpool_router_build_info", (("version", "0.1.0"),))] == 1
 
 
 class RecordingTransport:
