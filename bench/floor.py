@@ -24,7 +24,7 @@ import httpx
 import uvicorn
 
 from bench.nginx import Pod
-from bench.procs import Child, free_port
+from bench.procs import ServerChild, free_port
 
 BODY = b"x" * 99 + b"\n"
 KINDS = ("hello", "proxy", "httpx")
@@ -108,25 +108,16 @@ def bare_proxy(origins: Sequence[str], upstream: Callable[[], Upstream]) -> App:
     return app
 
 
-class FloorProcess(Child):
+class FloorProcess(ServerChild):
     """One reference server as the bench's child, on a port picked for it; ready once `/`
     answers (for the proxies, relayed from a pod)."""
 
     def __init__(self, name: str, kind: str, workdir: Path, pods: Sequence[Pod] = ()) -> None:
-        self.port = free_port()
-        argv = [sys.executable, "-m", "bench.floor", kind, "--port", str(self.port)]
+        port = free_port()
+        argv = [sys.executable, "-m", "bench.floor", kind, "--port", str(port)]
         if pods:
             argv += ["--pods", ",".join(f"{p.host}:{p.port}" for p in pods)]
-        super().__init__(name, argv, workdir / f"floor-{kind}.log")
-        try:
-            self.wait_ready(self.url + "/")
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(name, argv, workdir / f"floor-{kind}.log", port, "/")
 
 
 def main() -> None:

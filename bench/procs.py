@@ -98,3 +98,22 @@ class Child:
         tb: TracebackType | None,
     ) -> None:
         self.stop()
+
+
+class ServerChild(Child):
+    """A child serving HTTP on `port` of 127.0.0.1: started, then awaited until
+    `ready_path` answers 200; stopped again if it never does."""
+
+    def __init__(self, name: str, argv: Sequence[str], log: Path, port: int,
+                 ready_path: str) -> None:
+        self.port = port
+        super().__init__(name, argv, log)
+        try:
+            self.wait_ready(self.url + ready_path)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"

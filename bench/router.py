@@ -8,34 +8,25 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.nginx import Pod
-from bench.procs import Child, fetch, free_port
+from bench.procs import ServerChild, fetch, free_port
 
 
-class RouterProcess(Child):
+class RouterProcess(ServerChild):
     """`observability=True` is the operator default: `/metrics` served and one access-log
     line per request (to /dev/null); off, both are disabled to show the bare proxy."""
 
     def __init__(self, name: str, workdir: Path, pods: Sequence[Pod], observability: bool):
-        self.port = free_port()
+        port = free_port()
         self.metrics_port = free_port() if observability else 0
         argv = [
             sys.executable, "-m", "router",
-            "--host", "127.0.0.1", "--port", str(self.port),
+            "--host", "127.0.0.1", "--port", str(port),
             "--pods", ",".join(f"{p.name}={p.host}:{p.port}" for p in pods),
             "--metrics-port", str(self.metrics_port),
             "--log-level", "info" if observability else "warning",
             "--access-log" if observability else "--no-access-log",
         ]
-        super().__init__(name, argv, workdir / f"{name}.log")
-        try:
-            self.wait_ready(self.url + "/ready")
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__(name, argv, workdir / f"{name}.log", port, "/ready")
 
     def metrics_served(self) -> bool:
         """Whether `/metrics` answers with the router's counters (it is built in parallel

@@ -8,7 +8,7 @@ and never sees a list being edited.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 
@@ -20,15 +20,6 @@ class Pod:
     namespace: str
     ip: str
     port: int
-    origin: str = field(init=False, compare=False, repr=False)
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "origin", origin(self.ip, self.port))
-
-
-def origin(host: str, port: int) -> str:
-    """`http://host:port`, with an IPv6 literal in brackets."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 @dataclass(frozen=True, slots=True)
