@@ -177,8 +177,8 @@ class KubernetesPodSource:
             response.shutdown()  # unblocks a read in progress on the watch thread
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, self._schedule.watch_window + 1)
-        if self._api is not None:
-            self._api.api_client.close()
+        if self._api is not None:  # closing its pools may block: off the loop
+            await asyncio.to_thread(self._api.api_client.close)
 
     # The thread.
 

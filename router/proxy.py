@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 from urllib.parse import quote
 
 from router import upstream
@@ -69,16 +68,8 @@ class Proxy:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         watch: ClientWatch | None = scope.get("extensions", {}).get(DISCONNECT)
-        gone = _Gone()
         if watch is not None:
-            watch.callback = gone.cancel(asyncio.current_task())
-        try:
-            await self._serve(scope, receive, send, gone)
-        finally:
-            if watch is not None:
-                watch.callback = None
-
-    async def _serve(self, scope: Scope, receive: Receive, send: Send, gone: _Gone) -> None:
+            watch.task = asyncio.current_task()
         incoming = read_request(scope)
         client = scope.get("client")
         exchange = Exchange(
@@ -114,16 +105,18 @@ class Proxy:
         except ClientGone:
             exchange.status = CLIENT_CLOSED
         except asyncio.CancelledError:
-            # The client went away (see `_Gone`), or uvicorn cancels what is still running
+            # The client went away (see `ClientWatch`), or uvicorn cancels what is still running
             # when --shutdown-timeout runs out: then answer 503 if nothing was sent yet.
             # Either way the pod's connection was closed on the way out, and the request
             # ends quietly rather than as a crash.
-            if gone.happened:
+            if watch is not None and watch.gone:
                 exchange.status = CLIENT_CLOSED
             elif exchange.status == 0:
                 exchange.status = 503
                 exchange.bytes_out = await send_error(send, SHUTTING_DOWN, tuple(own_headers))
         finally:
+            if watch is not None:
+                watch.task = None
             exchange.bytes_in = body.size if body is not None else 0
             exchange.duration = time.perf_counter() - exchange.started
             self._observer.request_finished(exchange)
@@ -222,7 +215,7 @@ class Proxy:
         exchange: Exchange,
     ) -> None:
         """Stream the pod's answer as it arrives (or, when it is all in already, pass it in
-        one message). A client leaving cancels the request (`_Gone`), which ends the loop
+        one message). A client leaving cancels the request (`ClientWatch`), which ends the loop
         even while the pod is silent; the pod's connection is closed on the way out."""
         try:
             await send(
@@ -260,23 +253,6 @@ async def _discard(response: Response) -> None:
         pass
     finally:
         response.release()
-
-
-class _Gone:
-    """Whether the request was cancelled because its client went away."""
-
-    __slots__ = ("happened",)
-
-    def __init__(self) -> None:
-        self.happened = False
-
-    def cancel(self, task: asyncio.Task[object] | None) -> Callable[[], object]:
-        def cancel() -> None:
-            self.happened = True
-            if task is not None:
-                task.cancel()
-
-        return cancel
 
 
 def _raw_path_qs(scope: Scope) -> str:

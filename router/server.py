@@ -88,14 +88,22 @@ DISCONNECT = "router.disconnect"
 
 
 class ClientWatch:
-    """Set `callback` while a request is served: it is called if the client connection
-    is lost, at once, whatever the request is waiting for (the pod's first byte
-    included), so the pod's connection can be dropped rather than left working."""
+    """One per client connection. While a request is served, `task` is its task: if the
+    client connection is lost, it is cancelled at once, whatever it waits for (the pod's
+    first byte included), so the pod's connection is dropped rather than left working;
+    `gone` tells the request why it was cancelled."""
 
-    __slots__ = ("callback",)
+    __slots__ = ("task", "gone")
 
     def __init__(self) -> None:
-        self.callback: Callable[[], object] | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.gone = False
+
+    def lost(self) -> None:
+        if self.task is not None:
+            self.gone = True
+            self.task.cancel()
+            self.task = None
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -111,10 +119,8 @@ class HttpProtocol(HttpToolsProtocol):
         self.scope["extensions"] = {DISCONNECT: self.watch}  # type: ignore[dict-item]
 
     def connection_lost(self, exc: Exception | None) -> None:
-        callback, self.watch.callback = self.watch.callback, None
         super().connection_lost(exc)
-        if callback is not None:
-            callback()
+        self.watch.lost()
 
 
 def server_config(
