@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import socket
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from router.app import Router
 from router.config import Config, StaticPod
@@ -64,6 +66,32 @@ def start_pods(servers: list[ServerThread]) -> StartPods:
         return running[-count:]
 
     return start
+
+
+def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
+    """Polls a condition that no event signals (a router's state, a subprocess's), up to
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.02)
+
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+def scrape(port: int | None) -> Samples:
+    """Every sample of `/metrics` on `port`, by name and labels."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples[(name, tuple(sorted(labels.items())))]
 
 
 def static_config(pods: list[Pod], **options: Any) -> Config:

@@ -16,7 +16,7 @@ import json
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -132,6 +132,11 @@ class FakeKube:
 
     def add_pod(self, name: str, ip: str | None, **fields: Any) -> None:
         self._record("ADDED", pod_object(name, ip, **fields))
+
+    def add_pods(self, pods: Iterable[Any], **fields: Any) -> None:
+        """Each of `pods` (anything with `name` and `ip`) as a ready pool pod."""
+        for pod in pods:
+            self.add_pod(pod.name, pod.ip, **fields)
 
     def update_pod(self, name: str, ip: str | None, **fields: Any) -> None:
         self._record("MODIFIED", pod_object(name, ip, **fields))

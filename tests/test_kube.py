@@ -18,7 +18,7 @@ from router.config import DEFAULT_SELECTOR, Config
 from router.kube import Schedule, fnv1a_32
 from router.metrics import Metrics
 from router.observe import NullObserver, Refresh
-from tests.conftest import StartPods, StartRouter
+from tests.conftest import StartPods, StartRouter, eventually
 from tests.fake_kube import FakeKube
 from tests.process import run_router
 from tests.sandbox import Pod
@@ -41,10 +41,11 @@ def kube() -> Iterator[FakeKube]:
 
 @pytest.fixture
 def kube_router(kube: FakeKube, tmp_path: Path, start_router: StartRouter) -> Callable[..., Any]:
-    """`kube_router(pods, **options)` starts a router whose pods come from the fake API."""
+    """`kube_router(pods, **options)` starts a router whose pods come from the fake API,
+    and waits until it is ready (unless `wait=False`)."""
 
     def start(pods: list[Pod], observer: Any = None, metrics: Metrics | None = None,
-              **options: Any) -> httpx.Client:
+              wait: bool = True, **options: Any) -> httpx.Client:
         options.setdefault("cache_ttl", 1.0)
         config = dataclasses.replace(
             Config(port=0, metrics_port=0, log_level="warning"),
@@ -52,17 +53,12 @@ def kube_router(kube: FakeKube, tmp_path: Path, start_router: StartRouter) -> Ca
             pod_port=pods[0].port,
             **options,
         )
-        return start_router(config, observer=observer, names={}, metrics=metrics)
+        client = start_router(config, observer=observer, names={}, metrics=metrics)
+        if wait:
+            eventually(lambda: ready(client))
+        return client
 
     return start
-
-
-def eventually(check: Callable[[], bool], timeout: float = 10.0) -> None:
-    """Polls a condition on the router's side, where no event tells us it changed."""
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
 
 
 def ready(client: httpx.Client) -> bool:
@@ -95,10 +91,8 @@ def test_schedule_follows_the_cache_ttl() -> None:
 def test_round_robin_over_listed_pods(kube: FakeKube, kube_router: Any, start_pods: StartPods
                                       ) -> None:
     pods = start_pods(3)
-    for pod in pods:
-        kube.add_pod(pod.name, pod.ip)
+    kube.add_pods(pods)
     client = kube_router(pods)
-    eventually(lambda: ready(client))
 
     assert client.get("/ready").json() == {"status": "ready", "pods": 3}
     assert served_by(client, 300) == {"pod-0": 100, "pod-1": 100, "pod-2": 100}
@@ -119,7 +113,6 @@ def test_only_ready_running_addressed_selected_pods_are_used(
     kube.add_pod(pods[6].name, pods[6].ip, labels={"app": "something-else"})
     kube.add_pod(pods[7].name, pods[7].ip, namespace="elsewhere")
     client = kube_router(pods)
-    eventually(lambda: ready(client))
 
     assert served_by(client, 60) == {good[0].name: 30, good[1].name: 30}
     assert [pod.app.hits for pod in pods[2:]] == [0] * 6
@@ -132,7 +125,6 @@ def test_pods_joining_and_leaving_are_followed(
     kube.add_pod(pods[0].name, pods[0].ip)
     kube.add_pod(pods[1].name, pods[1].ip)
     client = kube_router(pods)
-    eventually(lambda: ready(client))
 
     kube.add_pod(pods[2].name, pods[2].ip)
     eventually(lambda: pool_names(client) == {"pod-0", "pod-1", "pod-2"})
@@ -148,8 +140,7 @@ def test_a_pod_leaving_the_selector_is_dropped(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
     pods = start_pods(2)
-    for pod in pods:
-        kube.add_pod(pod.name, pod.ip)
+    kube.add_pods(pods)
     client = kube_router(pods)
     eventually(lambda: pool_names(client) == {"pod-0", "pod-1"})
 
@@ -161,10 +152,8 @@ def test_traffic_does_not_add_api_calls(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
     pods = start_pods(3)
-    for pod in pods:
-        kube.add_pod(pod.name, pod.ip)
+    kube.add_pods(pods)
     client = kube_router(pods, cache_ttl=2.0)
-    eventually(lambda: ready(client))
     started = time.monotonic()
     watches_before = kube.count("watch")
 
@@ -180,11 +169,9 @@ def test_an_outage_is_ridden_out_then_fails_readiness_then_recovers(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
     pods = start_pods(2)
-    for pod in pods:
-        kube.add_pod(pod.name, pod.ip)
+    kube.add_pods(pods)
     refreshes = RefreshLog()
     client = kube_router(pods, observer=refreshes, max_stale=2.0)
-    eventually(lambda: ready(client))
 
     kube.fail(503)
     kube.wait_for(lambda: kube.calls[-1].verb == "list")  # the failing re-list
@@ -207,7 +194,7 @@ def test_not_ready_until_the_first_list_succeeds(
     pods = start_pods(1)
     kube.add_pod(pods[0].name, pods[0].ip)
     kube.fail(403)
-    client = kube_router(pods)
+    client = kube_router(pods, wait=False)
     kube.wait_for(lambda: kube.count("list") >= 2)
 
     answer = client.get("/ready")
@@ -228,7 +215,7 @@ def test_an_answer_that_is_not_json_is_reported(
 ) -> None:
     pods = start_pods(1)
     kube.garbage = True
-    client = kube_router(pods)
+    client = kube_router(pods, wait=False)
     kube.wait_for(lambda: kube.count("list") >= 2)
 
     reason = client.get("/ready").json()["reason"]
@@ -243,7 +230,6 @@ def test_gone_leads_to_a_relist(kube: FakeKube, kube_router: Any, start_pods: St
     pods = start_pods(2)
     kube.add_pod(pods[0].name, pods[0].ip)
     client = kube_router(pods)
-    eventually(lambda: ready(client))
 
     kube.compact()
     kube.drop_watches()
@@ -257,7 +243,6 @@ def test_a_dropped_watch_is_resumed(kube: FakeKube, kube_router: Any, start_pods
     pods = start_pods(2)
     kube.add_pod(pods[0].name, pods[0].ip)
     client = kube_router(pods)
-    eventually(lambda: ready(client))
 
     kube.drop_watches()
     kube.add_pod(pods[1].name, pods[1].ip)
@@ -269,8 +254,7 @@ def test_watch_resumes_from_a_bookmark(kube: FakeKube, kube_router: Any, start_p
                                        ) -> None:
     pods = start_pods(1)
     kube.add_pod(pods[0].name, pods[0].ip)
-    client = kube_router(pods)
-    eventually(lambda: ready(client))
+    kube_router(pods)
     kube.wait_for(lambda: kube.count("watch") >= 1)
 
     kube.bookmark()
@@ -287,7 +271,6 @@ def test_warm_pool_selects_by_the_hash_label(
     for pod, pool in zip(pods, ["pool-a", "pool-b", "pool-a", "pool-b"], strict=True):
         kube.add_pod(pod.name, pod.ip, labels={DEFAULT_SELECTOR: fnv1a_32(pool)})
     client = kube_router(pods, warm_pool="pool-a")
-    eventually(lambda: ready(client))
 
     assert served_by(client, 10) == {"pod-0": 5, "pod-2": 5}
     assert kube.calls[0].query["labelSelector"] == f"{DEFAULT_SELECTOR}={fnv1a_32('pool-a')}"
@@ -301,7 +284,6 @@ def test_namespace_selects_where_pods_are_listed(
     kube.add_pod(pods[1].name, pods[1].ip)
     kube.add_pod(pods[2].name, pods[2].ip, namespace="team-a")
     client = kube_router(pods, namespace="team-a")
-    eventually(lambda: ready(client))
 
     answers = [client.get("/") for _ in range(4)]
     assert collections.Counter(a.headers["x-sandbox-id"] for a in answers) == {
@@ -314,10 +296,8 @@ def test_pinned_request_reaches_a_pool_pod_by_name_without_dns(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
     pods = start_pods(3)
-    for pod in pods:
-        kube.add_pod(pod.name, pod.ip, namespace="team-a")
+    kube.add_pods(pods, namespace="team-a")
     client = kube_router(pods, namespace="team-a")
-    eventually(lambda: ready(client))
 
     for _ in range(3):
         answer = client.get("/", headers={"X-Sandbox-ID": "pod-1",
@@ -333,10 +313,8 @@ def test_a_hanging_api_never_holds_up_requests(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
     pods = start_pods(2)
-    for pod in pods:
-        kube.add_pod(pod.name, pod.ip)
+    kube.add_pods(pods)
     client = kube_router(pods)
-    eventually(lambda: ready(client))
 
     with kube.hang():
         kube.wait_for(lambda: kube.hanging == 1)
@@ -358,12 +336,11 @@ def test_refreshes_pods_and_age_are_reported_as_metrics(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
     pods = start_pods(2)
-    for pod in pods:
-        kube.add_pod(pod.name, pod.ip)
+    kube.add_pods(pods)
     metrics = Metrics(proxy_timeout=30)
     sample = metrics.registry.get_sample_value
     with kube.hang():
-        client = kube_router(pods, metrics=metrics)
+        client = kube_router(pods, metrics=metrics, wait=False)
         kube.wait_for(lambda: kube.hanging == 1)
         assert sample("warmpool_router_pod_list_age_seconds") == math.inf  # never synced
         assert sample("warmpool_router_pool_pods") == 0

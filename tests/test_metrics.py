@@ -5,29 +5,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from router.config import StaticPod
 from router.metrics import Metrics, duration_buckets
 from router.server import bind
-from tests.conftest import StartPods, StartRouter, static_config
-
-Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-def scrape(metrics: Metrics) -> Samples:
-    text = httpx.get(f"http://127.0.0.1:{metrics.port}/metrics").text
-    return {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: Samples, name: str, **labels: str) -> float:
-    return samples[(name, tuple(sorted(labels.items())))]
+from tests.conftest import StartPods, StartRouter, scrape, static_config, value
 
 
 @pytest.fixture
@@ -64,7 +47,7 @@ def test_counters_after_known_traffic(
     assert client.get("/slow?seconds=5", headers=slow).status_code == 504
     assert client.get("/", headers={"X-Sandbox-ID": "Not_A_Label"}).status_code == 400
 
-    samples = scrape(metrics)
+    samples = scrape(metrics.port)
     requests = "warmpool_router_requests_total"
     assert value(samples, requests, route="pool", method="GET", code="200") == 6
     assert value(samples, requests, route="pool", method="POST", code="200") == 1
@@ -101,6 +84,6 @@ def test_no_label_names_a_pod_or_sandbox(
     client.get("/")
     client.get("/", headers={"X-Sandbox-ID": "pod-1"})
 
-    labels = {label for _, pairs in scrape(metrics) for label in pairs}
+    labels = {label for _, pairs in scrape(metrics.port) for label in pairs}
     assert {name for name, _ in labels} <= {"route", "method", "code", "outcome", "version", "le"}
     assert not {value for _, value in labels} & {"pod-0", "pod-1"}

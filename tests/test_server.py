@@ -5,36 +5,30 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
-import time
 
 import httpx
-from prometheus_client.parser import text_string_to_metric_families
 
 from router.server import COALESCE_LIMIT, CoalescingTransport, bind
-from tests.conftest import StartPods
+from tests.conftest import StartPods, eventually
 from tests.process import RouterProcess
-
-
-def wait_for(check: object, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
-        assert time.monotonic() < deadline, "condition not reached in time"
-        time.sleep(0.02)
+from tests.test_metrics import scrape, value
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(start_pods: StartPods) -> None:
     pod = start_pods(1)[0]
-    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--drain-grace", "1",
+    # A grace window long enough that a loaded machine still gets the probe and the new
+    # request below in before the listener closes; the slow request outlasts it.
+    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--drain-grace", "4",
                             "--shutdown-timeout", "20"])
     answers: list[httpx.Response] = []
     slow = threading.Thread(
-        target=lambda: answers.append(httpx.get(router.url + "/slow?seconds=3", timeout=30))
+        target=lambda: answers.append(httpx.get(router.url + "/slow?seconds=6", timeout=30))
     )
     slow.start()
-    wait_for(lambda: pod.app.hits == 1)
+    eventually(lambda: pod.app.hits == 1)
 
     router.process.send_signal(signal.SIGTERM)
-    wait_for(lambda: httpx.get(router.url + "/ready").status_code == 503)
+    eventually(lambda: httpx.get(router.url + "/ready").status_code == 503)
     assert httpx.get(router.url + "/ready").json() == {"status": "not ready",
                                                        "reason": "shutting down"}
     assert httpx.get(router.url + "/").status_code == 200  # new connections, in the grace window
@@ -54,7 +48,7 @@ def test_shutdown_timeout_bounds_the_drain(start_pods: StartPods) -> None:
         target=lambda: answers.append(httpx.get(router.url + "/slow?seconds=60", timeout=30))
     )
     client.start()
-    wait_for(lambda: pod.app.hits == 1)
+    eventually(lambda: pod.app.hits == 1)
     router.process.send_signal(signal.SIGTERM)
 
     assert router.process.wait(timeout=20) == 0
@@ -70,7 +64,8 @@ def test_workers_share_the_port_and_drain_together(start_pods: StartPods) -> Non
     listed = ",".join(f"{pod.ip}:{pod.port}" for pod in pods)
     router = RouterProcess(["--pods", listed, "--workers", "2"])
     with httpx.Client(base_url=router.url) as client:
-        wait_for(lambda: sum("Application startup complete" in line for line in router.lines) == 2)
+        started = "Application startup complete"
+        eventually(lambda: sum(started in line for line in router.lines) == 2)
         assert [client.get("/").status_code for _ in range(20)] == [200] * 20
     assert pods[0].app.hits + pods[1].app.hits == 20
 
@@ -89,18 +84,14 @@ def test_workers_metrics_are_gathered_into_one_endpoint(start_pods: StartPods) -
     try:
         with httpx.Client(base_url=router.url) as client:
             assert [client.get("/").status_code for _ in range(20)] == [200] * 20
-        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
+        samples = scrape(metrics_port)
     finally:
         assert router.stop() == 0
-    samples = {
-        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
-        for family in text_string_to_metric_families(text) for sample in family.samples
-    }
-    assert samples[("warmpool_router_requests_total",
-                    (("code", "200"), ("method", "GET"), ("route", "pool")))] == 20
-    assert samples[("warmpool_router_upstream_attempts_total", (("outcome", "ok"),))] == 20
-    assert samples[("warmpool_router_pool_pods", ())] == 2
-    assert samples[("warmpool_router_build_info", (("version", "0.1.0"),))] == 1
+    requests = "warmpool_router_requests_total"
+    assert value(samples, requests, route="pool", method="GET", code="200") == 20
+    assert value(samples, "warmpool_router_upstream_attempts_total", outcome="ok") == 20
+    assert value(samples, "warmpool_router_pool_pods") == 2
+    assert value(samples, "warmpool_router_build_info", version="0.1.0") == 1
 
 
 class RecordingTransport:

@@ -6,13 +6,12 @@ from __future__ import annotations
 import hashlib
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
 import psutil
 
-from tests.conftest import StartPods, StartRouter, static_config
+from tests.conftest import StartPods, StartRouter, eventually, static_config
 from tests.sandbox import pattern, pattern_sha256
 
 BIG = 300 * 1024 * 1024
@@ -91,10 +90,7 @@ def test_client_leaving_before_the_pod_answers_closes_the_upstream(
     host, port = client.base_url.host, client.base_url.port
     with socket.create_connection((host, port)) as raw:
         raw.sendall(b"GET /hold HTTP/1.1\r\nHost: router\r\n\r\n")
-        deadline = time.monotonic() + 10
-        while pods[0].app.hits == 0:  # until the pod holds the request
-            assert time.monotonic() < deadline
-            time.sleep(0.01)
+        eventually(lambda: pods[0].app.hits == 1)  # the pod holds the request
         assert not pods[0].app.events_closed.is_set()
     # The client left before a single byte of answer: the pod's connection is dropped too,
     # rather than kept until --proxy-timeout.
