@@ -20,7 +20,7 @@ from router.metrics import Metrics
 from router.observe import NullObserver, Refresh
 from tests.conftest import StartPods, StartRouter, eventually
 from tests.fake_kube import FakeKube
-from tests.process import run_router
+from tests.process import RouterProcess, run_router
 from tests.sandbox import Pod
 
 
@@ -352,3 +352,19 @@ def test_refreshes_pods_and_age_are_reported_as_metrics(
     kube.fail(500)
     eventually(lambda: sample("warmpool_router_pod_list_refreshes_total",
                               {"outcome": "error"}) >= 1)
+
+
+def test_the_command_finds_the_api_through_kubeconfig(
+    kube: FakeKube, tmp_path: Path, start_pods: StartPods
+) -> None:
+    pods = start_pods(2)
+    kube.add_pods(pods)
+    path = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    router = RouterProcess(["--pod-port", str(pods[0].port)], env={"KUBECONFIG": str(path)})
+    try:
+        with httpx.Client(base_url=router.url) as client:
+            eventually(lambda: ready(client))
+            assert served_by(client, 4) == {"pod-0": 2, "pod-1": 2}
+    finally:
+        assert router.stop() == 0
+    assert kube.calls[0].query["labelSelector"] == DEFAULT_SELECTOR

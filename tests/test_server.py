@@ -9,9 +9,8 @@ import threading
 import httpx
 
 from router.server import COALESCE_LIMIT, CoalescingTransport, bind
-from tests.conftest import StartPods, eventually
+from tests.conftest import StartPods, StartRouter, eventually, scrape, static_config, value
 from tests.process import RouterProcess
-from tests.test_metrics import scrape, value
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(start_pods: StartPods) -> None:
@@ -119,3 +118,23 @@ def test_small_writes_of_one_loop_turn_go_out_together_and_large_ones_at_once() 
     assert asyncio.run(scenario()) == [
         b"HTTP/1.1 200 OK\r\n\r\nsmall body", b"head", b"x" * (COALESCE_LIMIT + 1)
     ]
+
+
+def test_above_limit_concurrency_the_router_answers_503_itself(
+    start_pods: StartPods, start_router: StartRouter
+) -> None:
+    pod = start_pods(1)[0]
+    client = start_router(static_config([pod], limit_concurrency=2))
+    answers: list[httpx.Response] = []
+    slow = threading.Thread(target=lambda: answers.append(client.get("/slow?seconds=2")))
+    slow.start()
+    eventually(lambda: pod.app.hits == 1)
+
+    with httpx.Client(base_url=client.base_url) as other:  # a second connection: over it
+        refused = other.get("/")
+    slow.join()
+
+    assert refused.status_code == 503
+    assert answers[0].status_code == 200
+    assert pod.app.hits == 1  # the refused request never reached a pod
+    assert client.get("/").status_code == 200
