@@ -14,6 +14,7 @@ from types import FrameType
 from typing import Any, cast
 
 import uvicorn
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from router.config import Config
@@ -117,6 +118,20 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_begin(self) -> None:
         super().on_message_begin()
         self.scope["extensions"] = {DISCONNECT: self.watch}  # type: ignore[dict-item]
+
+    def on_body(self, body: bytes) -> None:
+        """uvicorn's, less two copies of every piece of a request body: uvicorn appends
+        each piece to a bytearray and hands the request a bytes copy of that. A piece that
+        finds nothing waiting is handed over as the parser made it; `bytes()` of it, in
+        uvicorn's `receive`, is the same object."""
+        cycle = self.cycle
+        if cycle.body or cycle.response_complete or self.parser.should_upgrade():
+            super().on_body(body)
+            return
+        cycle.body = body  # type: ignore[assignment]
+        if len(body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

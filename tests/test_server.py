@@ -5,10 +5,14 @@ from __future__ import annotations
 import asyncio
 import signal
 import threading
+from typing import Any
 
 import httpx
+import uvicorn
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.server import ServerState
 
-from router.server import COALESCE_LIMIT, CoalescingTransport, bind
+from router.server import COALESCE_LIMIT, CoalescingTransport, HttpProtocol, bind
 from tests.conftest import StartPods, StartRouter, eventually, scrape, static_config, value
 from tests.process import RouterProcess
 
@@ -96,12 +100,22 @@ def test_workers_metrics_are_gathered_into_one_endpoint(start_pods: StartPods) -
 class RecordingTransport:
     def __init__(self) -> None:
         self.writes: list[bytes] = []
+        self.reading = True
 
     def write(self, data: bytes) -> None:
         self.writes.append(data)
 
     def is_closing(self) -> bool:
         return False
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
 
 
 def test_small_writes_of_one_loop_turn_go_out_together_and_large_ones_at_once() -> None:
@@ -118,6 +132,46 @@ def test_small_writes_of_one_loop_turn_go_out_together_and_large_ones_at_once() 
     assert asyncio.run(scenario()) == [
         b"HTTP/1.1 200 OK\r\n\r\nsmall body", b"head", b"x" * (COALESCE_LIMIT + 1)
     ]
+
+
+def test_request_body_pieces_reach_the_app_whole_and_in_order() -> None:
+    """Pieces that arrive before the app reads are joined; one that finds nothing waiting
+    is handed over as it is; a pile-up beyond uvicorn's high-water mark pauses reading."""
+    big = b"z" * (HIGH_WATER_LIMIT + 1)
+
+    async def scenario() -> tuple[list[tuple[bytes, bool]], bool]:
+        received: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()
+        go = asyncio.Event()
+
+        async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+            await go.wait()  # the first pieces pile up meanwhile
+            more = True
+            while more:
+                message = await receive()
+                more = message["more_body"]
+                received.put_nowait((message["body"], more))
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+
+        config = uvicorn.Config(app, http=HttpProtocol, lifespan="off", log_config=None)
+        protocol = HttpProtocol(config=config, server_state=ServerState(), app_state={})
+        transport = RecordingTransport()
+        protocol.connection_made(transport)  # type: ignore[arg-type]
+        length = 6 + len(big) + 3
+        protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nabc"
+                               % length)
+        protocol.data_received(b"def")
+        protocol.data_received(big)
+        paused = not transport.reading
+        go.set()
+        first = await asyncio.wait_for(received.get(), 10)
+        protocol.data_received(b"ghi")  # the app waits for it: nothing piled up
+        return [first, await asyncio.wait_for(received.get(), 10)], paused
+
+    received, paused = asyncio.run(scenario())
+    assert received == [(b"abcdef" + big, True), (b"ghi", False)]
+    assert all(type(body) is bytes for body, _ in received)
+    assert paused
 
 
 def test_above_limit_concurrency_the_router_answers_503_itself(
