@@ -4,16 +4,20 @@ measured in the same run as the router (`python -m bench.floor KIND --port P [--
 - `hello`: uvicorn answering 100 bytes itself, no upstream hop: the server's own ceiling;
 - `proxy`: uvicorn plus aiohttp's client, forwarding GETs to the pods round robin with no
   routing rules, header hygiene, retries or streaming guarantees: the bare hop;
-- `httpx`: the same bare hop through one shared `httpx.AsyncClient`, to compare clients.
+- `httpx`: the same bare hop through one shared `httpx.AsyncClient`, to compare clients;
+- `relay` and `splice`: byte relays with no HTTP, the floor of a large transfer
+  (bench/relay.py).
 
-The router does what `proxy` does and more, so these say where its floor lies. All three
-run uvicorn as the router does (auto loop and HTTP parser, no `Server`/`Date` headers).
+The router does what `proxy` does and more, so these say where its floor lies. The first
+three run uvicorn as the router does (auto loop and HTTP parser, no `Server`/`Date`
+headers).
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import socket
 import sys
 from collections.abc import Awaitable, Callable, MutableMapping, Sequence
 from pathlib import Path
@@ -22,12 +26,15 @@ from typing import Any, Protocol
 import aiohttp
 import httpx
 import uvicorn
+import uvloop
 
+from bench import relay
 from bench.nginx import Pod
 from bench.procs import ServerChild, free_port
 
 BODY = b"x" * 99 + b"\n"
-KINDS = ("hello", "proxy", "httpx")
+RELAYS = {"relay": relay.serve_relay, "splice": relay.serve_splice}
+KINDS = ("hello", "proxy", "httpx", *RELAYS)
 
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -127,11 +134,17 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--pods", default="", help="HOST:PORT,... for the proxies")
     args = parser.parse_args()
+    if args.kind != "hello" and not args.pods:
+        parser.error(f"{args.kind} needs --pods")
+    pods = args.pods.split(",")
+    if args.kind in RELAYS:
+        listener = socket.create_server(("127.0.0.1", args.port), backlog=2048)
+        addresses = [(host, int(port)) for host, port in (p.rsplit(":", 1) for p in pods)]
+        uvloop.run(RELAYS[args.kind](listener, addresses))
+        return
     app: App = hello
     if args.kind != "hello":
-        if not args.pods:
-            parser.error(f"{args.kind} needs --pods")
-        origins = [f"http://{pod}" for pod in args.pods.split(",")]
+        origins = [f"http://{pod}" for pod in pods]
         app = bare_proxy(origins, AiohttpUpstream if args.kind == "proxy" else HttpxUpstream)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False,
                 lifespan="off" if args.kind == "hello" else "on", proxy_headers=False,

@@ -50,6 +50,8 @@ FLOORS = (
     ("bare proxy: uvicorn+aiohttp", "proxy", True, (64, 256)),
     ("bare proxy: uvicorn+httpx", "httpx", True, (64,)),
 )
+# The 64 MiB transfers' floor: relays with no HTTP (bench/relay.py).
+RELAY_FLOORS = (("byte relay: uvloop", "relay"), ("byte relay: splice(2)", "splice"))
 BUSY_CELL = "GET 100 B, pool of 3 + 1 always-503"
 
 
@@ -147,17 +149,20 @@ def _transfer(target: Target, direction: str, big: Path, reps: int) -> Row:
     )
 
 
-def transfers(targets: Sequence[Target], big: Path, reps: int) -> list[Row]:
-    """64 MiB each way, one repetition per target in turn; the median rate is reported, the
-    CPU summed over the repetitions, and the peak RSS over all of them."""
+def transfers(targets: Sequence[Target], relays: Sequence[Target], big: Path,
+              reps: int) -> list[Row]:
+    """64 MiB each way, each target in turn; the median rate is reported, the CPU summed
+    over the repetitions, and the peak RSS over all of them. The router's ÷base is against
+    the uvloop byte relay (`relays[0]`), the least a uvloop proxy can do."""
     rows: list[Row] = []
     for direction in ("download", "upload"):
-        cell = {t.name: _transfer(t, direction, big, reps) for t in targets}
+        cell = {t.name: _transfer(t, direction, big, reps) for t in (*targets, *relays)}
         for row in cell.values():
-            if row.target == ROUTER:
+            if row.target not in (NGINX, DIRECT):
                 row.vs_nginx = _ratio(row.throughput, cell[NGINX].throughput)
             if row.target != DIRECT:
                 row.vs_direct = _ratio(row.throughput, cell[DIRECT].throughput)
+        cell[ROUTER].vs_base = _ratio(cell[ROUTER].throughput, cell[relays[0].name].throughput)
         rows.extend(cell.values())
     return rows
 
@@ -304,8 +309,9 @@ def run(s: Settings, profile: Path | None) -> tuple[list[Row], bool]:
             lab.nginx("nginx max_fails=0, +busy pod", lab.busy_pods, max_fails=0),
         ]
         floors = [(lab.floor(name, kind, forwards), cs) for name, kind, forwards, cs in FLOORS]
+        relays = [lab.floor(name, kind, forwards=True) for name, kind in RELAY_FLOORS]
         rows = small_gets([direct, proxy, router, observed], floors, s)
-        rows += transfers([direct, proxy, router], lab.big, s.reps)
+        rows += transfers([direct, proxy, router], relays, lab.big, s.reps)
         rows += busy_pool([router, proxy], busy, s)
         metrics_served = observed_process.metrics_served()
         if profile is not None and router.pid is not None:
