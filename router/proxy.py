@@ -98,7 +98,7 @@ class Proxy:
             else:
                 exchange.pod, exchange.namespace = pinned.sandbox_id, pinned.namespace
                 response = await self._pinned(scope, incoming, pinned, body, exchange)
-            await self._relay(response, send, own_headers, exchange)
+            await self._relay(response, send, own_headers, exchange, watch)
         except ProxyError as error:
             exchange.status = error.status
             exchange.bytes_out = await send_error(send, error, tuple(own_headers))
@@ -213,10 +213,12 @@ class Proxy:
         send: Send,
         own_headers: list[tuple[bytes, bytes]],
         exchange: Exchange,
+        watch: ClientWatch | None,
     ) -> None:
         """Stream the pod's answer as it arrives (or, when it is all in already, pass it in
         one message). A client leaving cancels the request (`ClientWatch`), which ends the loop
-        even while the pod is silent; the pod's connection is closed on the way out."""
+        even while the pod is silent; the pod's connection is closed on the way out. A pod
+        failing mid-answer ends the client's connection too."""
         try:
             await send(
                 {
@@ -240,6 +242,8 @@ class Proxy:
         except (UpstreamTimeout, UpstreamFailed) as exc:
             # Headers are out: the only honest signal left is an incomplete response.
             log.warning("upstream failed mid-response from %s: %r", exchange.pod, exc)
+            if watch is not None:
+                watch.cut()
         finally:
             response.release()
 

@@ -89,16 +89,17 @@ DISCONNECT = "router.disconnect"
 
 
 class ClientWatch:
-    """One per client connection. While a request is served, `task` is its task: if the
-    client connection is lost, it is cancelled at once, whatever it waits for (the pod's
-    first byte included), so the pod's connection is dropped rather than left working;
-    `gone` tells the request why it was cancelled."""
+    """One per client connection: the request's handle on it. While a request is served,
+    `task` is its task: if the client connection is lost, it is cancelled at once, whatever
+    it waits for (the pod's first byte included), so the pod's connection is dropped rather
+    than left working; `gone` tells the request why it was cancelled."""
 
-    __slots__ = ("task", "gone")
+    __slots__ = ("task", "gone", "_protocol")
 
-    def __init__(self) -> None:
+    def __init__(self, protocol: HttpProtocol) -> None:
         self.task: asyncio.Task[Any] | None = None
         self.gone = False
+        self._protocol = protocol
 
     def lost(self) -> None:
         if self.task is not None:
@@ -106,13 +107,21 @@ class ClientWatch:
             self.task.cancel()
             self.task = None
 
+    def cut(self) -> None:
+        """End the connection under an answer that cannot be finished (the pod failed
+        mid-body): what is buffered still goes out, then the client sees the connection
+        end short of the declared length or the last chunk, the only signal left once the
+        head is out. The request counts as disconnected, so uvicorn does not also log the
+        app as broken for returning early."""
+        self._protocol.cut()
+
 
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over a `CoalescingTransport`, telling the request it
     serves when the client goes away (the `router.disconnect` scope extension)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        self.watch = ClientWatch()
+        self.watch = ClientWatch(self)
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
 
     def on_message_begin(self) -> None:
@@ -132,6 +141,11 @@ class HttpProtocol(HttpToolsProtocol):
         if len(body) > HIGH_WATER_LIMIT:
             self.flow.pause_reading()
         cycle.message_event.set()
+
+    def cut(self) -> None:
+        if self.cycle is not None:
+            self.cycle.disconnected = True
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)

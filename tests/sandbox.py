@@ -106,6 +106,13 @@ class Sandbox:
             await _send(send, 200, b"slow", [])
         elif path == "/download":
             await _stream(send, int(query["bytes"][0]))
+        elif path == "/broken":  # half the declared body, then the sandbox crashes
+            size = int(query["bytes"][0])
+            headers = [(b"content-length", b"%d" % size)]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": b"".join(pattern(size // 2)),
+                        "more_body": True})
+            raise RuntimeError("the sandbox crashed mid-answer")
         elif path == "/events":
             headers = [(b"content-type", b"text/event-stream")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -4,13 +4,17 @@ leaves mid-stream closes the upstream side too."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import httpx
 import psutil
+import pytest
 
+from router.server import ServerThread
 from tests.conftest import StartPods, StartRouter, eventually, static_config
 from tests.sandbox import pattern, pattern_sha256
 
@@ -96,3 +100,20 @@ def test_client_leaving_before_the_pod_answers_closes_the_upstream(
     # rather than kept until --proxy-timeout.
     assert pods[0].app.events_closed.wait(10)
     assert client.get("/").status_code == 200
+
+
+def test_a_pod_failing_mid_answer_ends_the_client_connection_short(
+    start_pods: StartPods, start_router: StartRouter, servers: list[ServerThread],
+    caplog: pytest.LogCaptureFixture,
+):
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    with caplog.at_level(logging.WARNING), pytest.raises(httpx.RemoteProtocolError):
+        client.get("/broken?bytes=200000")  # half the declared length, then the end
+    assert client.get("/").status_code == 200  # everyone else is still served
+    servers[-1].stop()  # the router: its requests are all finished, their logs written
+    messages = [(record.name, record.getMessage()) for record in caplog.records]
+    assert ("uvicorn.error", "Exception in ASGI application\n") in messages  # the pod's
+    assert any(name == "router.proxy" and "mid-response" in text for name, text in messages)
+    # The router ended the answer itself: uvicorn has nothing to report about it.
+    assert not any("without completing response" in text for _, text in messages)
