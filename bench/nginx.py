@@ -164,17 +164,32 @@ def start_proxy(
                   f"http://127.0.0.1:{port}{STATUS_PATH}")
 
 
-_ACCEPTS = re.compile(rb"server accepts handled requests\s+(\d+)")
+_STATUS = re.compile(rb"server accepts handled requests\s+(\d+)\s+\d+\s+(\d+)")
 
 
-def accepts(pods: Sequence[Pod]) -> int:
-    """Connections the pods have accepted so far, summed. Each read is itself one accepted
-    connection: a delta over two reads counts `len(pods)` too many."""
-    total = 0
+@dataclass(frozen=True)
+class Tally:
+    """What the pods have counted so far: connections accepted (all pods) and requests
+    answered by the pods that are not always busy (each client request ends at one)."""
+
+    accepts: int
+    requests: int
+
+    def since(self, earlier: Tally, pods: Sequence[Pod]) -> Tally:
+        """The difference; each `tally` read is itself one connection and one request on
+        every pod, so a difference of two reads counts one of each too many per pod."""
+        return Tally(self.accepts - earlier.accepts - len(pods),
+                     self.requests - earlier.requests - sum(not pod.busy for pod in pods))
+
+
+def tally(pods: Sequence[Pod]) -> Tally:
+    accepts = requests = 0
     for pod in pods:
         status, body = fetch(pod.url + STATUS_PATH)
-        match = _ACCEPTS.search(body)
+        match = _STATUS.search(body)
         if status != 200 or match is None:
             raise RuntimeError(f"{pod.name}: no stub_status ({status})")
-        total += int(match.group(1))
-    return total
+        accepts += int(match.group(1))
+        if not pod.busy:
+            requests += int(match.group(2))
+    return Tally(accepts, requests)

@@ -27,7 +27,8 @@ class Row:
     non_2xx: int = 0
     cpu_seconds: float | None = None
     peak_rss_mib: float | None = None
-    upstream_conns_per_1k: float | None = None
+    upstream_conns_per_1k: float | None = None  # while the load is steady
+    upstream_conns_per_1k_cell: float | None = None  # over the whole cell, its edges included
     vs_nginx: float | None = None
     vs_direct: float | None = None
     vs_base: float | None = None
@@ -43,7 +44,8 @@ class Check:
 
 _COLUMNS = (
     "cell", "target", "c", "req/s · MiB/s", "p50 ms", "p99 ms", "err / non-2xx",
-    "÷nginx", "÷direct", "÷base", "CPU s", "peak RSS MiB", "new upstream conns / 1k req",
+    "÷nginx", "÷direct", "÷base", "CPU s", "peak RSS MiB",
+    "new upstream conns / 1k req, steady (whole cell)",
 )
 
 
@@ -62,7 +64,8 @@ def table(rows: Sequence[Row]) -> str:
             r.cell, r.target, str(r.connections or "–"),
             f"{_num(r.throughput, 1)} {r.unit}", _num(r.p50_ms), _num(r.p99_ms),
             f"{r.errors} / {r.non_2xx}", _num(r.vs_nginx), _num(r.vs_direct), _num(r.vs_base),
-            _num(r.cpu_seconds), _num(r.peak_rss_mib, 1), _num(r.upstream_conns_per_1k),
+            _num(r.cpu_seconds), _num(r.peak_rss_mib, 1),
+            f"{_num(r.upstream_conns_per_1k)} ({_num(r.upstream_conns_per_1k_cell)})",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -9,7 +9,9 @@ so the table shows what any uvicorn-based proxy reaches on this machine.
 Cells are interleaved (for each concurrency, every target in turn) so drift of the
 machine hits all targets alike; the ratios quoted come from one run. Each wrk cell
 follows an uncounted warm-up at the same concurrency, so the proxies' connection pools
-are filled and "new upstream connections" measures steady-state churn.
+are filled; "new upstream connections" is counted by the pods while the load is steady
+(over the second half of the cell, up to half a second before its end), and over the
+whole cell.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -81,24 +84,40 @@ def measure(target: Target, path: str, cell: str, c: int, s: Settings) -> Row:
     url = target.url + path
     if s.warmup:
         wrk.run(url, c, s.warmup, s.threads)
-    before = nginx.accepts(target.pods)
-    with Usage(target.pid) as usage:
-        result = wrk.run(url, c, s.duration, s.threads)
-    conns = None
-    if target.pods and result.requests:
-        new = nginx.accepts(target.pods) - before - len(target.pods)
-        conns = new / result.requests * 1000
+    pods = target.pods
+    before = nginx.tally(pods)
+    with Usage(target.pid) as usage, wrk.Load(url, c, s.duration, s.threads) as load:
+        first, last = _steady_window(pods, s.duration) if pods else (before, before)
+        result = load.wait()
+    steady = whole = None
+    if pods and result.requests:
+        window = last.since(first, pods)
+        steady = window.accepts / window.requests * 1000 if window.requests > 0 else None
+        # Three reads in the cell: each counted one connection per pod.
+        new = nginx.tally(pods).accepts - before.accepts - 3 * len(pods)
+        whole = new / result.requests * 1000
     row = Row(
         cell=cell, target=target.name, connections=c, throughput=result.rps, unit="req/s",
         requests=result.requests, p50_ms=result.p50_ms, p99_ms=result.p99_ms,
         errors=result.socket_errors, non_2xx=result.non_2xx,
         cpu_seconds=usage.cpu_seconds if target.pid else None,
         peak_rss_mib=usage.peak_rss_mib if target.pid else None,
-        upstream_conns_per_1k=conns,
+        upstream_conns_per_1k=steady, upstream_conns_per_1k_cell=whole,
     )
     print(f"  {cell} c={c} {target.name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.2f} ms",
           file=sys.stderr, flush=True)
     return row
+
+
+def _steady_window(pods: Sequence[Pod], duration: int) -> tuple[nginx.Tally, nginx.Tally]:
+    """The pods' counts halfway through the cell and just before it ends: the load is steady
+    in between. Outside: the pool growing back after the warm-up's clients left with
+    requests in flight (at c=256 that takes the router up to about 1.5 s), and this cell's
+    own ending."""
+    time.sleep(duration / 2)
+    first = nginx.tally(pods)
+    time.sleep(duration / 2 - min(0.5, duration / 4))
+    return first, nginx.tally(pods)
 
 
 def _ratio(value: float, reference: float) -> float | None:

@@ -26,14 +26,37 @@ class WrkResult:
         return self.requests / self.seconds if self.seconds else 0.0
 
 
+class Load:
+    """`with Load(url, c, seconds) as load:` runs wrk in the background, so the caller can
+    look at the servers while it runs; `load.wait()` returns wrk's numbers. wrk is killed
+    if the block is left early."""
+
+    def __init__(self, url: str, connections: int, seconds: int, threads: int = 2) -> None:
+        threads = max(1, min(threads, connections))
+        argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
+                "-s", str(_SCRIPT), url]
+        self.seconds = seconds
+        self._process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         text=True)
+
+    def wait(self) -> WrkResult:
+        out, err = self._process.communicate(timeout=self.seconds + 60)
+        if self._process.returncode != 0:
+            raise RuntimeError(f"wrk failed ({self._process.returncode}): {err or out}")
+        return parse(out)
+
+    def __enter__(self) -> Load:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+
+
 def run(url: str, connections: int, seconds: int, threads: int = 2) -> WrkResult:
-    threads = max(1, min(threads, connections))
-    argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency",
-            "-s", str(_SCRIPT), url]
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
-    if done.returncode != 0:
-        raise RuntimeError(f"wrk failed ({done.returncode}): {done.stderr or done.stdout}")
-    return parse(done.stdout)
+    with Load(url, connections, seconds, threads) as load:
+        return load.wait()
 
 
 def parse(output: str) -> WrkResult:
