@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import uvicorn
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from router.config import Config
 
@@ -118,10 +118,12 @@ class ClientWatch:
 
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over a `CoalescingTransport`, telling the request it
-    serves when the client goes away (the `router.disconnect` scope extension)."""
+    serves when the client goes away (the `router.disconnect` scope extension). It relies
+    on uvicorn's internals (`cycle.body`, `_start_asgi_task`): hence the pinned version."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.watch = ClientWatch(self)
+        self.serving: RequestResponseCycle | None = None
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
 
     def on_message_begin(self) -> None:
@@ -131,10 +133,13 @@ class HttpProtocol(HttpToolsProtocol):
     def on_body(self, body: bytes) -> None:
         """uvicorn's, less two copies of every piece of a request body: uvicorn appends
         each piece to a bytearray and hands the request a bytes copy of that. A piece that
-        finds nothing waiting is handed over as the parser made it; `bytes()` of it, in
-        uvicorn's `receive`, is the same object."""
+        finds the buffer empty is handed over as the parser made it (`bytes()` of it, in
+        uvicorn's `receive`, is the same object); one that finds it holding such a piece
+        turns it back into a bytearray, so many small pieces in one read stay linear."""
         cycle = self.cycle
         if cycle.body or cycle.response_complete or self.parser.should_upgrade():
+            if isinstance(cycle.body, bytes):  # a piece stored whole, below
+                cycle.body = bytearray(cycle.body)
             super().on_body(body)
             return
         cycle.body = body  # type: ignore[assignment]
@@ -142,9 +147,14 @@ class HttpProtocol(HttpToolsProtocol):
             self.flow.pause_reading()
         cycle.message_event.set()
 
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self.serving = cycle  # with pipelining, `self.cycle` may be a later, queued request
+        super()._start_asgi_task(cycle, app)
+
     def cut(self) -> None:
-        if self.cycle is not None:
-            self.cycle.disconnected = True
+        """See `ClientWatch.cut`."""
+        if self.serving is not None:
+            self.serving.disconnected = True
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -134,12 +134,26 @@ def test_small_writes_of_one_loop_turn_go_out_together_and_large_ones_at_once() 
     ]
 
 
-def test_request_body_pieces_reach_the_app_whole_and_in_order() -> None:
-    """Pieces that arrive before the app reads are joined; one that finds nothing waiting
-    is handed over as it is; a pile-up beyond uvicorn's high-water mark pauses reading."""
-    big = b"z" * (HIGH_WATER_LIMIT + 1)
+class PieceRecorder(HttpProtocol):
+    """Keeps every body piece the parser hands over, to check what reaches the app."""
 
-    async def scenario() -> tuple[list[tuple[bytes, bool]], bool]:
+    pieces: list[bytes]
+
+    def on_body(self, body: bytes) -> None:
+        self.pieces.append(body)
+        super().on_body(body)
+
+
+def test_request_body_pieces_reach_the_app_whole_in_order_and_uncopied() -> None:
+    """Pieces that arrive before the app reads are joined; a piece the app is waiting for
+    reaches it as the very object the parser made, and one past uvicorn's high-water mark
+    pauses reading; a read of many small chunks is joined too."""
+    big = b"z" * (HIGH_WATER_LIMIT + 1)
+    tail = b"t" * (HIGH_WATER_LIMIT + 1)
+    digits = bytes(48 + i % 10 for i in range(1000))
+    chunked = b"".join(b"1\r\n%c\r\n" % digit for digit in digits) + b"0\r\n\r\n"
+
+    async def scenario() -> tuple[list[tuple[bytes, bool]], bool, PieceRecorder]:
         received: asyncio.Queue[tuple[bytes, bool]] = asyncio.Queue()
         go = asyncio.Event()
 
@@ -153,25 +167,36 @@ def test_request_body_pieces_reach_the_app_whole_and_in_order() -> None:
             await send({"type": "http.response.start", "status": 204, "headers": []})
             await send({"type": "http.response.body", "body": b""})
 
-        config = uvicorn.Config(app, http=HttpProtocol, lifespan="off", log_config=None)
-        protocol = HttpProtocol(config=config, server_state=ServerState(), app_state={})
+        config = uvicorn.Config(app, http=PieceRecorder, lifespan="off", log_config=None)
+        protocol = PieceRecorder(config=config, server_state=ServerState(), app_state={})
+        protocol.pieces = []
         transport = RecordingTransport()
         protocol.connection_made(transport)  # type: ignore[arg-type]
-        length = 6 + len(big) + 3
+        length = 6 + len(big) + len(tail)
         protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nabc"
                                % length)
         protocol.data_received(b"def")
         protocol.data_received(big)
-        paused = not transport.reading
         go.set()
-        first = await asyncio.wait_for(received.get(), 10)
-        protocol.data_received(b"ghi")  # the app waits for it: nothing piled up
-        return [first, await asyncio.wait_for(received.get(), 10)], paused
+        bodies = [await asyncio.wait_for(received.get(), 10)]
+        protocol.data_received(tail)  # the app waits for it: nothing piled up
+        paused = not transport.reading
+        bodies.append(await asyncio.wait_for(received.get(), 10))
+        assert bodies[-1][0] is protocol.pieces[-1]
+        # The next request on the connection: 1,000 one-byte chunks in a single read.
+        protocol.data_received(b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                               b"\r\n\r\n" + chunked)
+        bodies.append(await asyncio.wait_for(received.get(), 10))
+        while bodies[-1][1]:
+            bodies.append(await asyncio.wait_for(received.get(), 10))
+        return bodies, paused, protocol
 
-    received, paused = asyncio.run(scenario())
-    assert received == [(b"abcdef" + big, True), (b"ghi", False)]
-    assert all(type(body) is bytes for body, _ in received)
+    bodies, paused, protocol = asyncio.run(scenario())
+    assert bodies[:2] == [(b"abcdef" + big, True), (tail, False)]
     assert paused
+    assert b"".join(body for body, _ in bodies[2:]) == digits
+    assert all(type(body) is bytes for body, _ in bodies)
+    assert len(protocol.pieces) == 4 + 1000
 
 
 def test_above_limit_concurrency_the_router_answers_503_itself(

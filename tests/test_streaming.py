@@ -108,10 +108,25 @@ def test_a_pod_failing_mid_answer_ends_the_client_connection_short(
 ):
     pods = start_pods(1)
     client = start_router(static_config(pods))
-    with caplog.at_level(logging.WARNING), pytest.raises(httpx.RemoteProtocolError):
-        client.get("/broken?bytes=200000")  # half the declared length, then the end
+    received = 0
+    with caplog.at_level(logging.WARNING), pytest.raises(httpx.RemoteProtocolError), \
+            client.stream("GET", "/broken?bytes=200000") as response:
+        for chunk in response.iter_raw():
+            received += len(chunk)
+    assert received == 100000  # all the pod sent got out, then the connection ended
+    # Pipelined behind another request, which the cut connection never serves.
+    with socket.create_connection((client.base_url.host, client.base_url.port)) as raw:
+        raw.settimeout(10)
+        raw.sendall(b"GET /broken?bytes=200000 HTTP/1.1\r\nHost: r\r\n\r\n"
+                    b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")
+        answer = b""
+        while piece := raw.recv(65536):  # until the router closes the connection
+            answer += piece
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and len(body) == 100000
     assert client.get("/").status_code == 200  # everyone else is still served
-    servers[-1].stop()  # the router: its requests are all finished, their logs written
+    router = next(s for s in servers if s.url == str(client.base_url).rstrip("/"))
+    router.stop()  # its requests are all finished, their logs written
     messages = [(record.name, record.getMessage()) for record in caplog.records]
     assert ("uvicorn.error", "Exception in ASGI application\n") in messages  # the pod's
     assert any(name == "router.proxy" and "mid-response" in text for name, text in messages)
