@@ -23,42 +23,58 @@ _SPLICE_FLAGS = os.SPLICE_F_MOVE | os.SPLICE_F_NONBLOCK if hasattr(os, "splice")
 
 class _Side(asyncio.Protocol):
     """One end of a protocol relay: what it reads, the other end writes; a full other end
-    pauses its reading."""
+    pauses its reading; once both ends have sent EOF, both connections close."""
 
     def __init__(self) -> None:
         self.other: _Side | None = None
         self.transport: asyncio.Transport | None = None
         self.early: list[bytes] = []  # read before the other end was connected
+        self.ended = False  # its peer sent EOF
+        self.lost = False
+
+    def _peer(self) -> asyncio.Transport | None:
+        return self.other.transport if self.other is not None else None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if self.other is None or self.other.transport is None:
+        peer = self._peer()
+        if peer is None:
             self.early.append(data)
         else:
-            self.other.transport.write(data)
+            peer.write(data)
 
     def eof_received(self) -> bool:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.write_eof()
+        self.ended = True
+        peer = self._peer()
+        if peer is not None:
+            peer.write_eof()
+            if self.other is not None and self.other.ended and self.transport is not None:
+                self.transport.close()
+                peer.close()
         return True  # half-closed: the other direction may still be running
 
     def pause_writing(self) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.pause_reading()
+        peer = self._peer()
+        if peer is not None:
+            peer.pause_reading()
 
     def resume_writing(self) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.resume_reading()
+        peer = self._peer()
+        if peer is not None:
+            peer.resume_reading()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.other is not None and self.other.transport is not None:
-            self.other.transport.close()
+        self.lost = True
+        peer = self._peer()
+        if peer is not None:
+            peer.close()
 
 
 class _Client(_Side):
-    """The accepted end: what it reads before the pod's connection is made waits."""
+    """The accepted end: what it reads (an EOF included) before the pod's connection is
+    made waits; if it leaves meanwhile, the pod's connection is closed once made."""
 
     def __init__(self, pod: tuple[str, int], tasks: set[asyncio.Task[None]]) -> None:
         super().__init__()
@@ -78,10 +94,15 @@ class _Client(_Side):
         except OSError:
             self.transport.close()
             return
-        self.other, upstream.other = upstream, self
         assert upstream.transport is not None
+        if self.lost:
+            upstream.transport.close()
+            return
+        self.other, upstream.other = upstream, self
         upstream.transport.writelines(self.early)
         self.early = []
+        if self.ended:
+            upstream.transport.write_eof()
 
 
 async def serve_relay(listener: socket.socket, pods: Sequence[tuple[str, int]]) -> None:
@@ -133,10 +154,11 @@ async def _splice_connection(client: socket.socket, pod: tuple[str, int]) -> Non
     with client, upstream:
         try:
             await loop.sock_connect(upstream, pod)
-            await asyncio.gather(_splice_one_way(client, upstream),
-                                 _splice_one_way(upstream, client))
-        except OSError:
-            pass  # a reset on either side ends the relay; both sockets close
+            async with asyncio.TaskGroup() as both:
+                both.create_task(_splice_one_way(client, upstream))
+                both.create_task(_splice_one_way(upstream, client))
+        except* OSError:
+            pass  # a reset either way ends both directions; both sockets close
 
 
 async def serve_splice(listener: socket.socket, pods: Sequence[tuple[str, int]]) -> None:

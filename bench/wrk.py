@@ -51,7 +51,7 @@ class Load:
     def __exit__(self, *exc: object) -> None:
         if self._process.poll() is None:
             self._process.kill()
-            self._process.wait()
+        self._process.communicate()  # reaps it and closes its pipes
 
 
 def run(url: str, connections: int, seconds: int, threads: int = 2) -> WrkResult:
