@@ -241,7 +241,8 @@ class Proxy:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except (UpstreamTimeout, UpstreamFailed) as exc:
             # Headers are out: the only honest signal left is an incomplete response.
-            log.warning("upstream failed mid-response from %s: %r", exchange.pod, exc)
+            log.warning("upstream failed mid-response from %s (request %s): %r",
+                        exchange.pod, exchange.request_id, exc)
             if watch is not None:
                 watch.cut()
         finally:

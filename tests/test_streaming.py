@@ -111,6 +111,7 @@ def test_a_pod_failing_mid_answer_ends_the_client_connection_short(
     received = 0
     with caplog.at_level(logging.WARNING), pytest.raises(httpx.RemoteProtocolError), \
             client.stream("GET", "/broken?bytes=200000") as response:
+        request_id = response.headers["x-request-id"]
         for chunk in response.iter_raw():
             received += len(chunk)
     assert received == 100000  # all the pod sent got out, then the connection ended
@@ -129,6 +130,7 @@ def test_a_pod_failing_mid_answer_ends_the_client_connection_short(
     router.stop()  # its requests are all finished, their logs written
     messages = [(record.name, record.getMessage()) for record in caplog.records]
     assert ("uvicorn.error", "Exception in ASGI application\n") in messages  # the pod's
-    assert any(name == "router.proxy" and "mid-response" in text for name, text in messages)
+    assert any(name == "router.proxy" and "mid-response" in text and request_id in text
+               for name, text in messages)
     # The router ended the answer itself: uvicorn has nothing to report about it.
     assert not any("without completing response" in text for _, text in messages)
