@@ -109,14 +109,14 @@ class Proxy:
             # when --shutdown-timeout runs out: then answer 503 if nothing was sent yet.
             # Either way the pod's connection was closed on the way out, and the request
             # ends quietly rather than as a crash.
-            if watch is not None and watch.gone:
-                exchange.status = CLIENT_CLOSED
-            elif exchange.status == 0:
+            if exchange.status == 0 and not (watch is not None and watch.gone):
                 exchange.status = 503
                 exchange.bytes_out = await send_error(send, SHUTTING_DOWN, tuple(own_headers))
         finally:
             if watch is not None:
                 watch.task = None
+                if watch.gone:  # whatever happened since, nobody got it
+                    exchange.status = CLIENT_CLOSED
             exchange.bytes_in = body.size if body is not None else 0
             exchange.duration = time.perf_counter() - exchange.started
             self._observer.request_finished(exchange)
@@ -217,8 +217,9 @@ class Proxy:
     ) -> None:
         """Stream the pod's answer as it arrives (or, when it is all in already, pass it in
         one message). A client leaving cancels the request (`ClientWatch`), which ends the loop
-        even while the pod is silent; the pod's connection is closed on the way out. A pod
-        failing mid-answer ends the client's connection too."""
+        even while the pod is silent, and a stream stops at its next piece; the pod's
+        connection is closed on the way out. A pod failing mid-answer ends the client's
+        connection too."""
         try:
             await send(
                 {
@@ -236,6 +237,8 @@ class Proxy:
                 await send({"type": "http.response.body", "body": whole})
                 return
             async for chunk in response.chunks():
+                if watch is not None and watch.gone:
+                    break  # a stream for nobody: its pod connection is closed at once
                 exchange.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})

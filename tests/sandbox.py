@@ -49,6 +49,7 @@ class Seen:
     headers: list[tuple[str, str]]
     body_sha256: str
     body_bytes: int
+    peer_port: int  # which of the router's connections it came on
 
     def header(self, name: str) -> str | None:
         values = [v for k, v in self.headers if k == name.lower()]
@@ -67,6 +68,8 @@ class Sandbox:
     lock: threading.Lock = field(default_factory=threading.Lock)
     # Set when a client of /events goes away: proof the router closed its upstream side.
     events_closed: threading.Event = field(default_factory=threading.Event)
+    # /gate answers once this is set.
+    gate: threading.Event = field(default_factory=threading.Event)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -87,6 +90,7 @@ class Sandbox:
             headers=[(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]],
             body_sha256=digest.hexdigest(),
             body_bytes=size,
+            peer_port=scope["client"][1],
         )
         with self.lock:
             self.hits += 1
@@ -106,6 +110,9 @@ class Sandbox:
             await _send(send, 200, b"slow", [])
         elif path == "/download":
             await _stream(send, int(query["bytes"][0]))
+        elif path == "/gate":
+            await asyncio.to_thread(self.gate.wait, 10)
+            await _send(send, 200, b"through", [])
         elif path == "/broken":  # half the declared body, then the sandbox crashes
             size = int(query["bytes"][0])
             headers = [(b"content-length", b"%d" % size)]
@@ -168,7 +175,8 @@ class Pod:
     def __init__(self, name: str, ip: str, port: int = 0) -> None:
         self.app = Sandbox(name)
         self.name = name
-        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off")
+        config = uvicorn.Config(self.app, log_config=None, access_log=False, lifespan="off",
+                                proxy_headers=False)  # the peer is the router's connection
         self.thread = ServerThread(config, bind(ip, port)).start()
         self.ip = ip
         self.port = self.thread.port

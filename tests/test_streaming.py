@@ -14,6 +14,8 @@ import httpx
 import psutil
 import pytest
 
+from router import server
+from router.observe import Exchange
 from router.server import ServerThread
 from tests.conftest import StartPods, StartRouter, eventually, static_config
 from tests.sandbox import pattern, pattern_sha256
@@ -134,3 +136,44 @@ def test_a_pod_failing_mid_answer_ends_the_client_connection_short(
                for name, text in messages)
     # The router ended the answer itself: uvicorn has nothing to report about it.
     assert not any("without completing response" in text for _, text in messages)
+
+
+class Finished:
+    """An observer that keeps every finished exchange."""
+
+    def __init__(self) -> None:
+        self.exchanges: list[Exchange] = []
+
+    def request_started(self, route: str) -> None:
+        pass
+
+    def attempt(self, outcome: str) -> None:
+        pass
+
+    def request_finished(self, exchange: Exchange) -> None:
+        self.exchanges.append(exchange)
+
+    def pod_list_refreshed(self, outcome: str) -> None:
+        pass
+
+
+def test_a_client_leaving_just_before_a_quick_answer_leaves_the_pod_connection_pooled(
+    start_pods: StartPods, start_router: StartRouter, monkeypatch: pytest.MonkeyPatch
+):
+    monkeypatch.setattr(server, "LEAVE_GRACE", 10.0)  # however slow this machine is
+    pod = start_pods(1)[0]
+    finished = Finished()
+    client = start_router(static_config([pod]), observer=finished)  # type: ignore[arg-type]
+    with socket.create_connection((client.base_url.host, client.base_url.port)) as raw:
+        raw.sendall(b"GET /gate HTTP/1.1\r\nHost: router\r\n\r\n")
+        eventually(lambda: pod.app.hits == 1)  # the pod holds the answer
+    # The client has left. A request on another connection, answered only after the router
+    # has seen that, also opens a second connection to the pod:
+    assert client.get("/").status_code == 200
+    pod.app.gate.set()  # the answer comes within the grace: discarded, connection kept
+    eventually(lambda: any(e.path == "/gate" for e in finished.exchanges))
+    assert [e.status for e in finished.exchanges if e.path == "/gate"] == [499]
+    assert [client.get("/").status_code for _ in range(2)] == [200, 200]
+    ports = [seen.peer_port for seen in pod.app.seen]
+    assert len(set(ports)) == 2  # no third connection: the one of /gate was reused
+    assert ports[0] in ports[2:]
