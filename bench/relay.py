@@ -12,6 +12,7 @@ with no HTTP at all, so no proxy can relay a body for less:
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import itertools
 import os
 import socket
@@ -127,6 +128,7 @@ async def _splice_one_way(source: socket.socket, sink: socket.socket) -> None:
     """Until `source` ends: socket to pipe to socket, waiting on readiness in between."""
     loop = asyncio.get_running_loop()
     pipe_out, pipe_in = os.pipe()
+    fcntl.fcntl(pipe_in, fcntl.F_SETPIPE_SZ, SPLICE_CHUNK)  # as much per call as we ask
     try:
         while True:
             try:
