@@ -24,7 +24,7 @@ lint: $(STAMP)
 	$(BIN)/ruff check
 	$(BIN)/mypy
 
-# Router vs nginx vs the direct path (~4 min); `make bench BENCH_ARGS=--quick` for a smoke run.
+# Router vs nginx vs the direct path (~5 min); `make bench BENCH_ARGS=--quick` for a smoke run.
 bench: $(STAMP)
 	bash bench/install.sh
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
