@@ -76,6 +76,25 @@ def test_large_upload_streams_with_flat_memory(start_pods: StartPods, start_rout
     assert growth[0] < RSS_GROWTH_LIMIT, f"RSS grew {growth[0] / 2**20:.0f} MiB"
 
 
+class Finished:
+    """An observer that keeps every finished exchange."""
+
+    def __init__(self) -> None:
+        self.exchanges: list[Exchange] = []
+
+    def request_started(self, route: str) -> None:
+        pass
+
+    def attempt(self, outcome: str) -> None:
+        pass
+
+    def request_finished(self, exchange: Exchange) -> None:
+        self.exchanges.append(exchange)
+
+    def pod_list_refreshed(self, outcome: str) -> None:
+        pass
+
+
 def test_client_leaving_mid_stream_closes_the_upstream(
     start_pods: StartPods, start_router: StartRouter
 ):
@@ -92,7 +111,8 @@ def test_client_leaving_before_the_pod_answers_closes_the_upstream(
     start_pods: StartPods, start_router: StartRouter
 ):
     pods = start_pods(1)
-    client = start_router(static_config(pods))
+    finished = Finished()
+    client = start_router(static_config(pods), observer=finished)  # type: ignore[arg-type]
     host, port = client.base_url.host, client.base_url.port
     with socket.create_connection((host, port)) as raw:
         raw.sendall(b"GET /hold HTTP/1.1\r\nHost: router\r\n\r\n")
@@ -102,6 +122,8 @@ def test_client_leaving_before_the_pod_answers_closes_the_upstream(
     # rather than kept until --proxy-timeout.
     assert pods[0].app.events_closed.wait(10)
     assert client.get("/").status_code == 200
+    eventually(lambda: any(e.path == "/hold" for e in finished.exchanges))
+    assert [e.status for e in finished.exchanges if e.path == "/hold"] == [499]
 
 
 def test_a_pod_failing_mid_answer_ends_the_client_connection_short(
@@ -109,7 +131,8 @@ def test_a_pod_failing_mid_answer_ends_the_client_connection_short(
     caplog: pytest.LogCaptureFixture,
 ):
     pods = start_pods(1)
-    client = start_router(static_config(pods))
+    finished = Finished()
+    client = start_router(static_config(pods), observer=finished)  # type: ignore[arg-type]
     received = 0
     with caplog.at_level(logging.WARNING), pytest.raises(httpx.RemoteProtocolError), \
             client.stream("GET", "/broken?bytes=200000") as response:
@@ -130,31 +153,14 @@ def test_a_pod_failing_mid_answer_ends_the_client_connection_short(
     assert client.get("/").status_code == 200  # everyone else is still served
     router = next(s for s in servers if s.url == str(client.base_url).rstrip("/"))
     router.stop()  # its requests are all finished, their logs written
+    cut = [(e.status, e.bytes_out) for e in finished.exchanges if e.path == "/broken"]
+    assert cut == [(200, 100000)] * 2  # logged with the pod's status and what was sent
     messages = [(record.name, record.getMessage()) for record in caplog.records]
     assert ("uvicorn.error", "Exception in ASGI application\n") in messages  # the pod's
     assert any(name == "router.proxy" and "mid-response" in text and request_id in text
                for name, text in messages)
     # The router ended the answer itself: uvicorn has nothing to report about it.
     assert not any("without completing response" in text for _, text in messages)
-
-
-class Finished:
-    """An observer that keeps every finished exchange."""
-
-    def __init__(self) -> None:
-        self.exchanges: list[Exchange] = []
-
-    def request_started(self, route: str) -> None:
-        pass
-
-    def attempt(self, outcome: str) -> None:
-        pass
-
-    def request_finished(self, exchange: Exchange) -> None:
-        self.exchanges.append(exchange)
-
-    def pod_list_refreshed(self, outcome: str) -> None:
-        pass
 
 
 def test_a_client_leaving_just_before_a_quick_answer_leaves_the_pod_connection_pooled(
