@@ -21,6 +21,10 @@ HIGH_WATER = 512 * 1024
 LOW_WATER = 128 * 1024
 JOIN_LIMIT = 64 * 1024
 """Small pieces that gathered are joined into one message; larger ones pass uncopied."""
+DRAIN_LIMIT = 64 * 1024
+"""An unwanted answer up to this size is read and dropped to keep its connection."""
+LEAVE_GRACE = 0.1
+"""Seconds an answer nobody waits for any more may take to arrive whole (`abandon`)."""
 
 Body = bytes | AsyncIterator[bytes] | None
 
@@ -68,6 +72,9 @@ class Connection(asyncio.Protocol):
             response.writer = asyncio.ensure_future(self._stream(body, length, response))
         try:
             await response.wait_headers()
+        except asyncio.CancelledError:
+            response.abandon()  # the client left (or the router is stopping)
+            raise
         except BaseException:
             response.close()
             raise
@@ -186,6 +193,7 @@ class Response:
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
         self._remaining: int | None = None
+        self._settling: asyncio.Future[None] | None = None
 
     @property
     def reusable(self) -> bool:
@@ -349,6 +357,39 @@ class Response:
         if not self._released:
             self._connection.close()
             self.fail(UpstreamFailed("The answer was abandoned."))
+
+    def abandon(self) -> None:
+        """Nobody waits for this answer any more, and the request is at the pod. Closing
+        at once would cost a new connection for the next request whenever clients give
+        up on quick answers (a load generator stopping, a burst of client timeouts). So
+        the answer gets `LEAVE_GRACE` to arrive whole, up to `DRAIN_LIMIT` bytes, and is
+        dropped with the connection kept; otherwise the connection is closed, so that a
+        slow pod stops working for nobody, as before. Nothing else of the request goes on:
+        no retry, no answer to the client."""
+        if self._released or self._settling is not None:
+            return
+        if not self.body_sent:  # a streamed body still going out: nothing to wait for
+            self.close()
+            return
+        self._settling = asyncio.ensure_future(self._settle())
+
+    async def _settle(self) -> None:
+        whole = False
+        try:
+            async with asyncio.timeout(LEAVE_GRACE):
+                while not self._complete:
+                    if self._error is not None or self._buffered > DRAIN_LIMIT:
+                        return
+                    await self._wait()
+            whole = True
+        except (TimeoutError, ProxyError):
+            pass
+        finally:
+            if whole:
+                self.whole()  # dropped
+                self.release()
+            else:
+                self.close()
 
     async def _wait(self) -> None:
         loop = asyncio.get_running_loop()

@@ -18,7 +18,7 @@ from router.asgi import Receive, Scope, Send
 from router.balancer import RoundRobin
 from router.body import ClientGone, RequestBody
 from router.config import Config
-from router.connection import Response
+from router.connection import DRAIN_LIMIT, Response
 from router.errors import (
     ConnectFailed,
     ProxyError,
@@ -42,8 +42,6 @@ from router.server import DISCONNECT, ClientWatch
 
 log = logging.getLogger("router.proxy")
 
-# A busy pod's 503 body up to this size is read so its connection can be reused.
-_DRAIN_LIMIT = 64 * 1024
 # nginx's code for "client closed the request", for the access log.
 CLIENT_CLOSED = 499
 SHUTTING_DOWN = ProxyError(503, "The router is shutting down.")
@@ -109,14 +107,14 @@ class Proxy:
             # when --shutdown-timeout runs out: then answer 503 if nothing was sent yet.
             # Either way the pod's connection was closed on the way out, and the request
             # ends quietly rather than as a crash.
-            if exchange.status == 0 and not (watch is not None and watch.gone):
+            if watch is not None and watch.gone:
+                exchange.status = CLIENT_CLOSED
+            elif exchange.status == 0:
                 exchange.status = 503
                 exchange.bytes_out = await send_error(send, SHUTTING_DOWN, tuple(own_headers))
         finally:
             if watch is not None:
                 watch.task = None
-                if watch.gone:  # whatever happened since, nobody got it
-                    exchange.status = CLIENT_CLOSED
             exchange.bytes_in = body.size if body is not None else 0
             exchange.duration = time.perf_counter() - exchange.started
             self._observer.request_finished(exchange)
@@ -217,9 +215,8 @@ class Proxy:
     ) -> None:
         """Stream the pod's answer as it arrives (or, when it is all in already, pass it in
         one message). A client leaving cancels the request (`ClientWatch`), which ends the loop
-        even while the pod is silent, and a stream stops at its next piece; the pod's
-        connection is closed on the way out. A pod failing mid-answer ends the client's
-        connection too."""
+        even while the pod is silent; the pod's connection is closed on the way out. A pod
+        failing mid-answer ends the client's connection too."""
         try:
             await send(
                 {
@@ -237,8 +234,6 @@ class Proxy:
                 await send({"type": "http.response.body", "body": whole})
                 return
             async for chunk in response.chunks():
-                if watch is not None and watch.gone:
-                    break  # a stream for nobody: its pod connection is closed at once
                 exchange.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
@@ -255,7 +250,7 @@ class Proxy:
 async def _discard(response: Response) -> None:
     """Read a small busy answer to the end so its connection goes back to the pool."""
     try:
-        if response.content_length is not None and response.content_length <= _DRAIN_LIMIT:
+        if response.content_length is not None and response.content_length <= DRAIN_LIMIT:
             await response.read()
     except (UpstreamTimeout, UpstreamFailed):
         pass

@@ -88,18 +88,11 @@ DISCONNECT = "router.disconnect"
 """The scope extension through which a request learns that its client has gone."""
 
 
-LEAVE_GRACE = 0.1
-"""Seconds a request whose client has left may still wait for the pod's answer."""
-
-
 class ClientWatch:
     """One per client connection: the request's handle on it. While a request is served,
-    `task` is its task. If the client connection is lost, `gone` is set and the task is
-    cancelled after `LEAVE_GRACE`, whatever it waits for (the pod's first byte included),
-    so a pod's connection is dropped rather than left working for nobody. An answer that
-    arrives whole within the grace is discarded instead and its connection kept: clients
-    that give up on quick requests (a load generator stopping, a burst of client
-    timeouts) would otherwise make the router reopen a pod connection for each."""
+    `task` is its task: if the client connection is lost, it is cancelled at once, whatever
+    it waits for (the pod's first byte included), so the pod's connection is dropped rather
+    than left working; `gone` tells the request why it was cancelled."""
 
     __slots__ = ("task", "gone", "_protocol")
 
@@ -109,10 +102,10 @@ class ClientWatch:
         self._protocol = protocol
 
     def lost(self) -> None:
-        task, self.task = self.task, None
-        if task is not None:
+        if self.task is not None:
             self.gone = True
-            asyncio.get_running_loop().call_later(LEAVE_GRACE, task.cancel)
+            self.task.cancel()
+            self.task = None
 
     def cut(self) -> None:
         """End the connection under an answer that cannot be finished (the pod failed
