@@ -143,40 +143,49 @@ def small_gets(targets: Sequence[Target], floors: Sequence[tuple[Target, Sequenc
     return rows
 
 
-def _transfer(target: Target, direction: str, big: Path, reps: int) -> Row:
-    speeds: list[float] = []
-    errors = 0
-    cpu, rss = 0.0, 0.0
-    for _ in range(reps):
-        with Usage(target.pid) as usage:
-            try:
-                if direction == "download":
-                    speeds.append(transfer.download(target.url + "/big", nginx.BIG_SIZE))
-                else:
-                    speeds.append(transfer.upload(target.url + "/upload", big))
-            except RuntimeError as exc:
-                errors += 1
-                print(f"  {target.name} {direction}: {exc}", file=sys.stderr)
-        cpu += usage.cpu_seconds
-        rss = max(rss, usage.peak_rss_mib)
-    mibs = statistics.median(speeds) if speeds else 0.0
-    print(f"  {direction} 64 MiB {target.name}: {mibs:,.0f} MiB/s", file=sys.stderr, flush=True)
-    return Row(
-        cell=f"{'GET' if direction == 'download' else 'POST'} 64 MiB", target=target.name,
-        connections=1, throughput=mibs, unit="MiB/s", errors=errors,
-        cpu_seconds=cpu if target.pid else None, peak_rss_mib=rss if target.pid else None,
-    )
+def _transfer_once(target: Target, direction: str, big: Path) -> tuple[float | None, Usage]:
+    """MiB/s of one transfer (None if it failed), and what it cost the target."""
+    speed = None
+    with Usage(target.pid) as usage:
+        try:
+            if direction == "download":
+                speed = transfer.download(target.url + "/big", nginx.BIG_SIZE)
+            else:
+                speed = transfer.upload(target.url + "/upload", big)
+        except RuntimeError as exc:
+            print(f"  {target.name} {direction}: {exc}", file=sys.stderr)
+    return speed, usage
 
 
 def transfers(targets: Sequence[Target], relays: Sequence[Target], big: Path,
               reps: int) -> list[Row]:
-    """64 MiB each way, each target in turn; the median rate is reported, the CPU summed
-    over the repetitions, and the peak RSS over all of them. The router's ÷base is against
-    the uvloop byte relay (`relays[0]`), the least a uvloop proxy can do."""
+    """64 MiB each way; each repetition goes round every target in turn, so drift of the
+    machine hits them alike. The median rate is reported, the CPU summed over the
+    repetitions, and the peak RSS over all of them. The router's ÷base is against the
+    uvloop byte relay (`relays[0]`), the least a uvloop proxy can do."""
+    everyone = (*targets, *relays)
     rows: list[Row] = []
     for direction in ("download", "upload"):
-        cell = {t.name: _transfer(t, direction, big, reps) for t in (*targets, *relays)}
+        name = f"{'GET' if direction == 'download' else 'POST'} 64 MiB"
+        cell = {t.name: Row(cell=name, target=t.name, connections=1, throughput=0.0,
+                            unit="MiB/s", cpu_seconds=0.0 if t.pid else None,
+                            peak_rss_mib=0.0 if t.pid else None) for t in everyone}
+        speeds: dict[str, list[float]] = {t.name: [] for t in everyone}
+        for _ in range(reps):
+            for t in everyone:
+                speed, usage = _transfer_once(t, direction, big)
+                row = cell[t.name]
+                if speed is None:
+                    row.errors += 1
+                else:
+                    speeds[t.name].append(speed)
+                if row.cpu_seconds is not None and row.peak_rss_mib is not None:
+                    row.cpu_seconds += usage.cpu_seconds
+                    row.peak_rss_mib = max(row.peak_rss_mib, usage.peak_rss_mib)
         for row in cell.values():
+            row.throughput = statistics.median(speeds[row.target]) if speeds[row.target] else 0
+            print(f"  {name} {row.target}: {row.throughput:,.0f} MiB/s", file=sys.stderr,
+                  flush=True)
             if row.target not in (NGINX, DIRECT):
                 row.vs_nginx = _ratio(row.throughput, cell[NGINX].throughput)
             if row.target != DIRECT:
@@ -266,7 +275,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="comma-separated connection counts for the small GET")
     parser.add_argument("--busy-connections", type=int, default=64,
                         help="connections for the busy-pool cell")
-    parser.add_argument("--reps", type=int, default=3, help="64 MiB transfers per target")
+    parser.add_argument("--reps", type=int, default=5, help="64 MiB transfers per target")
     parser.add_argument("--profile", type=Path, metavar="PATH",
                         help="after the table, profile the router with py-spy at c=64 "
                              "(.txt: collapsed stacks, else SVG flame graph)")

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 
 from router import upstream
-from router.connection import Response
+from router.connection import DRAIN_LIMIT, Response
 from router.errors import ConnectFailed, UpstreamFailed, UpstreamTimeout
 from router.upstream import Client, Timeout
 
@@ -298,6 +298,49 @@ def test_idle_connections_are_closed_after_the_keep_alive_limit(
             writer.write(OK)
             await reader.read()  # returns when the router closes its end
             closed.set()
+
+        return script
+
+    run(scenario, script_for)
+
+
+@pytest.mark.parametrize("size", [2, 200_000], ids=["small", "large"])
+def test_an_abandoned_request_keeps_its_connection_only_for_a_small_answer(size: int) -> None:
+    """The requester gives up while the pod works: a small answer arriving within the
+    grace is dropped and the connection pooled; a large one closes it."""
+    got, go, closed = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def scenario(server: Scripted, client: Client) -> None:
+        task = asyncio.ensure_future(get(server, client))
+        await asyncio.wait_for(got.wait(), 5)  # the request is at the pod
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        go.set()  # now the pod answers
+        if size > DRAIN_LIMIT:
+            await asyncio.wait_for(closed.wait(), 5)
+            assert client._idle == {}
+            return
+        for _ in range(500):  # until the dropped answer has been read
+            if client._idle:
+                break
+            await asyncio.sleep(0.01)
+        assert (await get(server, client))[1] == b"ok"
+        assert server.connections == 1
+
+    def script_for(server: Scripted) -> Script:
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                await server.read_request(reader)
+                got.set()
+                await go.wait()
+                writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size
+                             + b"x" * size)
+                await server.read_request(reader)
+                writer.write(OK)
+                await writer.drain()
+            finally:
+                closed.set()
 
         return script
 
