@@ -362,10 +362,10 @@ class Response:
         """Nobody waits for this answer any more, and the request is at the pod. Closing
         at once would cost a new connection for the next request whenever clients give
         up on quick answers (a load generator stopping, a burst of client timeouts). So
-        the answer gets `LEAVE_GRACE` to arrive whole, up to `DRAIN_LIMIT` bytes, and is
-        dropped with the connection kept; otherwise the connection is closed, so that a
-        slow pod stops working for nobody, as before. Nothing else of the request goes on:
-        no retry, no answer to the client."""
+        the answer gets `LEAVE_GRACE` to arrive whole, if it is not declared or found to be
+        larger than `DRAIN_LIMIT`, and is dropped with the connection kept; otherwise the
+        connection is closed, so that a slow pod stops working for nobody, as before.
+        Nothing else of the request goes on: no retry, no answer to the client."""
         if self._released or self._settling is not None:
             return
         if not self.body_sent:  # a streamed body still going out: nothing to wait for
@@ -378,7 +378,7 @@ class Response:
         try:
             async with asyncio.timeout(LEAVE_GRACE):
                 while not self._complete:
-                    if self._error is not None or self._buffered > DRAIN_LIMIT:
+                    if self._error is not None or self._too_big_to_wait_for():
                         return
                     await self._wait()
             whole = True
@@ -390,6 +390,9 @@ class Response:
                 self.release()
             else:
                 self.close()
+
+    def _too_big_to_wait_for(self) -> bool:
+        return self._buffered > DRAIN_LIMIT or (self.content_length or 0) > DRAIN_LIMIT
 
     async def _wait(self) -> None:
         loop = asyncio.get_running_loop()

@@ -115,6 +115,8 @@ class Proxy:
         finally:
             if watch is not None:
                 watch.task = None
+                if watch.gone:  # also when the cancel came too late to interrupt anything
+                    exchange.status = CLIENT_CLOSED
             exchange.bytes_in = body.size if body is not None else 0
             exchange.duration = time.perf_counter() - exchange.started
             self._observer.request_finished(exchange)

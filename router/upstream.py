@@ -58,6 +58,7 @@ class Client:
     def __init__(self, resolve: Resolver | None = None) -> None:
         self._resolve = resolve or _system_resolver()
         self._idle: dict[tuple[str, int], collections.deque[Connection]] = {}
+        self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
 
     async def request(
@@ -110,6 +111,9 @@ class Client:
         return connection
 
     def keep(self, connection: Connection) -> None:
+        if self._closed:  # an answer dropped after shutdown began (`Response.abandon`)
+            connection.close()
+            return
         loop = asyncio.get_running_loop()
         connection.idle_since = loop.time()
         idle = self._idle.get(connection.key)
@@ -139,6 +143,7 @@ class Client:
             self._sweeper = loop.call_later(KEEPALIVE_SECONDS, self._sweep)
 
     async def close(self) -> None:
+        self._closed = True
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None

@@ -304,10 +304,15 @@ def test_idle_connections_are_closed_after_the_keep_alive_limit(
     run(scenario, script_for)
 
 
-@pytest.mark.parametrize("size", [2, 200_000], ids=["small", "large"])
-def test_an_abandoned_request_keeps_its_connection_only_for_a_small_answer(size: int) -> None:
+@pytest.mark.parametrize(("size", "shutting_down"), [(2, False), (200_000, False), (2, True)],
+                         ids=["small", "large", "small-after-close"])
+def test_an_abandoned_request_keeps_its_connection_only_for_a_small_answer(
+    size: int, shutting_down: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The requester gives up while the pod works: a small answer arriving within the
-    grace is dropped and the connection pooled; a large one closes it."""
+    grace is dropped and the connection pooled; a large one closes it, and so does any
+    once the client has been closed (the router is stopping)."""
+    monkeypatch.setattr(upstream, "KEEPALIVE_SECONDS", 60.0)  # no sweep closes it instead
     got, go, closed = asyncio.Event(), asyncio.Event(), asyncio.Event()
 
     async def scenario(server: Scripted, client: Client) -> None:
@@ -316,8 +321,10 @@ def test_an_abandoned_request_keeps_its_connection_only_for_a_small_answer(size:
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
+        if shutting_down:
+            await client.close()
         go.set()  # now the pod answers
-        if size > DRAIN_LIMIT:
+        if size > DRAIN_LIMIT or shutting_down:
             await asyncio.wait_for(closed.wait(), 5)
             assert client._idle == {}
             return
