@@ -91,8 +91,9 @@ DISCONNECT = "router.disconnect"
 class ClientWatch:
     """One per client connection: the request's handle on it. While a request is served,
     `task` is its task: if the client connection is lost, it is cancelled at once, whatever
-    it waits for (the pod's first byte included), so the pod's connection is dropped rather
-    than left working; `gone` tells the request why it was cancelled."""
+    it waits for (the pod's first byte included), so the pod is not left working for nobody
+    (`Response.abandon` says what becomes of its connection); `gone` tells the request why
+    it was cancelled."""
 
     __slots__ = ("task", "gone", "_protocol")
 
