@@ -4,7 +4,6 @@ thread every 20 ms, so the peak of a short transfer is seen, not just its end.""
 from __future__ import annotations
 
 import threading
-from types import TracebackType
 
 import psutil
 
@@ -46,12 +45,7 @@ class Usage:
             self._thread.start()
         return self
 
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self._process is not None:
             self._stop.set()
             self._thread.join()
