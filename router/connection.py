@@ -185,8 +185,7 @@ class Response:
         self._paused = False
         self._headers_done = False
         self._complete = False
-        self._keep_alive = False
-        self._keep_alive_header = False
+        self._keep_alive = False  # as the pod said; counts only once the answer is complete
         self._tainted = False  # the pod sent bytes beyond its answer: never reuse
         self._received = False
         self._error: BaseException | None = None
@@ -218,7 +217,7 @@ class Response:
             return
         self.status = status
         self._headers_done = True
-        self._keep_alive_header = self._parser.should_keep_alive()
+        self._keep_alive = self._parser.should_keep_alive()
         for name, value in self.raw_headers:
             if name.lower() == b"content-length" and value.isdigit():
                 self.content_length = int(value)
@@ -248,7 +247,6 @@ class Response:
 
     def _finish(self) -> None:
         self._complete = True
-        self._keep_alive = self._keep_alive_header
         self._remaining = None
 
     # From the connection
@@ -353,7 +351,7 @@ class Response:
         self._connection.release()
 
     def close(self) -> None:
-        """Abandon the answer (the client left): its connection is closed, never pooled."""
+        """Give up on the answer: its connection is closed, never pooled."""
         if not self._released:
             self._connection.close()
             self.fail(UpstreamFailed("The answer was abandoned."))

@@ -103,19 +103,16 @@ class Proxy:
         except ClientGone:
             exchange.status = CLIENT_CLOSED
         except asyncio.CancelledError:
-            # The client went away (see `ClientWatch`), or uvicorn cancels what is still running
-            # when --shutdown-timeout runs out: then answer 503 if nothing was sent yet.
-            # Either way the pod's connection was closed on the way out, and the request
-            # ends quietly rather than as a crash.
-            if watch is not None and watch.gone:
-                exchange.status = CLIENT_CLOSED
-            elif exchange.status == 0:
+            # The client went away (see `ClientWatch`: logged 499 below), or uvicorn cancels
+            # what is still running when --shutdown-timeout runs out: then answer 503 if
+            # nothing was sent yet. Either way the request ends quietly, not as a crash.
+            if exchange.status == 0 and not (watch is not None and watch.gone):
                 exchange.status = 503
                 exchange.bytes_out = await send_error(send, SHUTTING_DOWN, tuple(own_headers))
         finally:
             if watch is not None:
                 watch.task = None
-                if watch.gone:  # also when the cancel came too late to interrupt anything
+                if watch.gone:  # however the request ended, nobody got the answer
                     exchange.status = CLIENT_CLOSED
             exchange.bytes_in = body.size if body is not None else 0
             exchange.duration = time.perf_counter() - exchange.started
