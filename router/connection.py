@@ -44,8 +44,10 @@ class Pool(Protocol):
 class Connection(asyncio.Protocol):
     """One TCP connection to a pod; carries one request at a time."""
 
-    def __init__(self, pool: Pool, key: tuple[str, int]) -> None:
+    def __init__(self, pool: Pool, key: tuple[str, int],
+                 loop: asyncio.AbstractEventLoop) -> None:
         self.key = key
+        self.loop = loop
         self.reused = False
         self.closed = False
         self.idle_since = 0.0
@@ -108,7 +110,7 @@ class Connection(asyncio.Protocol):
 
     async def _drain(self) -> None:
         if self._write_paused and not self.closed:
-            self._drained = asyncio.get_running_loop().create_future()
+            self._drained = self.loop.create_future()
             await self._drained
 
     def close(self) -> None:
@@ -393,7 +395,7 @@ class Response:
         return self._buffered > DRAIN_LIMIT or (self.content_length or 0) > DRAIN_LIMIT
 
     async def _wait(self) -> None:
-        loop = asyncio.get_running_loop()
+        loop = self._connection.loop
         waiter = self._waiter = loop.create_future()
         timer = loop.call_later(self._read_timeout, self._timed_out, waiter)
         try:

@@ -63,11 +63,13 @@ class Proxy:
         self._observer = observer
         self._balancer = RoundRobin(config.max_attempts)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
+        self._loop = asyncio.get_running_loop()  # made at start-up, in the serving loop
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        watch: ClientWatch | None = scope.get("extensions", {}).get(DISCONNECT)
+        extensions = scope.get("extensions")
+        watch: ClientWatch | None = extensions.get(DISCONNECT) if extensions else None
         if watch is not None:
-            watch.task = asyncio.current_task()
+            watch.task = asyncio.current_task(self._loop)
         incoming = read_request(scope)
         client = scope.get("client")
         exchange = Exchange(

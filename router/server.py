@@ -124,12 +124,13 @@ class HttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.watch = ClientWatch(self)
+        self._extensions = {DISCONNECT: self.watch}  # the same for every request on it
         self.serving: RequestResponseCycle | None = None
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self.scope["extensions"] = {DISCONNECT: self.watch}  # type: ignore[dict-item]
+        self.scope["extensions"] = self._extensions  # type: ignore[typeddict-item]
 
     def on_body(self, body: bytes) -> None:
         """uvicorn's, less two copies of every piece of a request body: uvicorn appends

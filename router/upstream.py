@@ -53,9 +53,11 @@ class Timeout:
 
 class Client:
     """One per process: pooled keep-alive connections to every pod, no limit on their
-    number (the pods' own capacity is what limits a pool)."""
+    number (the pods' own capacity is what limits a pool). Made inside the event loop
+    that uses it, which it keeps rather than look up on every request."""
 
     def __init__(self, resolve: Resolver | None = None) -> None:
+        self._loop = asyncio.get_running_loop()
         self._resolve = resolve or _system_resolver()
         self._idle: dict[tuple[str, int], collections.deque[Connection]] = {}
         self._closed = False
@@ -84,7 +86,7 @@ class Client:
     async def _acquire(self, host: str, port: int, connect_timeout: float) -> Connection:
         idle = self._idle.get((host, port))
         if idle:
-            now = asyncio.get_running_loop().time()
+            now = self._loop.time()
             while idle:
                 # The longest idle first: under steady load every pooled connection keeps
                 # being used, so none reaches the keep-alive limit and is reopened.
@@ -105,8 +107,8 @@ class Client:
         """Look the name up (unless it is an address) and connect: both within the
         connect timeout."""
         address = host if _is_ip(host) else await self._resolve(host)
-        _, connection = await asyncio.get_running_loop().create_connection(
-            lambda: Connection(self, (host, port)), address, port
+        _, connection = await self._loop.create_connection(
+            lambda: Connection(self, (host, port), self._loop), address, port
         )
         return connection
 
@@ -114,14 +116,13 @@ class Client:
         if self._closed:  # an answer dropped after shutdown began (`Response.abandon`)
             connection.close()
             return
-        loop = asyncio.get_running_loop()
-        connection.idle_since = loop.time()
+        connection.idle_since = self._loop.time()
         idle = self._idle.get(connection.key)
         if idle is None:
             idle = self._idle[connection.key] = collections.deque()
         idle.append(connection)
         if self._sweeper is None:
-            self._sweeper = loop.call_later(KEEPALIVE_SECONDS, self._sweep)
+            self._sweeper = self._loop.call_later(KEEPALIVE_SECONDS, self._sweep)
 
     def forget(self, connection: Connection) -> None:
         idle = self._idle.get(connection.key)
@@ -132,15 +133,14 @@ class Client:
         """Close connections idle past the keep-alive limit, so pods that get no more
         requests (gone, or pinned sandboxes whose session ended) are not held open."""
         self._sweeper = None
-        loop = asyncio.get_running_loop()
-        limit = loop.time() - KEEPALIVE_SECONDS
+        limit = self._loop.time() - KEEPALIVE_SECONDS
         for key, idle in list(self._idle.items()):
             while idle and idle[0].idle_since <= limit:  # oldest first: the deque's order
                 idle.popleft().close()
             if not idle:
                 del self._idle[key]
         if self._idle:
-            self._sweeper = loop.call_later(KEEPALIVE_SECONDS, self._sweep)
+            self._sweeper = self._loop.call_later(KEEPALIVE_SECONDS, self._sweep)
 
     async def close(self) -> None:
         self._closed = True
