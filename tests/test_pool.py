@@ -145,3 +145,16 @@ def test_chunked_body_streams_to_the_first_pod(start_pods: StartPods, start_rout
     answer = client.post("/upload", content=iter(parts)).json()
     assert answer["body_bytes"] == 50_000
     assert answer["body_sha256"] == hashlib.sha256(b"".join(parts)).hexdigest()
+
+
+def test_pod_connections_are_reused_busy_answers_included(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(3)
+    pods[1].app.mode = "busy"
+    client = start_router(static_config(pods))
+    assert all(client.get("/").status_code == 200 for _ in range(60))
+    # One connection per pod for sequential requests: each pod sees a single peer port,
+    # the busy one too (its small 503 is read to the end and the connection kept).
+    assert [len({seen.peer_port for seen in pod.app.seen}) for pod in pods] == [1, 1, 1]
+    assert [pod.app.hits for pod in pods] == [20, 20, 40]
