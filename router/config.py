@@ -26,6 +26,9 @@ _SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORE
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
 class ConfigError(ValueError):
     """An option value that cannot be used; the message is the whole user-facing line."""
 
@@ -53,7 +56,7 @@ class Config:
     pod_port: int = 8888
     kubeconfig: str | None = None
     cache_ttl: float = 3.0
-    max_stale: float = 60.0
+    max_stale: float = 0.0
     max_attempts: int = 0
     retry_body_limit: int = 1024 * 1024
     proxy_timeout: float = 180.0
@@ -61,6 +64,12 @@ class Config:
     cluster_domain: str = "cluster.local"
     metrics_port: int = 9090
     allow_loopback_pod_ip: bool = False
+    pod_cidr: tuple[Network, ...] = ()
+    header_timeout: float = 10.0
+    body_timeout: float = 60.0
+    send_timeout: float = 60.0
+    max_request_head: int = 32 * 1024
+    max_response_head: int = 64 * 1024
     shutdown_timeout: float = 30.0
     drain_grace: float = 5.0
     log_level: str = "info"
@@ -186,6 +195,26 @@ def static_pods(text: str) -> tuple[StaticPod, ...]:
     return tuple(pods)
 
 
+def cidrs(text: str) -> tuple[Network, ...]:
+    """`10.244.0.0/16,fd00:10:244::/56`: comma-separated networks (host bits must be 0)."""
+    networks: list[Network] = []
+    for item in (part.strip() for part in text.split(",")):
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item))
+        except ValueError:
+            raise ConfigError(f"expected CIDR,... such as 10.244.0.0/16, got {item!r}") from None
+    return tuple(networks)
+
+
+def _head_size(text: str) -> int:
+    value = byte_size(text)
+    if not 1024 <= value <= 16 * 1024 * 1024:
+        raise ConfigError(f"expected a size from 1KiB to 16MiB, got {text!r}")
+    return value
+
+
 def _ip_or_host(text: str) -> str:
     try:
         return str(ipaddress.ip_address(text))
@@ -235,7 +264,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("cache_ttl", _seconds(allow_zero=False),
             "the pod list served is never older than this while the API answers (s)"),
     _Option("max_stale", _seconds(allow_zero=True),
-            "with the API unreachable, serve the last good list this long, then fail /ready (s)"),
+            "with the API unreachable, fail /ready once the list is this old (s; 0 = never)"),
     _Option("max_attempts", _whole(0), "pool attempts per request (0 = every pod once)"),
     _Option("retry_body_limit", byte_size,
             "request bodies up to this size are kept so a busy pod can be retried",
@@ -248,6 +277,19 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("metrics_port", port_number, "port of the Prometheus /metrics endpoint (0 = off)"),
     _Option("allow_loopback_pod_ip", _boolean,
             "accept a loopback X-Sandbox-Pod-IP (sidecar use, tests)", flag=True),
+    _Option("pod_cidr", cidrs,
+            "networks a pinned X-Sandbox-Pod-IP (or DNS answer) may reach besides known pods",
+            metavar="CIDR,..."),
+    _Option("header_timeout", _seconds(allow_zero=True),
+            "a client must send a whole request head within this (s; 408; 0 = off)"),
+    _Option("body_timeout", _seconds(allow_zero=True),
+            "longest wait between two reads of a request body (s; 408; 0 = off)"),
+    _Option("send_timeout", _seconds(allow_zero=True),
+            "longest a client may leave the router's writes unread (s; then closed; 0 = off)"),
+    _Option("max_request_head", _head_size,
+            "request line plus headers, at most (414 / 431 above it)", metavar="SIZE"),
+    _Option("max_response_head", _head_size,
+            "a pod's status line plus headers, at most (502 above it)", metavar="SIZE"),
     _Option("shutdown_timeout", _seconds(allow_zero=True),
             "on SIGTERM, time to finish in-flight requests, grace window included (s)"),
     _Option("drain_grace", _seconds(allow_zero=True),
@@ -294,6 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
             shown = "unset"
         elif option.field == "namespace":
             shown = "own namespace, else default"
+        elif option.field == "pod_cidr":
+            shown = "none"
         help_text = f"{option.help} [default: {shown}; env: {envs}]"
         if option.flag:
             parser.add_argument(option.cli, action=argparse.BooleanOptionalAction, help=help_text)

@@ -156,7 +156,7 @@ class KubernetesPodSource:
         if age is None:
             detail = f": {self._error}" if self._error else ""
             return f"pod list not synced yet{detail}"
-        if age > self._config.max_stale:
+        if self._config.max_stale and age > self._config.max_stale:
             return f"pod list is stale ({age:.0f} s since the last sync): {self._error}"
         return None
 
