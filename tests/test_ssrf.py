@@ -190,3 +190,20 @@ def test_listed_loopback_pods_are_served_with_the_flag(
     served = {client.get("/").json()["pod"] for _ in range(4)}
     assert served == {"pod-0", "pod-1"}
     assert client.get("/", headers={"X-Sandbox-ID": "pod-1"}).json()["pod"] == "pod-1"
+
+
+@pytest.mark.parametrize(("pod_cidr", "status"), [("127.0.0.2/32", 502), ("", 200)])
+def test_pod_cidr_keeps_a_service_name_from_reaching_the_api_server(
+    start_pods: StartPods, observed_router: StartRouter, pod_cidr: str, status: int
+) -> None:
+    """`X-Sandbox-ID: kubernetes` in `default` is the API server's Service name: its answer
+    (here a stand-in on 127.0.0.3) is outside the pod network, which --pod-cidr names."""
+    pod, api_server = start_pods(2)
+    config = static_config([pod], allow_loopback_pod_ip=True, pod_cidr=cidrs(pod_cidr),
+                           pod_port=pod.port)
+    client = observed_router(config, names={"kubernetes.default.svc.cluster.local": "127.0.0.3"})
+    with recorded_connects() as connects:
+        response = client.get("/", headers={"X-Sandbox-ID": "kubernetes"})
+    assert response.status_code == status
+    assert (api_server.ip in ports_reached(connects, pod.port)) == (status == 200)
+    assert api_server.app.hits == (status == 200)
