@@ -32,7 +32,7 @@ def _nets(*cidrs: str) -> tuple[Network, ...]:
 
 REFUSED_V4 = _nets(
     "0.0.0.0/8",  # RFC 791/1122 "this network", 0.0.0.0 (unspecified) included
-    "169.254.0.0/16",  # RFC 3927 link-local: every cloud's metadata service lives here
+    "169.254.0.0/16",  # RFC 3927 link-local: most clouds put their metadata service here
     "224.0.0.0/4",  # RFC 5771 multicast
     "255.255.255.255/32",  # RFC 919 limited broadcast
 )
