@@ -22,6 +22,7 @@ from router.observe import Observer, combine
 from router.pods import Pod, PodSource, StaticPodSource
 from router.proxy import Proxy
 from router.server import bind
+from router.targets import TargetPolicy
 
 log = logging.getLogger("router.app")
 
@@ -115,8 +116,14 @@ class Router:
         if self.access_log is not None:
             self.access_log.start()
         await self.source.start()
-        self._client = upstream.Client(self._resolver)
-        self._proxy = Proxy(self.config, self.source, self._client, self.observer)
+        targets = TargetPolicy(
+            self.source,
+            allow_loopback=self.config.allow_loopback_pod_ip,
+            pod_cidr=self.config.pod_cidr,
+            operator_chosen=self.config.static or isinstance(self.source, StaticPodSource),
+        )
+        self._client = upstream.Client(self._resolver, targets.permits)
+        self._proxy = Proxy(self.config, self.source, self._client, self.observer, targets)
 
     async def shutdown(self) -> None:
         if self._proxy is not None:

@@ -28,6 +28,14 @@ class ConnectFailed(ProxyError):
         super().__init__(502, detail)
 
 
+class TargetRefused(ConnectFailed):
+    """The address policy (`router/targets.py`) refused the address: nothing was connected.
+    The detail names no address, so a caller cannot use it to read the cluster's DNS."""
+
+    def __init__(self) -> None:
+        super().__init__("The backend sandbox address is not allowed.")
+
+
 class UpstreamTimeout(ProxyError):
     def __init__(self, detail: str = "The backend sandbox did not answer in time.") -> None:
         super().__init__(504, detail)

@@ -6,7 +6,6 @@ validation and the same 400 messages, so existing clients and SDKs keep working 
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ from random import getrandbits
 
 from router.asgi import Scope
 from router.errors import ProxyError
+from router.targets import pod_ip_hint
 
 # RFC 9110 7.6.1 plus the legacy proxy-connection; never forwarded in either direction.
 HOP_BY_HOP = frozenset(
@@ -163,21 +163,8 @@ def parse_pinned(incoming: Incoming, *, allow_loopback: bool) -> Pinned:
             raise ProxyError(400, "Invalid port format.")
     pod_ip = None
     if incoming.sandbox_pod_ip:
-        pod_ip = _checked_pod_ip(incoming.sandbox_pod_ip, allow_loopback=allow_loopback)
+        pod_ip = pod_ip_hint(incoming.sandbox_pod_ip, allow_loopback=allow_loopback)
     return Pinned(sandbox_id, namespace, port, pod_ip)
-
-
-def _checked_pod_ip(text: str, *, allow_loopback: bool) -> str:
-    """Refuse the SSRF classes: without this, `169.254.169.254` reaches cloud metadata."""
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        raise ProxyError(400, "Invalid target IP address format.") from None
-    if (ip.is_loopback and not allow_loopback) or ip.is_link_local or ip.is_multicast or (
-        ip.is_unspecified
-    ):
-        raise ProxyError(400, "Invalid target IP address.")
-    return str(ip)
 
 
 def upstream_timeout(raw: str | None, cap: float) -> float:

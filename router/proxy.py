@@ -22,6 +22,7 @@ from router.connection import DRAIN_LIMIT, Response
 from router.errors import (
     ConnectFailed,
     ProxyError,
+    TargetRefused,
     UpstreamFailed,
     UpstreamTimeout,
     busy,
@@ -39,6 +40,7 @@ from router.headers import (
 from router.observe import Exchange, Observer, Outcome
 from router.pods import Pod, PodSource
 from router.server import DISCONNECT, ClientWatch
+from router.targets import TargetPolicy
 
 log = logging.getLogger("router.proxy")
 
@@ -56,11 +58,13 @@ class Proxy:
         source: PodSource,
         client: upstream.Client,
         observer: Observer,
+        targets: TargetPolicy,
     ) -> None:
         self._config = config
         self._source = source
         self._client = client
         self._observer = observer
+        self._targets = targets
         self._balancer = RoundRobin(config.max_attempts)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
         self._loop = asyncio.get_running_loop()  # made at start-up, in the serving loop
@@ -157,10 +161,11 @@ class Proxy:
         exchange: Exchange,
     ) -> Response:
         """The one sandbox the client named; its answer, 503 included, is final. Target: the
-        given pod IP, else the cached pod of that name, else the cluster DNS name."""
+        given pod IP if it is a known pod or inside --pod-cidr (else the hint is ignored),
+        else the cached pod of that name, else the cluster DNS name."""
         snapshot = self._source.snapshot()
         pod = snapshot.by_name.get((pinned.namespace, pinned.sandbox_id)) if snapshot else None
-        if pinned.pod_ip:
+        if pinned.pod_ip and self._targets.admits_hint(pinned.pod_ip):
             host = pinned.pod_ip
         elif pod:
             host = pod.ip
@@ -173,8 +178,10 @@ class Proxy:
                 scope, host, port, _raw_path_qs(scope), incoming, body,
                 self._request_timeout(incoming),
             )
-        except ConnectFailed:
+        except ConnectFailed as error:
             self._observer.attempt("connect_error")
+            if isinstance(error, TargetRefused):
+                raise
             raise ProxyError(
                 502, f"Could not connect to the backend sandbox: {pinned.sandbox_id}"
             ) from None

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ipaddress
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -29,7 +30,9 @@ from typing import Any
 from cachetools import TTLCache
 
 from router.connection import Body, Connection, Response, StaleConnection
-from router.errors import ConnectFailed, UpstreamFailed
+from router.errors import ConnectFailed, TargetRefused, UpstreamFailed
+
+log = logging.getLogger("router.upstream")
 
 KEEPALIVE_SECONDS = 4.0
 """Below the 5 s idle timeout of uvicorn, node and most sandbox servers, so the router
@@ -40,6 +43,10 @@ IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 Resolver = Callable[[str], Awaitable[str]]
 """A host name to one IP address; raises OSError when there is none."""
+
+Permit = Callable[[str, str], bool]
+"""Whether to connect to an address: (the host asked for, the IP literal it is or resolved
+to). `router.targets.TargetPolicy.permits` in the router."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,9 +63,10 @@ class Client:
     number (the pods' own capacity is what limits a pool). Made inside the event loop
     that uses it, which it keeps rather than look up on every request."""
 
-    def __init__(self, resolve: Resolver | None = None) -> None:
+    def __init__(self, resolve: Resolver | None = None, permit: Permit | None = None) -> None:
         self._loop = asyncio.get_running_loop()
         self._resolve = resolve or _system_resolver()
+        self._permit = permit or _any_address
         self._idle: dict[tuple[str, int], collections.deque[Connection]] = {}
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -104,9 +112,13 @@ class Client:
             raise ConnectFailed() from exc
 
     async def _open(self, host: str, port: int) -> Connection:
-        """Look the name up (unless it is an address) and connect: both within the
-        connect timeout."""
+        """Look the name up (unless it is an address), ask the address policy, and connect:
+        all within the connect timeout. The one place every connection is decided, so a
+        header, a cached pod and a DNS answer cannot take different paths around it."""
         address = host if _is_ip(host) else await self._resolve(host)
+        if not self._permit(host, address):
+            log.warning("refused to connect to %s (%s): address not allowed", host, address)
+            raise TargetRefused()
         _, connection = await self._loop.create_connection(
             lambda: Connection(self, (host, port), self._loop), address, port
         )
@@ -168,6 +180,11 @@ def _head(method: str, target: str, authority: str, headers: list[tuple[str, str
 
 def _authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _any_address(host: str, address: str) -> bool:
+    """No policy: a bare client (tests of the client itself) connects where it is told."""
+    return True
 
 
 def _is_ip(host: str) -> bool:

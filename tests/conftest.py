@@ -105,7 +105,9 @@ def static_config(pods: list[Pod], **options: Any) -> Config:
 @pytest.fixture
 def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
     """`start_router(config)` serves the router in a thread on 127.0.0.1 and returns an
-    httpx client for it; the server and the client are closed after the test."""
+    httpx client for it; the server and the client are closed after the test.
+    `loop="asyncio"` serves on the standard event loop, whose connects the audit hook of
+    `tests/connects.py` sees (uvloop, the default, connects in C)."""
     clients: list[httpx.Client] = []
 
     def start(
@@ -114,11 +116,14 @@ def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
         observer: Observer | None = None,
         names: dict[str, str] | None = None,
         metrics: Metrics | None = None,
+        loop: str = "auto",
     ) -> httpx.Client:
         resolver = names_resolver(names) if names is not None else None
         app = Router(config, source=source, observer=observer, resolver=resolver,
                      metrics=metrics)
-        thread = ServerThread(server_config(config, app), bind("127.0.0.1")).start()
+        serving = server_config(config, app)
+        serving.loop = loop
+        thread = ServerThread(serving, bind("127.0.0.1")).start()
         client = httpx.Client(base_url=thread.url, timeout=30)
         client.app = app  # type: ignore[attr-defined]
         clients.append(client)

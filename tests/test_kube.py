@@ -47,6 +47,8 @@ def kube_router(kube: FakeKube, tmp_path: Path, start_router: StartRouter) -> Ca
     def start(pods: list[Pod], observer: Any = None, metrics: Metrics | None = None,
               wait: bool = True, **options: Any) -> httpx.Client:
         options.setdefault("cache_ttl", 1.0)
+        # The fake API lists pods on 127.0.0.x: listed pods go through the address policy.
+        options.setdefault("allow_loopback_pod_ip", True)
         config = dataclasses.replace(
             Config(port=0, metrics_port=0, log_level="warning"),
             kubeconfig=str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
@@ -360,7 +362,8 @@ def test_the_command_finds_the_api_through_kubeconfig(
     pods = start_pods(2)
     kube.add_pods(pods)
     path = kube.write_kubeconfig(tmp_path / "kubeconfig")
-    router = RouterProcess(["--pod-port", str(pods[0].port)], env={"KUBECONFIG": str(path)})
+    router = RouterProcess(["--pod-port", str(pods[0].port), "--allow-loopback-pod-ip"],
+                           env={"KUBECONFIG": str(path)})
     try:
         with httpx.Client(base_url=router.url) as client:
             eventually(lambda: ready(client))

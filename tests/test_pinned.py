@@ -47,7 +47,8 @@ def test_unknown_sandbox_is_reached_by_its_cluster_dns_name(
 ):
     pods = start_pods(1)
     names = {"sb-1.team.svc.cluster.test": pods[0].ip}
-    config = static_config([], cluster_domain="cluster.test", pod_port=pods[0].port)
+    config = static_config([], cluster_domain="cluster.test", pod_port=pods[0].port,
+                           allow_loopback_pod_ip=True)  # the answer is a loopback pod
     client = start_router(config, source=StaticPodSource([]), names=names)
     response = client.get("/", headers={"X-Sandbox-ID": "sb-1", "X-Sandbox-Namespace": "team"})
     assert response.json()["pod"] == "pod-0"
