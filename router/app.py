@@ -115,7 +115,7 @@ class Router:
         if self.access_log is not None:
             self.access_log.start()
         await self.source.start()
-        self._client = upstream.Client(self._resolver)
+        self._client = upstream.Client(self._resolver, self.config.max_response_head)
         self._proxy = Proxy(self.config, self.source, self._client, self.observer)
 
     async def shutdown(self) -> None:
