@@ -39,7 +39,7 @@ Body = bytes | AsyncIterator[bytes] | None
 INVALID = "The backend sandbox sent an invalid HTTP response."
 TOO_BIG = "The backend sandbox sent too large a header."
 STATUS_LINE = len("HTTP/1.1 200 \r\n")
-"""What a status line adds to the head besides its reason phrase (`Response.on_status`)."""
+"""What a status line adds to the head besides its reason phrase."""
 
 
 class Unsent(Exception):
@@ -207,7 +207,7 @@ class Response:
         self._no_body = method == "HEAD"
         self._read_timeout = read_timeout
         self._max_head = max_head
-        self._head_size = 0  # the head as parsed: status lines and header lines
+        self._head_size = 0  # the heads as parsed (1xx included): lines and their CRLFs
         self._head_left = max_head  # raw bytes fed before the head ended (`feed`)
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
@@ -231,7 +231,7 @@ class Response:
 
     def on_status(self, reason: bytes) -> None:
         if not self._complete:
-            self._grow(STATUS_LINE + len(reason))
+            self._grow(len(reason))  # called once per piece of a reason split across reads
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._complete:
@@ -249,6 +249,7 @@ class Response:
         if self._complete:
             self._tainted = True
             return
+        self._grow(STATUS_LINE + 2)  # and the empty line that ends the head
         status = self._parser.get_status_code()
         if not 100 <= status <= 599 or status == 101:  # never asked for: see the docstring
             raise UpstreamFailed(INVALID)

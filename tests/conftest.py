@@ -117,7 +117,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
-def static_config(pods: list[Pod], **options: Any) -> Config:
+def static_config(pods: list[Pod] | list[RawPod], **options: Any) -> Config:
     """A router config over `pods` as a static pool; no metrics port unless asked for."""
     options.setdefault("metrics_port", 0)
     options.setdefault("log_level", "warning")
