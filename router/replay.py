@@ -19,9 +19,10 @@ another pod nor sent again to the same one.
 The pod's idle-close race: a pooled connection may have been closed by the pod a moment
 ago (its idle timeout), with the FIN or reset already in the kernel but not yet reported
 by the event loop. So a pooled connection is written to only after `closed_by_pod` finds
-it still open, with one non-blocking `recv(MSG_PEEK)` right before the write. That is
-sound because an end the peek sees was sent before any byte of this request existed: the
-pod cannot have read the request. Such a connection is dropped and the request takes
+it still open and quiet, with one zero-timeout `poll` of its socket right before the
+write (an idle connection is readable only if an end, a reset or unasked bytes arrived).
+That is sound because whatever the poll sees was sent before any byte of this request
+existed: the pod cannot have read the request. Such a connection is dropped and the request takes
 another connection to the same pod; nothing was sent, so this is no replay and holds for
 any method and body. A close that arrives after the write, however soon, cannot be told
 apart from a pod that read the request and died, so it is final.
@@ -30,9 +31,7 @@ apart from a pod that read the request and died, so it is final.
 from __future__ import annotations
 
 import asyncio
-import socket
-
-_PEEK = socket.MSG_PEEK | socket.MSG_DONTWAIT
+import select
 
 
 def to_next_pod(status: int, replayable: bool) -> bool:
@@ -45,16 +44,6 @@ def closed_by_pod(transport: asyncio.Transport) -> bool:
     or the pod closed or reset it, or sent bytes nobody asked for (all pending unread)."""
     if transport.is_closing():
         return True
-    sock = transport.get_extra_info("socket")
-    # A socket object over the transport's descriptor, detached after the peek so it
-    # never closes it: no system call besides the recv.
-    peek = socket.socket(sock.family, sock.type, sock.proto, sock.fileno())
-    try:
-        peek.recv(1, _PEEK)
-    except BlockingIOError:
-        return False  # nothing pending: open and quiet
-    except OSError:
-        return True  # reset
-    finally:
-        peek.detach()
-    return True  # an end (b"") or unasked bytes
+    poll = select.poll()  # no system call until `poll` itself
+    poll.register(transport.get_extra_info("socket").fileno(), select.POLLIN)
+    return bool(poll.poll(0))  # POLLHUP and POLLERR are reported even unasked

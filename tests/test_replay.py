@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import uvloop
 
-from router.errors import UpstreamFailed
+from router.connection import Connection
+from router.errors import ConnectFailed, UpstreamFailed
 from router.metrics import Metrics
 from router.server import bind
 from router.upstream import Client, Timeout
@@ -85,6 +86,64 @@ def test_the_idle_close_race_takes_a_new_connection_and_sends_once(
             fd = pooled._transport.get_extra_info("socket").fileno()  # type: ignore[union-attr]
             assert select.select([fd], [], [], WAIT)[0] == [fd]
             assert not pooled.closed  # the loop has not seen it: the race is on
+            assert await post(client, pod, b"second") == (200, b"ok")
+        finally:
+            await client.close()
+
+    run_on(loop_name, main())
+    assert [(r.body, r.connection) for r in pod.requests] == [(b"first", 1), (b"second", 2)]
+
+
+class LosingClient(Client):
+    """Each new connection is lost before the first write: aborted as a reset would
+    (uvloop's `TCPTransport closed=True` race), and the loss reported too if `reported`."""
+
+    def __init__(self, reported: bool) -> None:
+        super().__init__()
+        self.reported = reported
+
+    async def _open(self, host: str, port: int) -> Connection:
+        connection = await super()._open(host, port)
+        connection._transport.abort()  # type: ignore[union-attr]
+        if self.reported:
+            await asyncio.sleep(0)  # one loop turn: connection_lost runs
+            assert connection.closed
+        return connection
+
+
+@pytest.mark.parametrize("reported", [False, True], ids=["closing", "lost"])
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_a_new_connection_gone_before_the_write_is_a_failed_connect(
+    start_raw_pods: StartRawPods, loop_name: str, reported: bool
+) -> None:
+    """Nothing was written, so the pool may try the next pod: `ConnectFailed`, never an
+    exception from the transport (a uvicorn 500 before)."""
+    (pod,) = start_raw_pods(answering(OK))
+
+    async def main() -> None:
+        client = LosingClient(reported)
+        try:
+            with pytest.raises(ConnectFailed):
+                await post(client, pod, b"never sent")
+        finally:
+            await client.close()
+
+    run_on(loop_name, main())
+    assert pod.requests == []
+
+
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_a_pooled_connection_closing_before_the_write_is_replaced(
+    start_raw_pods: StartRawPods, loop_name: str
+) -> None:
+    (pod,) = start_raw_pods(answering(OK))
+
+    async def main() -> None:
+        client = Client()
+        try:
+            assert await post(client, pod, b"first") == (200, b"ok")
+            (pooled,) = client._idle[(pod.ip, pod.port)]
+            pooled._transport.abort()  # type: ignore[union-attr]  # loss not yet reported
             assert await post(client, pod, b"second") == (200, b"ok")
         finally:
             await client.close()
