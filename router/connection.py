@@ -213,6 +213,7 @@ class Response:
         self._buffered = 0
         self._paused = False
         self._headers_done = False
+        self._chunked = False
         self._complete = False
         self._keep_alive = False  # as the pod said; counts only once the answer is complete
         self._tainted = False  # the pod sent bytes beyond its answer: never reuse
@@ -256,15 +257,25 @@ class Response:
         if status < 200:  # 1xx: informational, the real answer follows
             self.raw_headers = []
             return
-        if not (self._no_body or status in (204, 304)) and not self._framing_known():
+        codings: list[bytes] = []
+        for name, value in self.raw_headers:
+            name = name.lower()
+            if name == b"content-length" and value.isdigit():
+                self.content_length = int(value)
+            elif name == b"transfer-encoding":
+                codings.extend(coding.strip().lower() for coding in value.split(b","))
+        bodiless = self._no_body or status in (204, 304)
+        if codings and codings != [b"chunked"] and not bodiless:
+            # Only `chunked` alone, which the parser removes: another coding could not be
+            # passed on under the router's own framing, and reading to the end (RFC 9112
+            # 6.3) would hand the client coded bytes as plain. nginx refuses these too
+            # ("upstream sent unknown Transfer-Encoding").
             raise UpstreamFailed(INVALID)
+        self._chunked = bool(codings)
         self.status = status
         self._headers_done = True
         self._keep_alive = self._parser.should_keep_alive()
-        for name, value in self.raw_headers:
-            if name.lower() == b"content-length" and value.isdigit():
-                self.content_length = int(value)
-        if self._no_body or status in (204, 304):
+        if bodiless:
             self._finish()
         elif self.content_length is not None and not self._until_close():
             self._remaining = self.content_length  # framing is plain: `feed` skips the parser
@@ -336,22 +347,7 @@ class Response:
             self.fail(UpstreamFailed())  # final, pooled connection or not: `replay.py`
 
     def _until_close(self) -> bool:
-        return self.content_length is None and not any(
-            name.lower() == b"transfer-encoding" for name, _ in self.raw_headers
-        )
-
-    def _framing_known(self) -> bool:
-        """A body's transfer coding must be `chunked` alone, which the parser removes:
-        any other coding could not be passed on (the client's framing is the router's),
-        and "read until the end" would hand the client coded bytes as if plain. nginx
-        refuses these answers the same way ("upstream sent unknown Transfer-Encoding")."""
-        codings = [
-            coding.strip().lower()
-            for name, value in self.raw_headers
-            if name.lower() == b"transfer-encoding"
-            for coding in value.split(b",")
-        ]
-        return not codings or codings == [b"chunked"]
+        return self.content_length is None and not self._chunked
 
     def fail(self, error: BaseException) -> None:
         if self._error is None:
