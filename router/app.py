@@ -122,7 +122,8 @@ class Router:
             pod_cidr=self.config.pod_cidr,
             operator_chosen=self.config.static or isinstance(self.source, StaticPodSource),
         )
-        self._client = upstream.Client(self._resolver, targets.permits)
+        self._client = upstream.Client(self._resolver, targets.permits,
+                                       self.config.max_response_head)
         self._proxy = Proxy(self.config, self.source, self._client, self.observer, targets)
 
     async def shutdown(self) -> None:

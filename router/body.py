@@ -3,7 +3,9 @@
 A body up to `--retry-body-limit` with a declared length is read before the first attempt
 so a busy pod can be retried with the identical bytes. A larger or chunked body streams
 straight to the first pod that accepts the connection; it cannot be replayed, so once it
-has started flowing the pod's answer is final.
+has started flowing the pod's answer is final. A chunked body is never replayable, even
+when it all arrived in the first read, so what happens to it does not depend on the
+timing of its reads (`router/replay.py`); it is forwarded chunked, as it came.
 """
 
 from __future__ import annotations
@@ -42,9 +44,11 @@ class RequestBody:
             raise ClientGone
         chunk: bytes = message.get("body", b"")
         more = message.get("more_body", False)
+        if content_length is None:  # no body, or a chunked one: streamed, never replayed
+            return cls(receive, None, chunk, more) if chunk or more else cls(receive, b"")
         if not more and len(chunk) <= limit:
             return cls(receive, chunk, declared=content_length)
-        if not more or content_length is None or content_length > limit:
+        if not more or content_length > limit:
             return cls(receive, None, chunk, more, declared=content_length)
         parts = [chunk]
         while message.get("more_body", False):

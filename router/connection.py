@@ -1,7 +1,13 @@
 """One keep-alive connection to a pod (`Connection`, an asyncio protocol) and the answer
 it carries (`Response`): the request goes out in as few writes as possible, the answer is
 parsed by httptools, and its body is handed over as it arrives, with back-pressure both
-ways. Which failures may be retried, and the pool itself, are `router/upstream.py`'s.
+ways. The pool itself is `router/upstream.py`'s; which failures may be retried is
+`router/replay.py`'s.
+
+What a pod may send is bounded and checked: the answer head (interim 1xx heads included)
+up to `max_head` bytes, a status in 100-599 (no 101: the router never asks for an
+upgrade), and no transfer coding but `chunked`; anything else is a 502 at once and the
+connection is closed.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ from typing import Protocol, cast
 
 import httptools
 
+from router import replay
 from router.body import ClientGone
 from router.errors import ProxyError, UpstreamFailed, UpstreamTimeout
 
@@ -29,8 +36,14 @@ LEAVE_GRACE = 0.1
 Body = bytes | AsyncIterator[bytes] | None
 
 
-class StaleConnection(Exception):
-    """A reused connection closed before any answer: the pod dropped it while idle."""
+INVALID = "The backend sandbox sent an invalid HTTP response."
+TOO_BIG = "The backend sandbox sent too large a header."
+STATUS_LINE = len("HTTP/1.1 200 \r\n")
+"""What a status line adds to the head besides its reason phrase."""
+
+
+class Unsent(Exception):
+    """Nothing of the request was written: the connection was gone before the first byte."""
 
 
 class Pool(Protocol):
@@ -59,17 +72,27 @@ class Connection(asyncio.Protocol):
         self._aborted = False
 
     async def send(
-        self, method: str, head: bytes, body: Body, length: int | None, read_timeout: float
+        self, method: str, head: bytes, body: Body, length: int | None, read_timeout: float,
+        max_head: int,
     ) -> Response:
-        assert self._transport is not None
-        response = Response(self, method, read_timeout)
+        """Write the request and wait for the answer's head. Raises `Unsent` when the
+        connection is found gone first (a pooled one the pod closed: `replay.py`)."""
+        transport = self._transport
+        assert transport is not None
+        if self.closed or (
+            replay.closed_by_pod(transport) if self.reused else transport.is_closing()
+        ):
+            self.close()
+            raise Unsent
+        transport.write(head + body if isinstance(body, bytes) else head)  # one segment
+        if transport.is_closing():
+            # The write itself failed (asyncio and uvloop close the transport when the send
+            # system call fails, which then wrote nothing): a reset not yet reported.
+            self.close()
+            raise Unsent
+        response = Response(self, method, read_timeout, max_head)
         self.response = response
-        if body is None:
-            self._transport.write(head)
-        elif isinstance(body, bytes):
-            self._transport.write(head + body)  # one write: one segment for small requests
-        else:
-            self._transport.write(head)
+        if body is not None and not isinstance(body, bytes):
             response.body_sent = False
             response.writer = asyncio.ensure_future(self._stream(body, length, response))
         try:
@@ -172,7 +195,8 @@ class Response:
     """A pod's answer: status and raw headers once `send` returns, then the body as it
     arrives (`chunks()`), buffered up to `HIGH_WATER` before reading from the pod pauses."""
 
-    def __init__(self, connection: Connection, method: str, read_timeout: float) -> None:
+    def __init__(self, connection: Connection, method: str, read_timeout: float,
+                 max_head: int) -> None:
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.content_length: int | None = None
@@ -182,14 +206,17 @@ class Response:
         self._parser = httptools.HttpResponseParser(self)
         self._no_body = method == "HEAD"
         self._read_timeout = read_timeout
+        self._max_head = max_head
+        self._head_size = 0  # the heads as parsed (1xx included): lines and their CRLFs
+        self._head_left = max_head  # raw bytes fed before the head ended (`feed`)
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
         self._headers_done = False
+        self._chunked = False
         self._complete = False
         self._keep_alive = False  # as the pod said; counts only once the answer is complete
         self._tainted = False  # the pod sent bytes beyond its answer: never reuse
-        self._received = False
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None
         self._released = False
@@ -201,29 +228,54 @@ class Response:
         return (self._complete and self._keep_alive and self.body_sent and not self._chunks
                 and not self._tainted)
 
-    # httptools callbacks
+    # httptools callbacks; one raising `UpstreamFailed` stops the parser (`feed`)
+
+    def on_status(self, reason: bytes) -> None:
+        if not self._complete:
+            self._grow(len(reason))  # called once per piece of a reason split across reads
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._complete:
             self._tainted = True  # a second answer nobody asked for: ignored
             return
+        self._grow(len(name) + len(value) + 4)  # ": " and CRLF
         self.raw_headers.append((name, value))
+
+    def _grow(self, size: int) -> None:
+        self._head_size += size
+        if self._head_size > self._max_head:
+            raise UpstreamFailed(TOO_BIG)
 
     def on_headers_complete(self) -> None:
         if self._complete:
             self._tainted = True
             return
+        self._grow(STATUS_LINE + 2)  # and the empty line that ends the head
         status = self._parser.get_status_code()
+        if not 100 <= status <= 599 or status == 101:  # never asked for: see the docstring
+            raise UpstreamFailed(INVALID)
         if status < 200:  # 1xx: informational, the real answer follows
             self.raw_headers = []
             return
+        codings: list[bytes] = []
+        for name, value in self.raw_headers:
+            name = name.lower()
+            if name == b"content-length" and value.isdigit():
+                self.content_length = int(value)
+            elif name == b"transfer-encoding":
+                codings.extend(coding.strip().lower() for coding in value.split(b","))
+        bodiless = self._no_body or status in (204, 304)
+        if codings and codings != [b"chunked"] and not bodiless:
+            # Only `chunked` alone, which the parser removes: another coding could not be
+            # passed on under the router's own framing, and reading to the end (RFC 9112
+            # 6.3) would hand the client coded bytes as plain. nginx refuses these too
+            # ("upstream sent unknown Transfer-Encoding").
+            raise UpstreamFailed(INVALID)
+        self._chunked = bool(codings)
         self.status = status
         self._headers_done = True
         self._keep_alive = self._parser.should_keep_alive()
-        for name, value in self.raw_headers:
-            if name.lower() == b"content-length" and value.isdigit():
-                self.content_length = int(value)
-        if self._no_body or status in (204, 304):
+        if bodiless:
             self._finish()
         elif self.content_length is not None and not self._until_close():
             self._remaining = self.content_length  # framing is plain: `feed` skips the parser
@@ -254,7 +306,6 @@ class Response:
     # From the connection
 
     def feed(self, data: bytes) -> None:
-        self._received = True
         if self._complete:
             self._tainted = True  # bytes after the end (a HEAD answer with a body)
             return
@@ -268,11 +319,23 @@ class Response:
             if not self._remaining:
                 self.on_message_complete()
             return
+        if not self._headers_done:
+            # Bounds what the parser buffers of a header line not yet complete (a 128 MiB
+            # header is refused after `max_head` plus one read); `_grow` counts exactly.
+            self._head_left -= len(data)
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserError:
-            self.fail(UpstreamFailed("The backend sandbox sent an invalid HTTP response."))
-            self._connection.close()
+        except httptools.HttpParserError as exc:
+            refused = exc.__context__  # what a callback raised, if one did
+            self._refuse(refused if isinstance(refused, UpstreamFailed)
+                         else UpstreamFailed(INVALID))
+            return
+        if not self._headers_done and self._head_left < 0:
+            self._refuse(UpstreamFailed(TOO_BIG))
+
+    def _refuse(self, error: UpstreamFailed) -> None:
+        self.fail(error)
+        self._connection.close()
 
     def lost(self, error: Exception | None) -> None:
         if self._complete:
@@ -280,15 +343,11 @@ class Response:
         if self._headers_done and self._until_close() and error is None:
             self._complete = True  # delimited by a clean end of the connection (not a reset)
             self._wake()
-        elif not self._received and self._connection.reused:
-            self.fail(StaleConnection())
         else:
-            self.fail(UpstreamFailed())
+            self.fail(UpstreamFailed())  # final, pooled connection or not: `replay.py`
 
     def _until_close(self) -> bool:
-        return self.content_length is None and not any(
-            name.lower() == b"transfer-encoding" for name, _ in self.raw_headers
-        )
+        return self.content_length is None and not self._chunked
 
     def fail(self, error: BaseException) -> None:
         if self._error is None:

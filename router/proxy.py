@@ -1,9 +1,10 @@
 """One proxied request: pick the target, try it (and, for the pool, the next ones), stream
 the answer back, and map every failure to one `ProxyError`.
 
-The retry rule lives in `Proxy._pool`: a pod that answers 503 or cannot be connected to is
-skipped; any other answer, and any failure after the request was sent, is final, because
-replaying a request a pod may have acted on could repeat its side effects.
+The retry rule is `router/replay.py`'s, applied in `Proxy._pool`: a pod that cannot be
+connected to, or answers 503 to a replayable body, is skipped; any other answer, and any
+failure after the request was written, is final, because replaying a request a pod may
+have acted on could repeat its side effects.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import logging
 import time
 from urllib.parse import quote
 
-from router import upstream
+from router import replay, upstream
 from router.asgi import Receive, Scope, Send
 from router.balancer import RoundRobin
 from router.body import ClientGone, RequestBody
@@ -141,7 +142,7 @@ class Proxy:
             except ConnectFailed:
                 self._observer.attempt("connect_error")
                 continue
-            if response.status == 503 and body.replayable:
+            if replay.to_next_pod(response.status, body.replayable):
                 self._observer.attempt("busy")
                 saw_busy = True
                 await _discard(response)

@@ -11,9 +11,9 @@ handed over as it arrives, with back-pressure both ways (`router/connection.py`)
 
 Failures: `ConnectFailed` when nothing was sent (the pool may try the next pod),
 `UpstreamTimeout` when the pod went silent for the read timeout, `UpstreamFailed` for
-everything after the request was sent. A pooled connection that the pod closed while it
-was idle is detected (closed before a single byte of answer) and, for idempotent methods
-with a replayable body, the request is sent once more on a new connection.
+everything after the request was written, pooled connection or not. When a request may be
+sent again is `router/replay.py`'s rule: a pooled connection the pod has closed is found
+before the write and replaced by another to the same pod; nothing is ever resent.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ from typing import Any
 
 from cachetools import TTLCache
 
-from router.connection import Body, Connection, Response, StaleConnection
-from router.errors import ConnectFailed, TargetRefused, UpstreamFailed
+from router.config import Config
+from router.connection import Body, Connection, Response, Unsent
+from router.errors import ConnectFailed, TargetRefused
 
 log = logging.getLogger("router.upstream")
 
@@ -39,7 +40,6 @@ KEEPALIVE_SECONDS = 4.0
 drops a pooled connection before the pod does and rarely writes into a closing one."""
 
 DNS_CACHE_SECONDS = 10.0
-IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE", "TRACE"})
 
 Resolver = Callable[[str], Awaitable[str]]
 """A host name to one IP address; raises OSError when there is none."""
@@ -63,10 +63,12 @@ class Client:
     number (the pods' own capacity is what limits a pool). Made inside the event loop
     that uses it, which it keeps rather than look up on every request."""
 
-    def __init__(self, resolve: Resolver | None = None, permit: Permit | None = None) -> None:
+    def __init__(self, resolve: Resolver | None = None, permit: Permit | None = None,
+                 max_response_head: int = Config.max_response_head) -> None:
         self._loop = asyncio.get_running_loop()
         self._resolve = resolve or _system_resolver()
         self._permit = permit or _any_address
+        self._max_head = max_response_head
         self._idle: dict[tuple[str, int], collections.deque[Connection]] = {}
         self._closed = False
         self._sweeper: asyncio.TimerHandle | None = None
@@ -77,19 +79,18 @@ class Client:
         length: int | None = None,
     ) -> Response:
         """Send the request; return once the answer's headers are in. `length` is the
-        declared size of a streamed body (else it is sent chunked)."""
+        declared size of a streamed body (else it is sent chunked). A pooled connection
+        found gone before the write is dropped for the next one (`replay.py`); a new one
+        found gone is a failed connect. Bounded: each turn uses up a pooled connection."""
         head = _head(method, target, _authority(host, port), headers, body, length)
-        connection = await self._acquire(host, port, limits.connect)
-        try:
-            return await connection.send(method, head, body, length, limits.read)
-        except StaleConnection:
-            if method not in IDEMPOTENT or not (body is None or isinstance(body, bytes)):
-                raise UpstreamFailed() from None
-        connection = await self._connect(host, port, limits.connect)
-        try:
-            return await connection.send(method, head, body, length, limits.read)
-        except StaleConnection:
-            raise UpstreamFailed() from None
+        while True:
+            connection = await self._acquire(host, port, limits.connect)
+            try:
+                return await connection.send(method, head, body, length, limits.read,
+                                             self._max_head)
+            except Unsent:
+                if not connection.reused:
+                    raise ConnectFailed() from None
 
     async def _acquire(self, host: str, port: int, connect_timeout: float) -> Connection:
         idle = self._idle.get((host, port))

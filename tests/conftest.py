@@ -19,6 +19,7 @@ from router.observe import Observer
 from router.pods import PodSource
 from router.server import ServerThread, bind, server_config
 from router.upstream import Resolver
+from tests.rawpod import Behaviour, RawPod
 from tests.sandbox import Pod
 
 StartPods = Callable[..., list[Pod]]
@@ -68,6 +69,28 @@ def start_pods(servers: list[ServerThread]) -> StartPods:
     return start
 
 
+StartRawPods = Callable[..., list[RawPod]]
+
+
+@pytest.fixture
+def start_raw_pods() -> Iterator[StartRawPods]:
+    """`start_raw_pods(behaviour, ...)` runs one raw pod per behaviour on 127.0.0.2..,
+    sharing one port, and stops them after the test."""
+    running: list[RawPod] = []
+
+    def start(*behaviours: Behaviour) -> list[RawPod]:
+        port = 0
+        for index, behaviour in enumerate(behaviours):
+            pod = RawPod(f"raw-{index}", f"127.0.0.{2 + index}", behaviour, port)
+            port = pod.port
+            running.append(pod)
+        return running[-len(behaviours):]
+
+    yield start
+    for pod in running:
+        pod.stop()
+
+
 def eventually(check: Callable[[], object], timeout: float = 10.0) -> None:
     """Polls a condition that no event signals (a router's state, a subprocess's), up to
     `timeout` seconds."""
@@ -94,7 +117,7 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
-def static_config(pods: list[Pod], **options: Any) -> Config:
+def static_config(pods: list[Pod] | list[RawPod], **options: Any) -> Config:
     """A router config over `pods` as a static pool; no metrics port unless asked for."""
     options.setdefault("metrics_port", 0)
     options.setdefault("log_level", "warning")

@@ -1,0 +1,150 @@
+"""What a pod can send the router's upstream client: raw pods answering with exact bytes.
+Each hostile answer is a 502 at once (the proxy timeout is longer than the client's, so
+a wait would fail the test), the pod's connection is closed, no error is logged, and the
+router serves the next request."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import StartRawPods, StartRouter, static_config
+from tests.rawpod import OK, WAIT, PodConnection, answering
+
+INVALID = {"detail": "The backend sandbox sent an invalid HTTP response."}
+TOO_BIG = {"detail": "The backend sandbox sent too large a header."}
+FLOOD = 128 * 1024 * 1024
+"""What a flooding pod tries to send: far more than the router may hold."""
+HELD = 32 * 1024 * 1024
+"""More than the router's limit plus both kernels' socket buffers on loopback."""
+STATUS = b"HTTP/1.1 200 OK\r\n"
+
+
+@dataclasses.dataclass
+class Hostile:
+    """The first connection gets `answer` (or the `flood` of pieces, until the router stops
+    reading); later connections answer normally. Records how many bytes went out and
+    whether the router closed the hostile connection."""
+
+    answer: bytes = b""
+    flood: bytes = b""
+    sent: int = 0
+    router_closed: bool = False
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+    def __call__(self, connection: PodConnection) -> None:
+        if connection.number > 1:
+            answering(OK)(connection)
+            return
+        connection.read_request()
+        if connection.send(self.answer):
+            self.sent = len(self.answer)
+        while self.flood and self.sent < FLOOD and connection.send(self.flood):
+            self.sent += len(self.flood)
+        self.router_closed = connection.closed_by_router()
+        self.done.set()
+
+
+@pytest.fixture
+def no_errors_logged(caplog: pytest.LogCaptureFixture) -> Iterator[None]:
+    """No error from any logger (asyncio's "Fatal error on transport" included)."""
+    with caplog.at_level(logging.WARNING):
+        yield
+    records = caplog.get_records("call")  # `caplog.records` holds this teardown's only
+    assert [r.getMessage() for r in records if r.levelno >= logging.ERROR] == []
+
+
+def exchange(start_raw_pods: StartRawPods, start_router: StartRouter, hostile: Hostile,
+             **options: int) -> tuple[int, object]:
+    """One GET through a router whose only pod is `hostile`, then a second that must be
+    answered; returns the first's status and JSON body."""
+    pods = start_raw_pods(hostile)
+    client = start_router(static_config(pods, proxy_timeout=120, **options))
+    response = client.get("/")
+    assert client.get("/").content == b"ok"  # the router still serves, on a new connection
+    assert hostile.done.wait(WAIT) and hostile.router_closed
+    assert pods[0].connections == 2
+    return response.status_code, response.json()
+
+
+@pytest.mark.usefixtures("no_errors_logged")
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 600 Beyond\r\ncontent-length: 2\r\n\r\nok",
+    b"HTTP/1.1 999 Beyond\r\ncontent-length: 2\r\n\r\nok",
+    b"HTTP/1.1 099 Early\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+    b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x\r\n\r\nraw",
+    b"HTTP/1.1 101 Switching Protocols\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip\r\n\r\nnot gzip, never ends",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked, identity\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntransfer-encoding: gzip\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ncontent-length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\nok",
+], ids=["600", "999", "099-interim", "101-upgrade", "101-bare", "te-gzip",
+        "te-gzip-chunked", "te-chunked-identity", "te-two-headers", "te-and-length",
+        "two-lengths"])
+def test_a_malformed_answer_is_a_502_at_once(
+    start_raw_pods: StartRawPods, start_router: StartRouter, answer: bytes
+) -> None:
+    """Out-of-range statuses, a 101 the router never asked for (it forwards no
+    `Upgrade`), and any transfer coding but `chunked` alone: RFC 9112 6.3 would read the
+    last until the pod closes, but the router cannot pass on a coding it does not decode
+    under its own framing, so it refuses them, as nginx does."""
+    assert exchange(start_raw_pods, start_router, Hostile(answer)) == (502, INVALID)
+
+
+@pytest.mark.usefixtures("no_errors_logged")
+@pytest.mark.parametrize(("answer", "flood"), [
+    (STATUS, b"x-flood: " + b"a" * 1000 + b"\r\n"),  # header lines
+    (STATUS + b"x-value: ", b"a" * 65536),  # one endless header value
+    (STATUS[:-2] + b" ", b"a" * 65536),  # one endless reason phrase
+    (b"", b"HTTP/1.1 100 Continue\r\n\r\n"),  # interim heads count towards the same limit
+], ids=["lines", "one-value", "one-reason", "interim-heads"])
+def test_a_flood_of_answer_head_is_refused_with_memory_flat(
+    start_raw_pods: StartRawPods, start_router: StartRouter, answer: bytes, flood: bytes
+) -> None:
+    """A 128 MiB head at the default limit: refused after 64 KiB plus one read, so the pod
+    is stopped long before it has sent what the router could have buffered."""
+    hostile = Hostile(answer, flood)
+    assert exchange(start_raw_pods, start_router, hostile) == (502, TOO_BIG)
+    assert 64 * 1024 < hostile.sent < HELD
+
+
+HEAD_LIMIT = 1024
+BODY = b"content-length: 2\r\n"
+
+
+def head_of(size: int) -> bytes:
+    """A whole answer whose head (status line, headers, empty line) is `size` bytes."""
+    filler = size - len(STATUS) - len(BODY) - len(b"x-fill: \r\n") - 2
+    return STATUS + BODY + b"x-fill: " + b"f" * filler + b"\r\n\r\nok"
+
+
+@pytest.mark.parametrize(("size", "status"), [(HEAD_LIMIT, 200), (HEAD_LIMIT + 1, 502)])
+def test_the_answer_head_limit_is_exact(
+    start_raw_pods: StartRawPods, start_router: StartRouter, size: int, status: int
+) -> None:
+    """`--max-response-head` counts the status line, every header line and the empty
+    line; the body is not part of it, even when it comes in the same read."""
+    pods = start_raw_pods(answering(head_of(size)))
+    client = start_router(static_config(pods, max_response_head=HEAD_LIMIT))
+    response = client.get("/")
+    assert response.status_code == status
+    if status == 200:
+        assert response.content == b"ok"
+    else:
+        assert response.json() == TOO_BIG
+
+
+def test_interim_heads_count_towards_the_limit(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    interim = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n"
+    count = HEAD_LIMIT // len(interim) + 1
+    pods = start_raw_pods(answering(interim * count + OK))
+    client = start_router(static_config(pods, max_response_head=HEAD_LIMIT))
+    assert client.get("/").json() == TOO_BIG
