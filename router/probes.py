@@ -31,8 +31,8 @@ BEAT = 0.5
 """Seconds between two heartbeats of the serving loop."""
 
 STALL = 5.0
-"""A heartbeat older than this fails `/healthz`. The largest age seen under every overload
-of bench/probes.py was under a second (docs/kubernetes.md)."""
+"""A heartbeat older than this fails `/healthz`. The largest age seen under the overloads
+of bench/probes.py was 0.92 s (docs/kubernetes.md)."""
 
 ASK_WORKER = 1.0
 """Seconds the supervisor waits for a worker's answer (on loopback it takes milliseconds,
