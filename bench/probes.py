@@ -138,7 +138,8 @@ class Row:
 
     def cells(self) -> list[str]:
         times = sorted(sample.seconds * 1000 for sample in self.samples)
-        p99 = statistics.quantiles(times, n=100, method="inclusive")[98] if len(times) > 1 else times[0]
+        p99 = (statistics.quantiles(times, n=100, method="inclusive")[98] if len(times) > 1
+               else times[0])
         ages = [s.heartbeat_age for s in self.samples if s.heartbeat_age is not None]
         return [
             self.scenario, self.endpoint, str(len(times)),

@@ -119,9 +119,17 @@ def _gather(options: config.Config, reports: SimpleQueue[int]) -> ThreadingWSGIS
                           f"{options.host}: {exc.strerror}")
 
 
+def _stopped_before_serving(sig: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)  # nothing accepted yet, so nothing to drain: a clean stop
+
+
 def _worker(options: config.Config, sock: socket.socket,
             reports: SimpleQueue[int] | None) -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked while we started
+    # A SIGTERM that came while we started (blocked meanwhile) or comes before uvicorn
+    # takes the signal over ends the worker cleanly, not by the default action (exit -15,
+    # which the supervisor reports as a failure).
+    signal.signal(signal.SIGTERM, _stopped_before_serving)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     logging.config.dictConfig(logs.logging_config(options.log_level))
     metrics = None
     if reports is not None:  # served on loopback for the supervisor to gather
