@@ -144,16 +144,14 @@ class Row:
         return [
             self.scenario, self.endpoint, str(len(times)),
             f"{statistics.median(times):.1f}", f"{p99:.1f}", f"{times[-1]:.1f}",
-            str(sum(OLD.failed(s) for s in self.samples)), str(OLD.removals(self.samples)),
-            str(sum(NEW.failed(s) for s in self.samples)), str(NEW.removals(self.samples)),
-            f"{max(ages):.2f}" if ages else "",
+            *(f"{sum(settings.failed(s) for s in self.samples)} / "
+              f"{settings.removals(self.samples)}" for settings in (OLD, NEW)),
+            f"{max(ages):.2f}" if ages else "—",
         ]
 
 
 HEADER = ["scenario", "endpoint", "probes", "p50 ms", "p99 ms", "max ms",
-          f"failed ({OLD.timeout:g} s)", f"removals (thr {OLD.threshold})",
-          f"failed ({NEW.timeout:g} s)", f"removals (thr {NEW.threshold})",
-          "max heartbeat age s"]
+          "old: failed / removals", "new: failed / removals", "max heartbeat age s"]
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -217,8 +215,8 @@ def run(seconds: float, period: float, ramp: float) -> list[Row]:
         for name, overload, limited in SCENARIOS:
             router = routers[limited]
             endpoints = [(f"{where} {path}", port, path)
-                         for where, port in (("main", router.port),
-                                             ("admin", router.metrics_port))
+                         for where, port in (("traffic", router.port),
+                                             ("metrics", router.metrics_port))
                          for path in PATHS]
             with overload(router, seconds + ramp):
                 time.sleep(ramp)  # the overload builds up before probing starts
