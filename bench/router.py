@@ -13,9 +13,11 @@ from bench.procs import ServerChild, fetch, free_port
 
 class RouterProcess(ServerChild):
     """`observability=True` is the operator default: `/metrics` served and one access-log
-    line per request (to /dev/null); off, both are disabled to show the bare proxy."""
+    line per request (to /dev/null); off, both are disabled to show the bare proxy. `extra`
+    are more router flags (bench/probes.py: `--limit-concurrency`)."""
 
-    def __init__(self, name: str, workdir: Path, pods: Sequence[Pod], observability: bool):
+    def __init__(self, name: str, workdir: Path, pods: Sequence[Pod], observability: bool,
+                 extra: Sequence[str] = ()):
         port = free_port()
         self.metrics_port = free_port() if observability else 0
         argv = [
@@ -25,6 +27,7 @@ class RouterProcess(ServerChild):
             "--metrics-port", str(self.metrics_port),
             "--log-level", "info" if observability else "warning",
             "--access-log" if observability else "--no-access-log",
+            *extra,
         ]
         super().__init__(name, argv, workdir / f"{name}.log", port, "/ready")
 

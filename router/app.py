@@ -12,7 +12,7 @@ import logging
 import socket
 from collections.abc import Awaitable, Callable
 
-from router import upstream
+from router import probes, upstream
 from router.asgi import Receive, Scope, Send
 from router.config import Config, ConfigError
 from router.errors import send_json
@@ -49,7 +49,8 @@ class Router:
 
     Metrics (`--metrics-port`) and the access log (`--access-log`) are built from the
     config; `metrics` may be passed in already serving (tests bind it to a free port), and
-    `observer` adds one more subscriber.
+    `observer` adds one more subscriber. The metrics listener answers the probes too, from
+    its own thread (`router/probes.py`), for Kubernetes.
     """
 
     def __init__(
@@ -72,6 +73,9 @@ class Router:
             metrics.track(self.source)
         self.draining = False
         self._proxy: Proxy | None = None
+        self.heartbeat = probes.Heartbeat()
+        if metrics is not None:
+            metrics.route(probes.routes(lambda: probes.health(self.heartbeat), self.readiness))
         self._probes: dict[str, Probe] = {
             "/healthz": self._healthz,
             "/ready": self._ready,
@@ -97,20 +101,23 @@ class Router:
         await send_json(send, 200, {"status": "ok"})
 
     async def _ready(self, send: Send) -> None:
-        reason = self.not_ready_reason()
-        if reason is not None:
-            await send_json(send, 503, {"status": "not ready", "reason": reason})
-            return
+        await send_json(send, *self.readiness())
+
+    def readiness(self) -> probes.Answer:
+        """`/ready`'s answer; also asked from the metrics thread, so it only reads values
+        that are replaced whole (the flags, the source's snapshot)."""
         snapshot = self.source.snapshot()
-        pods = len(snapshot.pods) if snapshot else 0
-        await send_json(send, 200, {"status": "ready", "pods": pods})
+        return probes.readiness(self.not_ready_reason(), len(snapshot.pods) if snapshot else 0)
 
     def not_ready_reason(self) -> str | None:
         if self.draining:
             return "shutting down"
+        if self._proxy is None:  # only the metrics thread can ask before start-up ends
+            return "starting"
         return self.source.not_ready_reason()
 
     async def startup(self) -> None:
+        self.heartbeat.start()
         if self.metrics is not None and self.metrics.port is None:
             self.metrics.serve(self._metrics_socket())
         if self.access_log is not None:
@@ -135,6 +142,7 @@ class Router:
             await asyncio.to_thread(self.access_log.stop)
         if self.metrics is not None:
             await asyncio.to_thread(self.metrics.close)
+        self.heartbeat.stop()
 
     def _metrics_socket(self) -> socket.socket:
         host, port = self.config.host, self.config.metrics_port

@@ -14,11 +14,12 @@ import socket
 import threading
 import urllib.request
 from bisect import bisect_left
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from itertools import accumulate
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler
+from wsgiref.types import StartResponse, WSGIApplication
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import (
@@ -85,6 +86,7 @@ class Metrics:
         self._source: PodSource | None = None
         self._version = _version()
         self._server: ThreadingWSGIServer | None = None
+        self._routes: dict[str, WSGIApplication] = {}
         self.registry.register(self)
 
     def track(self, source: PodSource) -> None:
@@ -172,7 +174,11 @@ class Metrics:
 
     def serve(self, sock: socket.socket) -> None:
         """Serve `/metrics` on a listening socket, from a thread of its own."""
-        self._server = serve_registry(self.registry, sock)
+        self._server = serve_registry(self.registry, sock, self._routes)
+
+    def route(self, routes: Mapping[str, WSGIApplication]) -> None:
+        """Answer these paths with their own apps (the probes), before or while serving."""
+        self._routes.update(routes)
 
     def close(self) -> None:
         """Stop serving; blocks up to the server's poll interval (call off the loop)."""
@@ -186,8 +192,10 @@ class Metrics:
 _LOOPBACK = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
-def serve_registry(registry: CollectorRegistry, sock: socket.socket) -> ThreadingWSGIServer:
-    """A threaded HTTP server answering every path with `registry`'s metrics."""
+def serve_registry(registry: CollectorRegistry, sock: socket.socket,
+                   routes: Mapping[str, WSGIApplication] | None = None) -> ThreadingWSGIServer:
+    """A threaded HTTP server answering the paths in `routes` with their apps (read per
+    request, so they may be added later) and every other path with `registry`'s metrics."""
     host, port = sock.getsockname()[:2]
     server = ThreadingWSGIServer((host, port), _QuietHandler, bind_and_activate=False)
     server.socket.close()
@@ -195,7 +203,13 @@ def serve_registry(registry: CollectorRegistry, sock: socket.socket) -> Threadin
     server.server_address = (host, port)
     server.server_name, server.server_port = host, port
     server.setup_environ()
-    server.set_app(make_wsgi_app(registry))
+    metrics: WSGIApplication = make_wsgi_app(registry)
+    routes = {} if routes is None else routes
+
+    def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        return routes.get(environ["PATH_INFO"], metrics)(environ, start_response)
+
+    server.set_app(app)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
     return server
 

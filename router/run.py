@@ -12,13 +12,14 @@ import multiprocessing.connection
 import os
 import signal
 import socket
+import threading
 from multiprocessing.queues import SimpleQueue
 from types import FrameType
 
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import ThreadingWSGIServer
 
-from router import config, logs
+from router import config, logs, probes
 from router.app import Router
 from router.metrics import Gathered, Metrics, serve_registry
 from router.server import DrainingServer, bind, server_config
@@ -97,26 +98,38 @@ def supervise(options: config.Config) -> int:
 
 
 def _gather(options: config.Config, reports: SimpleQueue[int]) -> ThreadingWSGIServer:
-    """`/metrics` of the supervisor: every worker's, added up (`metrics.Gathered`)."""
+    """`/metrics` of the supervisor: every worker's, added up (`metrics.Gathered`); and
+    `/healthz`, `/ready`: every worker's, all of which must pass (`probes.gathered`)."""
     ports: list[int] = []
+    reading = threading.Lock()  # scrapes and probes run in threads of their own
 
     def worker_ports() -> list[int]:
-        while not reports.empty():
-            ports.append(reports.get())
-        return ports
+        with reading:
+            while not reports.empty():
+                ports.append(reports.get())
+            return list(ports)
 
     registry = CollectorRegistry()
     registry.register(Gathered(worker_ports))
     try:
-        return serve_registry(registry, bind(options.host, options.metrics_port))
+        return serve_registry(registry, bind(options.host, options.metrics_port),
+                              probes.gathered_routes(worker_ports, options.workers))
     except OSError as exc:
         config.main_error(f"--metrics-port {options.metrics_port}: cannot listen on "
                           f"{options.host}: {exc.strerror}")
 
 
+def _stopped_before_serving(sig: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)  # nothing accepted yet, so nothing to drain: a clean stop
+
+
 def _worker(options: config.Config, sock: socket.socket,
             reports: SimpleQueue[int] | None) -> None:
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})  # blocked while we started
+    # A SIGTERM that came while we started (blocked meanwhile) or comes before uvicorn
+    # takes the signal over ends the worker cleanly, not by the default action (exit -15,
+    # which the supervisor reports as a failure).
+    signal.signal(signal.SIGTERM, _stopped_before_serving)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     logging.config.dictConfig(logs.logging_config(options.log_level))
     metrics = None
     if reports is not None:  # served on loopback for the supervisor to gather
