@@ -1,0 +1,161 @@
+"""Raw-socket peers for hostile-traffic tests: a client that sends exactly the bytes it is
+given (and can stop reading), and a pod that records every byte a connection brought."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Answer:
+    """One HTTP answer as read off the wire."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def detail(self) -> str:
+        return str(json.loads(self.body)["detail"])
+
+
+class RawClient:
+    """One TCP connection to `port` on 127.0.0.1; every wait is bounded by `timeout`."""
+
+    def __init__(self, port: int, timeout: float = 10.0, buffer: int | None = None) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if buffer is not None:  # a small receive window makes "stops reading" bite early
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
+        self._pending = b""
+
+    def send(self, data: bytes) -> bool:
+        """False once the router has closed the connection (the rest is not sent)."""
+        try:
+            self.sock.sendall(data)
+        except (BrokenPipeError, ConnectionResetError):
+            return False
+        return True
+
+    def send_until_refused(self, head: bytes, filler: bytes, limit: int) -> int:
+        """Send `head`, then `filler` over and over until the router stops taking it or
+        `limit` bytes went; returns the bytes sent."""
+        sent = len(head) if self.send(head) else 0
+        while sent < limit and self.send(filler):
+            sent += len(filler)
+        return sent
+
+    def _recv(self) -> bytes:
+        try:
+            return self.sock.recv(65536)
+        except ConnectionResetError:
+            return b""
+
+    def answer(self) -> Answer | None:
+        """The next answer, or None if the connection ended before one began."""
+        data = self._pending
+        while b"\r\n\r\n" not in data:
+            more = self._recv()
+            if not more:
+                assert not data, f"connection ended inside an answer head: {data!r}"
+                return None
+            data += more
+        head, _, rest = data.partition(b"\r\n\r\n")
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = int(headers.get("content-length", "0"))
+        while len(rest) < length:
+            more = self._recv()
+            assert more, "connection ended inside an answer body"
+            rest += more
+        self._pending = rest[length:]
+        return Answer(int(status_line.split()[1]), headers, rest[:length])
+
+    def closed(self) -> bool:
+        """Reads to the end: True if the router closed the connection (EOF or reset)
+        before the timeout, with nothing more than what was read already."""
+        try:
+            while self._recv():
+                pass
+        except TimeoutError:
+            return False
+        return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def request(port: int, data: bytes) -> Answer | None:
+    """Send `data` on a new connection and read the one answer."""
+    client = RawClient(port)
+    try:
+        client.send(data)
+        return client.answer()
+    finally:
+        client.close()
+
+
+_CHUNK = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+"""One 64 KiB chunk of an endless answer, sent as a continuous repetition."""
+
+
+@dataclass
+class RawPod:
+    """A pod that accepts connections on `ip` and records each one's bytes until it
+    ends; it answers nothing, or, with `stream`, sends an endless chunked answer as soon
+    as a request head came. `ended` is set when a connection it served was closed."""
+
+    ip: str
+    stream: bool = False
+    name: str = "raw-0"
+    received: list[bytearray] = field(default_factory=list)
+    ended: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind((self.ip, 0))
+        self.listener.listen(16)
+        self.port: int = self.listener.getsockname()[1]
+        self._stop = threading.Event()
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        with contextlib.suppress(OSError):  # the listener closed by `stop`
+            while True:
+                conn, _ = self.listener.accept()
+                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        data = bytearray()
+        self.received.append(data)
+        conn.settimeout(0.05)
+        offset: int | None = None  # where in `_CHUNK` the answer is, once answering
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    if offset is not None:
+                        offset = (offset + conn.send(_CHUNK[offset:])) % len(_CHUNK)
+                    more = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    break
+                if not more:
+                    break
+                data += more
+                if self.stream and offset is None and b"\r\n\r\n" in data:
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+                    offset = 0
+        if not self._stop.is_set():
+            self.ended.set()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.listener.close()
