@@ -5,6 +5,7 @@ file-descriptor reserve (the protocol in `router.server` applies them)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import resource
 from collections.abc import Callable
@@ -86,18 +87,13 @@ def refusal(status: int, detail: str) -> bytes:
     ])
 
 
-def raise_fd_limit() -> int:
+def raise_fd_limit() -> None:
     """Raise the soft RLIMIT_NOFILE to the hard one (as Go does at start): the soft default
-    (often 1,024) is far below what a proxy holding two descriptors per request needs.
-    Returns the soft limit now in force."""
+    (often 1,024) is far below what a proxy holding two descriptors per request needs."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
-        try:
+        with contextlib.suppress(ValueError, OSError):  # a hard limit the kernel refuses
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-        except (ValueError, OSError):  # a hard limit above what the kernel allows
-            pass
-    return soft
 
 
 def fd_reserve(limit: int) -> int:
