@@ -194,6 +194,7 @@ class HttpProtocol(HttpToolsProtocol):
         self.opened = self.loop.time()
         self._head_bytes = 0  # read since the current head began (whole reads: an upper bound)
         self._line_open = True  # no line end seen yet in the current head
+        self._exact = False  # the head began inside a read: `_head_bytes` missed part of it
         self._deadline = Deadline(self.loop, self._expired)
         self._send_timer: asyncio.TimerHandle | None = None
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
@@ -235,6 +236,8 @@ class HttpProtocol(HttpToolsProtocol):
         if reading is Reading.BODY:
             if not self.flow.read_paused:
                 self._deadline.start(self.options.body_timeout)
+        elif reading is Reading.IDLE:
+            self._exact = False  # the read ended with a request: the next one is counted whole
         elif reading is Reading.HEAD:
             if len(self.headers) > MAX_HEADERS:
                 self._refuse(431, "Too many request headers.")
@@ -255,9 +258,11 @@ class HttpProtocol(HttpToolsProtocol):
         self.scope["extensions"] = self._extensions  # type: ignore[typeddict-item]
 
     def on_headers_complete(self) -> None:
-        if self._head_bytes > self.options.max_request_head or len(self.headers) > MAX_HEADERS:
-            self._check_head()  # the whole head came in large reads: count it exactly
+        if (self._exact or self._head_bytes > self.options.max_request_head
+                or len(self.headers) > MAX_HEADERS):
+            self._check_head()  # the head came in large reads, or after another: count exactly
         self.reading = Reading.BODY
+        self._exact = False
         self._head_bytes = 0
         self._line_open = True
         self._deadline.stop()
@@ -276,6 +281,7 @@ class HttpProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         self.reading = Reading.IDLE
+        self._exact = True  # if the next head begins in this read (pipelined)
         self._deadline.stop()
 
     def on_response_complete(self) -> None:
@@ -318,8 +324,9 @@ class HttpProtocol(HttpToolsProtocol):
             self.cut()
 
     def _refuse(self, status: int, detail: str) -> None:
-        """Answer a request the app never sees, and close. With an earlier request's answer
-        still going out, the connection just closes: a second answer cannot be slipped in."""
+        """Answer a request the app never sees, and close. With an earlier (pipelined)
+        request's answer still going out, the connection just closes, that answer cut
+        short: a second answer cannot be slipped in before it."""
         if not self._in_flight():
             self.transport.write(refusal(status, detail))
         self._deadline.close()

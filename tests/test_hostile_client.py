@@ -104,6 +104,17 @@ def test_oversized_head_sent_at_once_is_refused(
     serves_next(client, pod)
 
 
+def test_oversized_head_pipelined_behind_a_request_never_reaches_the_pod(
+    router: tuple[httpx.Client, Pod]
+):
+    client, pod = router
+    raw = RawClient(port_of(client))
+    raw.send(HEAD + b"\r\n" + b"GET /" + b"a" * 40_000 + b" HTTP/1.1\r\nHost: r\r\n\r\n")
+    assert raw.closed()
+    assert all(len(seen.raw_path) < 100 for seen in pod.app.seen)
+    serves_next(client, pod)
+
+
 @pytest.mark.parametrize(
     ("head", "filler", "status"),
     [
