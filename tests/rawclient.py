@@ -102,6 +102,19 @@ def request(port: int, data: bytes) -> Answer | None:
         client.close()
 
 
+def _complete(data: bytearray) -> bool:
+    """A whole request with a `Content-Length` body (or none) is in `data`."""
+    head, found, body = bytes(data).partition(b"\r\n\r\n")
+    if not found:
+        return False
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    return len(body) >= length
+
+
 _CHUNK = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
 """One 64 KiB chunk of an endless answer, sent as a continuous repetition."""
 
@@ -109,11 +122,14 @@ _CHUNK = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
 @dataclass
 class RawPod:
     """A pod that accepts connections on `ip` and records each one's bytes until it
-    ends; it answers nothing, or, with `stream`, sends an endless chunked answer as soon
-    as a request head came. `ended` is set when a connection it served was closed."""
+    ends. `answer`: "none" answers nothing; "stream" sends an endless chunked answer as
+    soon as a request head came; "ok" reads nothing for `stall` seconds, then answers
+    `200 ok` once the request's declared body is in. `ended` is set when a connection it
+    served was closed."""
 
     ip: str
-    stream: bool = False
+    answer: str = "none"
+    stall: float = 0.0
     name: str = "raw-0"
     received: list[bytearray] = field(default_factory=list)
     ended: threading.Event = field(default_factory=threading.Event)
@@ -136,7 +152,9 @@ class RawPod:
         data = bytearray()
         self.received.append(data)
         conn.settimeout(0.05)
-        offset: int | None = None  # where in `_CHUNK` the answer is, once answering
+        offset: int | None = None  # where in `_CHUNK` the endless answer is, once sent
+        answered = False
+        self._stop.wait(self.stall)
         with conn:
             while not self._stop.is_set():
                 try:
@@ -150,9 +168,12 @@ class RawPod:
                 if not more:
                     break
                 data += more
-                if self.stream and offset is None and b"\r\n\r\n" in data:
+                if self.answer == "stream" and offset is None and b"\r\n\r\n" in data:
                     conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
                     offset = 0
+                elif self.answer == "ok" and not answered and _complete(data):
+                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                    answered = True
         if not self._stop.is_set():
             self.ended.set()
 

@@ -61,8 +61,8 @@ def router(start_pods: StartPods, start_router: StartRouter) -> tuple[httpx.Clie
 def raw_pods() -> Iterator[Callable[..., RawPod]]:
     running: list[RawPod] = []
 
-    def start(ip: str = "127.0.0.9", stream: bool = False) -> RawPod:
-        running.append(RawPod(ip, stream=stream))
+    def start(ip: str = "127.0.0.9", answer: str = "none", stall: float = 0.0) -> RawPod:
+        running.append(RawPod(ip, answer=answer, stall=stall))
         return running[-1]
 
     yield start
@@ -224,13 +224,26 @@ def test_stalled_streamed_body_gets_408_and_the_pod_a_closed_connection(
     serves_next(client, pod)
 
 
+def test_body_time_the_router_spends_not_reading_is_not_the_clients(
+    start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
+):
+    slow = raw_pods(answer="ok", stall=1.5)  # reads nothing for 3 body timeouts
+    client, pod = over_raw_pod(start_pods, start_router, slow)
+    body = b"a" * (32 * MiB)  # streamed (above --retry-body-limit), more than buffers hold
+    response = client.post("/up", content=body, headers={"X-Sandbox-ID": "raw-0"})
+    assert (response.status_code, response.text) == (200, "ok")
+    (received,) = slow.received
+    assert len(received) > len(body)  # all of it, after the head
+    serves_next(client, pod)
+
+
 # -- --send-timeout --
 
 
 def test_client_that_stops_reading_loses_both_connections(
     start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
 ):
-    endless = raw_pods(stream=True)
+    endless = raw_pods(answer="stream")
     client, pod = over_raw_pod(start_pods, start_router, endless)
     raw = RawClient(port_of(client), buffer=4096)
     raw.send(HEAD + b"X-Sandbox-ID: raw-0\r\n\r\n")  # and never reads
