@@ -343,8 +343,9 @@ class HttpProtocol(HttpToolsProtocol):
         )
         for connection in idle[:count]:
             connection.transport.close()
-        log.warning("file descriptors nearly exhausted: closed %d idle client connections",
-                    min(count, len(idle)))
+        if idle:  # else every connection is busy: plain overload, nothing to say per accept
+            log.warning("file descriptors nearly exhausted: closed %d idle client connections",
+                        min(count, len(idle)))
 
     def _waiting(self) -> bool:
         return (self.reading is not Reading.BODY and not self._in_flight()
