@@ -35,6 +35,20 @@ HOP_BY_HOP = frozenset(
 SANDBOX_PREFIX = b"x-sandbox-"
 _DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
+_PORT = re.compile(r"[0-9]{1,5}")
+# The routing headers: the `Incoming` field each fills, and the name a 400 shows.
+_ROUTING = {
+    b"x-sandbox-id": ("sandbox_id", "X-Sandbox-ID"),
+    b"x-sandbox-namespace": ("sandbox_namespace", "X-Sandbox-Namespace"),
+    b"x-sandbox-port": ("sandbox_port", "X-Sandbox-Port"),
+    b"x-sandbox-pod-ip": ("sandbox_pod_ip", "X-Sandbox-Pod-IP"),
+    b"x-sandbox-timeout": ("sandbox_timeout", "X-Sandbox-Timeout"),
+}
+# A request whose authority or framing is ambiguous: answered, and its connection closed.
+_CLOSE = ((b"connection", b"close"),)
+MISSING_HOST = ProxyError(400, "Missing Host header.", _CLOSE)
+REPEATED_HOST = ProxyError(400, "Repeated Host header.", _CLOSE)
+UNSUPPORTED_CODING = ProxyError(501, "Unsupported Transfer-Encoding: only chunked is.", _CLOSE)
 
 
 @dataclass(slots=True)
@@ -49,6 +63,7 @@ class Incoming:
     sandbox_port: str | None = None
     sandbox_pod_ip: str | None = None
     sandbox_timeout: str | None = None
+    refused: ProxyError | None = None  # the request breaks a rule: answered with this
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +91,10 @@ def read_request(scope: Scope) -> Incoming:
 
     Dropped: hop-by-hop headers and those named in `Connection`, `Host` and
     `Content-Length` (the upstream client sets both), and every `X-Sandbox-*` header.
+    `Host`, `Transfer-Encoding` and the routing headers are judged as received, before
+    `Connection` drops anything: a token there changes forwarding, never routing. A
+    request breaking RFC 9112's rules gets `refused` (missing or repeated `Host` on
+    HTTP/1.1, a coding other than chunked), as does a repeated routing header.
     """
     raw: list[tuple[bytes, bytes]] = scope["headers"]
     dropped = _connection_tokens(raw)
@@ -85,13 +104,19 @@ def read_request(scope: Scope) -> Incoming:
     host = None
     for name, value in raw:
         name = name.lower()
-        if name in dropped:
-            continue
         if name.startswith(SANDBOX_PREFIX):
             _read_sandbox_header(incoming, name, value)
             continue
         if name == b"host":
+            if host is not None:
+                _refuse(incoming, REPEATED_HOST)
             host = value.decode("latin-1")
+            continue
+        if name == b"transfer-encoding":  # the parser took any list ending in chunked
+            if any(coding.strip().lower() != b"chunked" for coding in value.split(b",")):
+                _refuse(incoming, UNSUPPORTED_CODING)
+            continue
+        if name in dropped:
             continue
         text = value.decode("latin-1")
         if name == b"x-forwarded-for":
@@ -110,6 +135,8 @@ def read_request(scope: Scope) -> Incoming:
             forwarded_host = text
         forward.append((name.decode("latin-1"), text))
 
+    if host is None and scope.get("http_version") == "1.1":
+        _refuse(incoming, MISSING_HOST)
     client = scope.get("client")
     if client:
         address = client[0]
@@ -127,18 +154,23 @@ def read_request(scope: Scope) -> Incoming:
     return incoming
 
 
+def _refuse(incoming: Incoming, error: ProxyError) -> None:
+    if incoming.refused is None:  # the first broken rule is the one reported
+        incoming.refused = error
+
+
 def _read_sandbox_header(incoming: Incoming, name: bytes, value: bytes) -> None:
-    text = value.decode("latin-1").strip()
-    if name == b"x-sandbox-id":
-        incoming.sandbox_id = text
-    elif name == b"x-sandbox-namespace":
-        incoming.sandbox_namespace = text
-    elif name == b"x-sandbox-port":
-        incoming.sandbox_port = text
-    elif name == b"x-sandbox-pod-ip":
-        incoming.sandbox_pod_ip = text
-    elif name == b"x-sandbox-timeout":
-        incoming.sandbox_timeout = text
+    """One routing header; a second of the same name is refused, never picked from."""
+    routing = _ROUTING.get(name)
+    if routing is None:
+        return
+    field, shown = routing
+    if getattr(incoming, field) is not None:
+        _refuse(incoming, ProxyError(400, f"Repeated {shown} header."))
+        return
+    text = value.decode("latin-1")
+    # The port is judged as sent (`parse_pinned`): no blank is taken off it.
+    setattr(incoming, field, text if field == "sandbox_port" else text.strip())
 
 
 def is_dns_label(text: str) -> bool:
@@ -155,10 +187,9 @@ def parse_pinned(incoming: Incoming, *, allow_loopback: bool) -> Pinned:
         raise ProxyError(400, "Invalid namespace format.")
     port = None
     if incoming.sandbox_port:
-        try:
-            port = int(incoming.sandbox_port)
-        except ValueError:
-            port = 0
+        # Plain ASCII digits only: int() would also take "+19402", "19_402", " 1" and "٣".
+        text = incoming.sandbox_port
+        port = int(text) if _PORT.fullmatch(text) else 0
         if not 1 <= port <= 65535:
             raise ProxyError(400, "Invalid port format.")
     pod_ip = None

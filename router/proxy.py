@@ -90,6 +90,8 @@ class Proxy:
         body: RequestBody | None = None
         try:
             pinned = None
+            if incoming.refused is not None:
+                raise incoming.refused
             if incoming.sandbox_id is not None:  # refused before the body is read
                 pinned = parse_pinned(incoming, allow_loopback=self._config.allow_loopback_pod_ip)
             body = await RequestBody.read(
@@ -110,12 +112,14 @@ class Proxy:
         except ClientGone:
             exchange.status = CLIENT_CLOSED
         except asyncio.CancelledError:
-            # The client went away (see `ClientWatch`: logged 499 below), or uvicorn cancels
-            # what is still running when --shutdown-timeout runs out: then answer 503 if
-            # nothing was sent yet. Either way the request ends quietly, not as a crash.
+            # The client went away (see `ClientWatch`: logged 499 below), or was too slow
+            # (`ClientWatch.expire`: its 408), or uvicorn cancels what is still running when
+            # --shutdown-timeout runs out: then answer 503 if nothing was sent yet. Either
+            # way the request ends quietly, not as a crash.
             if exchange.status == 0 and not (watch is not None and watch.gone):
-                exchange.status = 503
-                exchange.bytes_out = await send_error(send, SHUTTING_DOWN, tuple(own_headers))
+                reason = watch.expired if watch is not None and watch.expired else SHUTTING_DOWN
+                exchange.status = reason.status
+                exchange.bytes_out = await send_error(send, reason, tuple(own_headers))
         finally:
             if watch is not None:
                 watch.task = None

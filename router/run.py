@@ -21,6 +21,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 
 from router import config, logs, probes
 from router.app import Router
+from router.limits import raise_fd_limit
 from router.metrics import Gathered, Metrics, serve_registry
 from router.server import DrainingServer, bind, server_config
 
@@ -31,6 +32,7 @@ def serve(options: config.Config, sock: socket.socket | None = None,
           metrics: Metrics | None = None) -> int:
     """Serve until SIGTERM (drained: exit 0) or SIGINT. A start-up failure (a port in use)
     exits 3 from inside uvicorn."""
+    raise_fd_limit()  # here, so that each `--workers` process raises its own
     app = Router(options, metrics=metrics)
     server = DrainingServer(
         server_config(options, app, log_config=logs.logging_config(options.log_level)), options

@@ -4,6 +4,7 @@ SIGTERM, and a server run in a thread (the demo pods, and tests)."""
 from __future__ import annotations
 
 import asyncio
+import enum
 import logging
 import signal
 import socket
@@ -11,13 +12,16 @@ import threading
 import time
 from collections.abc import Callable
 from types import FrameType
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
+import httptools
 import uvicorn
-from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from router.config import Config
+from router.errors import ProxyError
+from router.limits import MAX_HEADERS, Deadline, connections_to_drain, refusal
 
 log = logging.getLogger("router.server")
 
@@ -93,14 +97,15 @@ class ClientWatch:
     `task` is its task: if the client connection is lost, it is cancelled at once, whatever
     it waits for (the pod's first byte included), so the pod is not left working for nobody
     (`Response.abandon` says what becomes of its connection); `gone` tells the request why
-    it was cancelled."""
+    it was cancelled, and `expired` what to answer when a limit cancelled it."""
 
-    __slots__ = ("task", "gone", "_protocol")
+    __slots__ = ("task", "gone", "expired", "_protocol")
 
     def __init__(self, protocol: HttpProtocol) -> None:
         self.task: asyncio.Task[Any] | None = None
         self.gone = False
-        self._protocol = protocol
+        self.expired: ProxyError | None = None
+        self._protocol: HttpProtocol | None = protocol
 
     def lost(self) -> None:
         if self.task is not None:
@@ -108,29 +113,262 @@ class ClientWatch:
             self.task.cancel()
             self.task = None
 
+    def expire(self, error: ProxyError) -> None:
+        """End the request with `error` (the client was too slow): cancelled wherever it
+        waits, a pod connection it holds is closed, so no pod gets a silently short body."""
+        if self.task is not None:
+            self.expired = error
+            self.task.cancel()
+            self.task = None
+
+    def release(self) -> None:
+        """At connection close: the protocol and its watch no longer hold each other, so
+        both are freed then, not at the next full garbage collection."""
+        self._protocol = None
+
     def cut(self) -> None:
         """End the connection under an answer that cannot be finished (the pod failed
         mid-body): what is buffered still goes out, then the client sees the connection
         end short of the declared length or the last chunk, the only signal left once the
         head is out. The request counts as disconnected, so uvicorn does not also log the
         app as broken for returning early."""
-        self._protocol.cut()
+        if self._protocol is not None:
+            self._protocol.cut()
+
+
+class Reading(enum.Enum):
+    """Where a client connection is in reading requests."""
+
+    IDLE = "idle"  # between requests: nothing of the next one has come
+    HEAD = "head"  # a request head has begun and is not complete
+    BODY = "body"  # the head is complete, the body is not
+
+
+HEAD_TIMEOUT = "The request head did not arrive in time."
+BODY_TIMEOUT = ProxyError(408, "The request body did not arrive in time.")
+
+
+class HeadRefused(Exception):
+    """Raised from a parser callback to stop parsing a head that will be refused."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _nothing() -> None:
+    pass
+
+
+class ReadingFlow(FlowControl):
+    """uvicorn's flow control, telling the protocol when reading resumes: time the router
+    spent not reading a body (its buffer full, the pod slow) is not the client's."""
+
+    def __init__(self, transport: asyncio.Transport, resumed: Callable[[], None]) -> None:
+        super().__init__(transport)
+        self.resumed = resumed
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            super().resume_reading()
+            self.resumed()
 
 
 class HttpProtocol(HttpToolsProtocol):
     """uvicorn's httptools protocol over a `CoalescingTransport`, telling the request it
-    serves when the client goes away (the `router.disconnect` scope extension). It relies
-    on uvicorn's internals (`cycle.body`, `_start_asgi_task`): hence the pinned version."""
+    serves when the client goes away (the `router.disconnect` scope extension), and
+    bounding what a client can make it hold (`--max-request-head`, `--header-timeout`,
+    `--body-timeout`, `--send-timeout`, idle clients closed when descriptors run short).
+    It relies on uvicorn's internals (`cycle.body`, `_start_asgi_task`, the parser
+    callbacks): hence the pinned version."""
+
+    options: ClassVar[Config] = Config()
+    """The limits; `server_config` gives each server a subclass with its own."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.watch = ClientWatch(self)
         self._extensions = {DISCONNECT: self.watch}  # the same for every request on it
         self.serving: RequestResponseCycle | None = None
+        self.reading = Reading.IDLE
+        self.opened = self.loop.time()
+        self._head_bytes = 0  # read since the current head began (whole reads: an upper bound)
+        self._line_open = True  # no line end seen yet in the current head
+        self._exact = False  # the head began inside a read: `_head_bytes` missed part of it
+        self._deadline = Deadline(self.loop, self._expired)
+        self._send_timer: asyncio.TimerHandle | None = None
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
+        self.flow = ReadingFlow(self.transport, self._reading_resumed)
+        self._deadline.start(self.options.header_timeout)
+        sock = transport.get_extra_info("socket")
+        drain = connections_to_drain(sock.fileno()) if sock is not None else 0
+        if drain:
+            self._drain(drain)
+
+    def data_received(self, data: bytes) -> None:
+        """uvicorn's, with the head counted as it arrives: a head above
+        `--max-request-head` is refused before it is all buffered (httptools keeps a
+        header value whole until it ends)."""
+        if self.reading is not Reading.BODY:
+            self._head_bytes += len(data)
+            if self._line_open and b"\n" in data:
+                self._line_open = False
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            refused = exc.__context__
+            if isinstance(refused, HeadRefused):
+                self._refuse(refused.status, refused.detail)
+            else:
+                self._bad_request()
+            return
+        except httptools.HttpParserError:
+            self._bad_request()
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        reading = self.reading
+        if reading is Reading.BODY:
+            if not self.flow.read_paused:
+                self._deadline.start(self.options.body_timeout)
+        elif reading is Reading.IDLE:
+            self._exact = False  # the read ended with a request: the next one is counted whole
+        elif reading is Reading.HEAD:
+            if len(self.headers) > MAX_HEADERS:
+                self._refuse(431, "Too many request headers.")
+            elif self._head_bytes > self.options.max_request_head:
+                if self._line_open:
+                    self._refuse(414, "The request line is too long.")
+                else:
+                    self._refuse(431, "The request headers are too large.")
+
+    def _bad_request(self) -> None:
+        message = "Invalid HTTP request received."
+        self.logger.warning(message)
+        self.send_400_response(message)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self.reading = Reading.HEAD
         self.scope["extensions"] = self._extensions  # type: ignore[typeddict-item]
+
+    def on_headers_complete(self) -> None:
+        if (self._exact or self._head_bytes > self.options.max_request_head
+                or len(self.headers) > MAX_HEADERS):
+            self._check_head()  # the head came in large reads, or after another: count exactly
+        self.reading = Reading.BODY
+        self._exact = False
+        self._head_bytes = 0
+        self._line_open = True
+        self._deadline.stop()
+        super().on_headers_complete()
+
+    def _check_head(self) -> None:
+        limit = self.options.max_request_head
+        line = len(self.parser.get_method()) + len(self.url) + len(" HTTP/1.1\r\n") + 1
+        if line > limit:
+            raise HeadRefused(414, "The request line is too long.")
+        if len(self.headers) > MAX_HEADERS:
+            raise HeadRefused(431, "Too many request headers.")
+        if line + sum(len(name) + len(value) + 4 for name, value in self.headers) + 2 > limit:
+            raise HeadRefused(431, "The request headers are too large.")
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.reading = Reading.IDLE
+        self._exact = True  # if the next head begins in this read (pipelined)
+        self._deadline.stop()
+
+    def on_response_complete(self) -> None:
+        """uvicorn's; then, with no request left in flight, the next head is timed."""
+        super().on_response_complete()
+        serving = self.serving
+        if self.reading is not Reading.BODY and (serving is None or serving.response_complete):
+            self._deadline.start(self.options.header_timeout)
+
+    def _in_flight(self) -> bool:
+        return self.serving is not None and not self.serving.response_complete
+
+    def _reading_resumed(self) -> None:
+        if self.reading is Reading.BODY:
+            self._deadline.start(self.options.body_timeout)
+
+    def _expired(self) -> None:
+        """The current wait ran out: a head (408, or a quiet close if nothing of a next
+        request came), or a body (see `_body_expired`)."""
+        if self.transport.is_closing():
+            return
+        if self.reading is Reading.BODY:
+            if not self.flow.read_paused:  # else the router is the one not reading
+                self._body_expired()
+        elif not self._in_flight():
+            if self.reading is Reading.HEAD:
+                self._refuse(408, HEAD_TIMEOUT)
+            else:
+                self.transport.close()
+
+    def _body_expired(self) -> None:
+        """408 if nothing was answered yet, through the request, which closes its pod
+        connection on the way out; else the connection ends (an answer under way ends
+        short, as when the client leaves)."""
+        cycle = self.cycle
+        if self.serving is cycle and not cycle.response_started and self.watch.task is not None:
+            cycle.keep_alive = False
+            self.watch.expire(BODY_TIMEOUT)
+        else:
+            self.cut()
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer a request the app never sees, and close. With an earlier (pipelined)
+        request's answer still going out, the connection just closes, that answer cut
+        short: a second answer cannot be slipped in before it."""
+        if not self._in_flight():
+            self.transport.write(refusal(status, detail))
+        self._deadline.close()
+        self.transport.close()
+
+    def _drain(self, count: int) -> None:
+        """Descriptors nearly exhausted: close the `count` oldest client connections that
+        have not sent a complete request, so this one and the next are served (nginx's
+        `ngx_drain_connections`)."""
+        idle = sorted(
+            (c for c in self.connections
+             if isinstance(c, HttpProtocol) and c is not self and c._waiting()),
+            key=lambda c: c.opened,
+        )
+        for connection in idle[:count]:
+            connection.transport.close()
+        if idle:  # else every connection is busy: plain overload, nothing to say per accept
+            log.warning("file descriptors nearly exhausted: closed %d idle client connections",
+                        min(count, len(idle)))
+
+    def _waiting(self) -> bool:
+        return (self.reading is not Reading.BODY and not self._in_flight()
+                and not self.transport.is_closing())
+
+    def pause_writing(self) -> None:
+        """The client stopped reading what it is sent: `--send-timeout` starts."""
+        super().pause_writing()
+        seconds = self.options.send_timeout
+        if seconds and self._send_timer is None:
+            self._send_timer = self.loop.call_later(seconds, self._send_expired)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_expired(self) -> None:
+        """Both connections close: the client's at once (what it left unread is dropped),
+        then, through the request's cancellation, the pod's."""
+        self._send_timer = None
+        self.transport.abort()
 
     def on_body(self, body: bytes) -> None:
         """uvicorn's, less two copies of every piece of a request body: uvicorn appends
@@ -162,6 +400,14 @@ class HttpProtocol(HttpToolsProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
         self.watch.lost()
+        # Nothing left holding the protocol in a cycle: freed now, not by the collector.
+        self.watch.release()
+        self._deadline.close()
+        cast(ReadingFlow, self.flow).resumed = _nothing
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        self.pipeline.clear()
 
 
 def server_config(
@@ -172,10 +418,11 @@ def server_config(
     headers are off, so the sandbox's headers pass unchanged; so is its proxy-headers
     rewrite, so the client address stays the peer's own. `factory` builds the app in each
     worker process; `log_config` None leaves logging as the caller set it."""
+    limited = type("HttpProtocol", (HttpProtocol,), {"options": config})
     return uvicorn.Config(
         app,
         factory=factory,
-        http=HttpProtocol,
+        http=limited,
         host=config.host,
         port=config.port,
         workers=config.workers,

@@ -10,7 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 _LISTENING = re.compile(r"running on http://[^:\s]+:(\d+)")
 
@@ -18,9 +18,11 @@ _LISTENING = re.compile(r"running on http://[^:\s]+:(\d+)")
 class RouterProcess:
     """Start `python -m router ARGS` on 127.0.0.1, port 0, no metrics, no drain grace
     (unless ARGS say otherwise), and learn its port from the start-up log line; every
-    output line is kept in `lines` for the test to read."""
+    output line is kept in `lines` for the test to read. `preexec` runs in the child
+    before the router starts (lowering a resource limit)."""
 
-    def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, args: Sequence[str], env: Mapping[str, str] | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         command = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", "0",
                    "--metrics-port", "0", "--drain-grace", "0", *args]
         self.process = subprocess.Popen(
@@ -30,6 +32,7 @@ class RouterProcess:
             text=True,
             env={**os.environ, **(env or {})},
             start_new_session=True,  # its own group: `--workers` children go down with it
+            preexec_fn=preexec,
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()

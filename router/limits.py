@@ -1,0 +1,116 @@
+"""What a client can make the router hold, bounded: the per-connection timer behind
+`--header-timeout` and `--body-timeout`, the answers a refused connection gets, and the
+file-descriptor reserve (the protocol in `router.server` applies them)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import resource
+from collections.abc import Callable
+
+MAX_HEADERS = 100
+"""Request header lines, at most (nginx and Envoy default to about as many); 431 above."""
+
+
+def _nothing() -> None:
+    pass
+
+
+class Deadline:
+    """One timer per connection for whichever wait is current (a head, a body), moved
+    without a new timer: `start` only records a later deadline, and the timer, firing
+    before it, re-arms once for it. A keep-alive connection so costs one timer event per
+    timeout period, not a timer per request. 0 seconds means no deadline."""
+
+    __slots__ = ("_loop", "_on_expiry", "_handle", "_armed", "_at")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_expiry: Callable[[], None]) -> None:
+        self._loop = loop
+        self._on_expiry = on_expiry
+        self._handle: asyncio.TimerHandle | None = None
+        self._armed = 0.0  # when `_handle` fires
+        self._at: float | None = None
+
+    def start(self, seconds: float) -> None:
+        if not seconds:
+            self._at = None
+            return
+        at = self._loop.time() + seconds
+        self._at = at
+        if self._handle is None or self._armed > at:
+            self._arm(at)
+
+    def stop(self) -> None:
+        """No deadline until the next `start` (the timer, if armed, fires for nothing)."""
+        self._at = None
+
+    def close(self) -> None:
+        """For good: the timer is cancelled and the callback (its protocol) let go."""
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._at = None
+        self._on_expiry = _nothing
+
+    def _arm(self, at: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._armed = at
+        self._handle = self._loop.call_at(at, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        at = self._at
+        if at is None:
+            return
+        if at > self._loop.time():
+            self._arm(at)
+            return
+        self._at = None
+        self._on_expiry()
+
+
+def refusal(status: int, detail: str) -> bytes:
+    """A whole answer, written by the protocol itself to a request that never reaches the
+    app (its head is too large or too slow), closing the connection."""
+    reason = {408: b"Request Timeout", 414: b"URI Too Long",
+              431: b"Request Header Fields Too Large"}[status]
+    body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
+    return b"".join([
+        b"HTTP/1.1 %d %s\r\n" % (status, reason),
+        b"content-type: application/json\r\n",
+        b"content-length: %d\r\n" % len(body),
+        b"connection: close\r\n\r\n",
+        body,
+    ])
+
+
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard one (as Go does at start): the soft default
+    (often 1,024) is far below what a proxy holding two descriptors per request needs."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        with contextlib.suppress(ValueError, OSError):  # a hard limit the kernel refuses
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def fd_reserve(limit: int) -> int:
+    """Descriptors kept free for new clients and their pod connections; as many idle
+    clients are closed at once when the reserve is reached (nginx drains 32)."""
+    return max(16, limit // 64)
+
+
+def connections_to_drain(fileno: int) -> int:
+    """How many idle clients to close now that a socket numbered `fileno` was accepted:
+    0 unless the descriptor table is nearly full. The kernel hands out the lowest free
+    number, so descriptor N means 0..N-1 are all open: an exact lower bound, for one
+    system call per connection. (Waiting for accept to fail does not work under uvloop:
+    libuv's EMFILE trick accepts and closes the waiting clients itself, reporting
+    nothing, which is the empty reply a client saw.)"""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    if limit == resource.RLIM_INFINITY:
+        return 0
+    reserve = fd_reserve(limit)
+    return reserve if fileno >= limit - reserve else 0

@@ -1,0 +1,419 @@
+"""What a hostile client can make the router hold: head size, header/body/send timeouts,
+descriptors, memory, and strict request parsing. Raw-socket clients send each shape; every
+test asserts the status the client saw, what the pod received, and that the router still
+serves the next request."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import resource
+import threading
+import weakref
+from collections.abc import Callable, Iterator
+
+import httpx
+import psutil
+import pytest
+
+from router.config import StaticPod
+from router.errors import ProxyError
+from router.headers import Incoming, parse_pinned
+from router.server import HttpProtocol, ServerThread
+from tests.conftest import StartPods, StartRouter, eventually, static_config
+from tests.process import RouterProcess
+from tests.rawclient import Answer, RawClient, RawPod, request
+from tests.sandbox import Pod
+
+LIMITS = {"header_timeout": 0.5, "body_timeout": 0.5, "send_timeout": 0.5}
+HEAD = b"GET / HTTP/1.1\r\nHost: router\r\n"
+MiB = 1024 * 1024
+
+
+def port_of(client: httpx.Client) -> int:
+    port = client.base_url.port
+    assert port is not None
+    return port
+
+
+def serves_next(client: httpx.Client, pod: Pod) -> None:
+    """The router still answers a plain request, from the pod."""
+    before = pod.app.hits
+    assert client.get("/", headers={"X-Sandbox-ID": pod.name}).status_code == 200
+    assert pod.app.hits == before + 1
+
+
+def refused(answer: Answer | None, status: int) -> Answer:
+    assert answer is not None, "the connection closed without an answer"
+    assert answer.status == status, answer
+    assert answer.headers["content-type"] == "application/json"
+    assert answer.headers["connection"] == "close"
+    return answer
+
+
+@pytest.fixture
+def router(start_pods: StartPods, start_router: StartRouter) -> tuple[httpx.Client, Pod]:
+    (pod,) = start_pods(1)
+    return start_router(static_config([pod], **LIMITS)), pod
+
+
+@pytest.fixture
+def raw_pods() -> Iterator[Callable[..., RawPod]]:
+    running: list[RawPod] = []
+
+    def start(ip: str = "127.0.0.9", answer: str = "none", stall: float = 0.0) -> RawPod:
+        running.append(RawPod(ip, answer=answer, stall=stall))
+        return running[-1]
+
+    yield start
+    for pod in running:
+        pod.stop()
+
+
+def over_raw_pod(start_pods: StartPods, start_router: StartRouter, raw: RawPod
+                 ) -> tuple[httpx.Client, Pod]:
+    """A router over the raw pod (pinned as `raw-0`) and a real one (`pod-0`)."""
+    (pod,) = start_pods(1)
+    pods = (StaticPod(raw.name, raw.ip, raw.port), StaticPod(pod.name, pod.ip, pod.port))
+    return start_router(dataclasses.replace(static_config([pod], **LIMITS), pods=pods)), pod
+
+
+# -- request head size: 414 / 431 before the head is buffered --
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "detail"),
+    [
+        (b"GET /" + b"a" * 60_000 + b" HTTP/1.1\r\nHost: r\r\n\r\n", 414,
+         "The request line is too long."),
+        (HEAD + b"x-big: " + b"a" * 40_000 + b"\r\n\r\n", 431,
+         "The request headers are too large."),
+        (HEAD + b"a: b\r\n" * 100 + b"\r\n", 431, "Too many request headers."),
+    ],
+    ids=["target-60KB", "header-40KB", "101-headers"],
+)
+def test_oversized_head_sent_at_once_is_refused(
+    router: tuple[httpx.Client, Pod], data: bytes, status: int, detail: str
+):
+    client, pod = router
+    raw = RawClient(port_of(client))
+    raw.send(data)
+    assert refused(raw.answer(), status).detail() == detail
+    assert raw.closed()
+    assert pod.app.hits == 0
+    serves_next(client, pod)
+
+
+def test_oversized_head_pipelined_behind_a_request_never_reaches_the_pod(
+    router: tuple[httpx.Client, Pod]
+):
+    client, pod = router
+    raw = RawClient(port_of(client))
+    raw.send(HEAD + b"\r\n" + b"GET /" + b"a" * 40_000 + b" HTTP/1.1\r\nHost: r\r\n\r\n")
+    assert raw.closed()
+    assert all(len(seen.raw_path) < 100 for seen in pod.app.seen)
+    serves_next(client, pod)
+
+
+@pytest.mark.parametrize(
+    ("head", "filler", "status"),
+    [
+        (b"GET /", b"a" * 65536, 414),
+        (HEAD + b"x-big: ", b"a" * 65536, 431),  # one 32 MiB header value
+        (HEAD, b"a: b\r\n" * 10_000, 431),  # a million tiny headers
+    ],
+    ids=["endless-target", "32MiB-value", "1M-headers"],
+)
+def test_endless_head_is_refused_long_before_it_ends(
+    router: tuple[httpx.Client, Pod], head: bytes, filler: bytes, status: int
+):
+    client, pod = router
+    raw = RawClient(port_of(client))
+    sent = raw.send_until_refused(head, filler, 32 * MiB)
+    refused(raw.answer(), status)
+    # Stopped by the router's close, not by running out: what was taken is the head limit
+    # plus what the socket buffers held.
+    assert sent < 16 * MiB
+    assert pod.app.hits == 0
+    serves_next(client, pod)
+
+
+# -- --header-timeout --
+
+
+def test_connection_that_sends_nothing_is_closed_quietly(router: tuple[httpx.Client, Pod]):
+    client, pod = router
+    raw = RawClient(port_of(client))
+    assert raw.answer() is None
+    serves_next(client, pod)
+
+
+def test_partial_head_gets_408(router: tuple[httpx.Client, Pod]):
+    client, pod = router
+    raw = RawClient(port_of(client))
+    raw.send(HEAD)
+    assert refused(raw.answer(), 408).detail() == "The request head did not arrive in time."
+    assert raw.closed()
+    assert pod.app.hits == 0
+    serves_next(client, pod)
+
+
+def test_slowloris_head_gets_408_though_bytes_keep_coming(router: tuple[httpx.Client, Pod]):
+    client, pod = router
+    raw = RawClient(port_of(client))
+    stop = threading.Event()
+
+    def trickle() -> None:
+        for byte in HEAD + b"x-slow: " + b"a" * 1000:
+            if stop.is_set() or not raw.send(bytes([byte])):
+                return
+            stop.wait(0.05)
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        refused(raw.answer(), 408)
+    finally:
+        stop.set()
+        thread.join()
+    assert pod.app.hits == 0
+    serves_next(client, pod)
+
+
+def test_next_head_is_timed_from_the_end_of_the_previous_answer(
+    router: tuple[httpx.Client, Pod]
+):
+    client, pod = router
+    raw = RawClient(port_of(client))
+    raw.send(HEAD + b"\r\n")
+    first = raw.answer()
+    assert first is not None and first.status == 200
+    raw.send(HEAD)  # half of a second request, on the kept-alive connection
+    refused(raw.answer(), 408)
+    assert pod.app.hits == 1
+    serves_next(client, pod)
+
+
+# -- --body-timeout --
+
+
+def test_stalled_small_body_gets_408_and_the_pod_nothing(router: tuple[httpx.Client, Pod]):
+    client, pod = router
+    raw = RawClient(port_of(client))
+    raw.send(b"POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
+    assert refused(raw.answer(), 408).detail() == "The request body did not arrive in time."
+    assert raw.closed()
+    assert pod.app.hits == 0
+    serves_next(client, pod)
+
+
+@pytest.mark.parametrize(
+    ("framing", "whole"),
+    [
+        (b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",
+         lambda body: body.endswith(b"0\r\n\r\n")),
+        (b"Content-Length: 10485760\r\n\r\nhello", lambda body: len(body) >= 10485760),
+    ],
+    ids=["chunked", "content-length"],
+)
+def test_stalled_streamed_body_gets_408_and_the_pod_a_closed_connection(
+    start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod],
+    framing: bytes, whole: Callable[[bytes], bool]
+):
+    silent = raw_pods()
+    client, pod = over_raw_pod(start_pods, start_router, silent)
+    raw = RawClient(port_of(client))
+    raw.send(b"POST /up HTTP/1.1\r\nHost: r\r\nX-Sandbox-ID: raw-0\r\n" + framing)
+    refused(raw.answer(), 408)
+    assert raw.closed()
+    assert silent.ended.wait(10)
+    (received,) = silent.received
+    head, _, body = bytes(received).partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /up HTTP/1.1\r\n") and b"hello" in body
+    assert not whole(body)  # the pod never got a complete (silently short) request
+    serves_next(client, pod)
+
+
+def test_body_time_the_router_spends_not_reading_is_not_the_clients(
+    start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
+):
+    slow = raw_pods(answer="ok", stall=1.5)  # reads nothing for 3 body timeouts
+    client, pod = over_raw_pod(start_pods, start_router, slow)
+    body = b"a" * (32 * MiB)  # streamed (above --retry-body-limit), more than buffers hold
+    response = client.post("/up", content=body, headers={"X-Sandbox-ID": "raw-0"})
+    assert (response.status_code, response.text) == (200, "ok")
+    (received,) = slow.received
+    assert len(received) > len(body)  # all of it, after the head
+    serves_next(client, pod)
+
+
+# -- --send-timeout --
+
+
+def test_client_that_stops_reading_loses_both_connections(
+    start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
+):
+    endless = raw_pods(answer="stream")
+    client, pod = over_raw_pod(start_pods, start_router, endless)
+    raw = RawClient(port_of(client), buffer=4096)
+    raw.send(HEAD + b"X-Sandbox-ID: raw-0\r\n\r\n")  # and never reads
+    assert endless.ended.wait(10)  # the pod's connection was closed
+    assert raw.closed()
+    serves_next(client, pod)
+
+
+# -- strict request parsing --
+
+
+@pytest.mark.parametrize(
+    ("data", "status", "detail"),
+    [
+        (b"GET / HTTP/1.1\r\n\r\n", 400, "Missing Host header."),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", 400, "Repeated Host header."),
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n", 400, "Repeated Host header."),
+        (b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+         501, "Unsupported Transfer-Encoding: only chunked is."),
+        (HEAD + b"X-Sandbox-ID: pod-0\r\nX-Sandbox-ID: pod-0\r\n\r\n", 400,
+         "Repeated X-Sandbox-ID header."),
+        (HEAD + b"X-Sandbox-ID: pod-0\r\nX-Sandbox-Namespace: default\r\n"
+         b"x-sandbox-namespace: other\r\n\r\n", 400, "Repeated X-Sandbox-Namespace header."),
+        (HEAD + b"X-Sandbox-ID: pod-0\r\nX-Sandbox-Port: +19402\r\n\r\n", 400,
+         "Invalid port format."),
+        (HEAD + b"X-Sandbox-ID: pod-0\r\nX-Sandbox-Port: 19_402\r\n\r\n", 400,
+         "Invalid port format."),
+        (HEAD + b"X-Sandbox-ID: pod-0\r\nX-Sandbox-Port: " + "٣".encode() + b"\r\n\r\n", 400,
+         "Invalid port format."),
+    ],
+    ids=["no-host", "two-hosts", "same-host-twice", "gzip-chunked", "two-ids",
+         "two-namespaces", "port-plus", "port-underscore", "port-arabic-digit"],
+)
+def test_malformed_request_is_refused_and_reaches_no_pod(
+    router: tuple[httpx.Client, Pod], data: bytes, status: int, detail: str
+):
+    client, pod = router
+    answer = request(port_of(client), data)
+    assert answer is not None and answer.status == status
+    assert answer.detail() == detail
+    assert pod.app.hits == 0
+    serves_next(client, pod)
+
+
+def test_http_10_needs_no_host(router: tuple[httpx.Client, Pod]):
+    client, pod = router
+    answer = request(port_of(client), b"GET / HTTP/1.0\r\n\r\n")
+    assert answer is not None and answer.status == 200
+    assert pod.app.hits == 1
+
+
+@pytest.mark.parametrize("text", [" 1", "1 ", "+1", "1_0", "٣", "0", "65536", "123456", "1e3"])
+def test_port_must_be_plain_digits_in_range(text: str):
+    incoming = Incoming(forward=[], request_id="r", content_length=None,
+                        sandbox_id="pod-0", sandbox_port=text)
+    with pytest.raises(ProxyError) as caught:
+        parse_pinned(incoming, allow_loopback=False)
+    assert (caught.value.status, caught.value.detail) == (400, "Invalid port format.")
+
+
+def test_connection_token_never_strips_the_pin(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(2)
+    client = start_router(static_config(pods, **LIMITS))
+    for _ in range(4):
+        answer = request(port_of(client), HEAD + b"Connection: x-sandbox-id\r\n"
+                         b"X-Sandbox-ID: pod-1\r\n\r\n")
+        assert answer is not None and answer.status == 200
+    assert [p.app.hits for p in pods] == [0, 4]
+
+
+# -- what a closed connection leaves behind --
+
+
+def test_closed_connection_is_freed_without_a_collection(
+    router: tuple[httpx.Client, Pod], servers: list[ServerThread]
+):
+    client, pod = router
+    connections = servers[-1].server.server_state.connections
+    gc.collect()
+    gc.disable()
+    try:
+        raw = RawClient(port_of(client))
+        raw.send(HEAD + b"\r\n")
+        answer = raw.answer()
+        assert answer is not None and answer.status == 200
+        (protocol,) = connections
+        assert isinstance(protocol, HttpProtocol)
+        freed = weakref.ref(protocol)
+        del protocol
+        raw.close()
+        eventually(lambda: not connections)
+        eventually(lambda: freed() is None)
+    finally:
+        gc.enable()
+    serves_next(client, pod)
+
+
+def _hostile_clients(port: int) -> None:
+    """Each shape above, several times; returns once the router has closed them all."""
+    shapes = [(HEAD, b"a: b\r\n" * 10_000, 431), (HEAD + b"x-big: ", b"a" * 65536, 431),
+              (b"GET /", b"a" * 65536, 414)]
+    for _ in range(3):
+        for head, filler, status in shapes:
+            raw = RawClient(port)
+            raw.send_until_refused(head, filler, 32 * MiB)
+            refused(raw.answer(), status)
+            raw.close()
+    held = [RawClient(port) for _ in range(50)]
+    for index, raw in enumerate(held):
+        if index % 2:
+            raw.send(HEAD)  # a partial head: 408; the others say nothing: closed
+    for raw in held:
+        assert raw.closed()
+        raw.close()
+
+
+def test_descriptors_and_memory_return_after_hostile_clients(start_pods: StartPods):
+    (pod,) = start_pods(1)
+    router = RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}",
+                            "--header-timeout", "0.5", "--body-timeout", "0.5"])
+    try:
+        process = psutil.Process(router.process.pid)
+        with httpx.Client(base_url=router.url) as client:
+            client.get("/")  # warm: the pod connection and the code paths are in place
+            fds, rss = process.num_fds(), process.memory_info().rss
+            _hostile_clients(router.port)
+            assert client.get("/").status_code == 200
+        eventually(lambda: process.num_fds() <= fds)
+        # 1M headers once took the router from 33 to 154 MB and it kept it.
+        assert process.memory_info().rss - rss < 24 * MiB
+    finally:
+        router.kill()
+
+
+def _low_fd_limit() -> None:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (128, 256))
+
+
+def test_idle_clients_are_closed_so_a_new_one_is_served_when_descriptors_run_out(
+    start_pods: StartPods
+):
+    (pod,) = start_pods(1)
+    router = RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}",
+                            "--header-timeout", "0"],
+                           preexec=_low_fd_limit)
+    idle: list[RawClient] = []
+    try:
+        process = psutil.Process(router.process.pid)
+        assert process.rlimit(psutil.RLIMIT_NOFILE) == (256, 256)  # soft raised to hard
+        idle = [RawClient(router.port) for _ in range(300)]
+        for raw in idle[::2]:  # half begin a head, half say nothing; none is ever timed out
+            raw.send(b"GET / HTTP/1.1\r\n")
+        eventually(lambda: process.num_fds() >= 200)
+        response = httpx.get(router.url + "/", timeout=10)
+        assert response.status_code == 200
+        assert pod.app.hits == 1
+        assert any("file descriptors nearly exhausted" in line for line in router.lines)
+    finally:
+        for raw in idle:
+            raw.close()
+        router.kill()
