@@ -36,6 +36,7 @@ from router.headers import (
     response_headers,
     upstream_timeout,
 )
+from router.health import Clock, Health
 from router.observe import Exchange, Observer, Outcome
 from router.pods import Pod, PodSource
 from router.server import DISCONNECT, ClientWatch
@@ -56,12 +57,14 @@ class Proxy:
         source: PodSource,
         client: upstream.Client,
         observer: Observer,
+        clock: Clock = time.monotonic,
     ) -> None:
         self._config = config
         self._source = source
         self._client = client
         self._observer = observer
-        self._balancer = RoundRobin(config.max_attempts)
+        self._health = Health(observer, clock)
+        self._balancer = RoundRobin(config.max_attempts, self._health)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
         self._loop = asyncio.get_running_loop()  # made at start-up, in the serving loop
 
@@ -92,7 +95,6 @@ class Proxy:
             )
             if pinned is None:
                 response, pod = await self._pool(scope, incoming, body, exchange)
-                exchange.pod, exchange.namespace = pod.name, pod.namespace
                 own_headers.append((b"x-sandbox-id", pod.name.encode()))
                 own_headers.append((b"x-sandbox-namespace", pod.namespace.encode()))
             else:
@@ -131,12 +133,21 @@ class Proxy:
         saw_busy = False
         for pod in self._balancer.order(snapshot.pods):
             exchange.attempts += 1
+            exchange.pod, exchange.namespace = pod.name, pod.namespace  # the last one tried
             try:
                 response = await self._send(scope, pod.ip, pod.port, target, incoming, body,
                                             limits)
-            except ConnectFailed:
+            except ConnectFailed as error:
+                self._health.failed(pod, "failed", error)
                 self._observer.attempt("connect_error")
                 continue
+            except (UpstreamTimeout, UpstreamFailed) as error:
+                self._health.failed(pod, "failed", error)
+                raise
+            if response.status == 503:
+                self._health.failed(pod, "busy")
+            else:
+                self._health.succeeded(pod)
             if response.status == 503 and body.replayable:
                 self._observer.attempt("busy")
                 saw_busy = True

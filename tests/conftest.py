@@ -19,6 +19,7 @@ from router.observe import Observer
 from router.pods import PodSource
 from router.server import ServerThread, bind, server_config
 from router.upstream import Resolver
+from tests.clock import ManualClock
 from tests.sandbox import Pod
 
 StartPods = Callable[..., list[Pod]]
@@ -105,7 +106,8 @@ def static_config(pods: list[Pod], **options: Any) -> Config:
 @pytest.fixture
 def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
     """`start_router(config)` serves the router in a thread on 127.0.0.1 and returns an
-    httpx client for it; the server and the client are closed after the test."""
+    httpx client for it; the server and the client are closed after the test. The pods'
+    cooldowns run on `clock`, by default one that stands still (see tests/clock.py)."""
     clients: list[httpx.Client] = []
 
     def start(
@@ -114,10 +116,11 @@ def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
         observer: Observer | None = None,
         names: dict[str, str] | None = None,
         metrics: Metrics | None = None,
+        clock: ManualClock | None = None,
     ) -> httpx.Client:
         resolver = names_resolver(names) if names is not None else None
         app = Router(config, source=source, observer=observer, resolver=resolver,
-                     metrics=metrics)
+                     metrics=metrics, clock=clock or ManualClock())
         thread = ServerThread(server_config(config, app), bind("127.0.0.1")).start()
         client = httpx.Client(base_url=thread.url, timeout=30)
         client.app = app  # type: ignore[attr-defined]
