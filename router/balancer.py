@@ -27,11 +27,8 @@ class RoundRobin:
 
     def order(self, pods: tuple[Pod, ...]) -> list[Pod]:
         count = next(self._counter)
-        resting = self._health.resting(pods) if self._health is not None else []
-        if resting:
-            skipped = set(resting)
-            pods = tuple(pod for pod in pods if pod not in skipped)
-        n = len(pods)
+        healthy, resting = self._health.split(pods) if self._health is not None else (pods, [])
+        n = len(healthy)
         start = count % n if n else 0
-        order = [*pods[start:], *pods[:start], *resting]
+        order = [*healthy[start:], *healthy[:start], *resting]
         return order[:self._max_attempts] if self._max_attempts else order

@@ -47,6 +47,7 @@ that leave the list. Each failing pod also gets a warning line, at most one per 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -59,6 +60,8 @@ from router.pods import Pod
 log = logging.getLogger("router.health")
 
 Clock = Callable[[], float]
+# (pods not cooling down, pods cooling down, why each of those cools down)
+_Split = tuple[tuple[Pod, ...], list[Pod], list[Cause]]
 
 BUSY_COOLDOWN = 0.1
 BUSY_COOLDOWN_MAX = 1.0
@@ -92,26 +95,40 @@ class Health:
         self._warnings: Throttle[Pod] = Throttle(WARN_INTERVAL)
         self._listed: tuple[Pod, ...] = ()
         self._members: frozenset[Pod] = frozenset()
+        self._split: _Split | None = None  # what `split` last worked out, good until:
+        self._split_until = math.inf
 
-    def resting(self, pods: tuple[Pod, ...]) -> list[Pod]:
-        """The pods of `pods` cooling down now, soonest to recover first. Each counts as
-        skipped (the metric) unless every pod rests: then none was passed over."""
+    def split(self, pods: tuple[Pod, ...]) -> tuple[tuple[Pod, ...], list[Pod]]:
+        """`pods` as (those not cooling down, in list order; those cooling down, soonest to
+        recover first). Each cooling pod counts as skipped (the metric) unless every pod
+        cools down: then none was passed over. The split is kept until a cooldown ends or
+        an outcome changes it, so a request pays for a clock read, not a sort."""
         if pods is not self._listed:
             self._relist(pods)
         if not self._spells:
-            return []
+            return pods, []
         now = self._clock()
-        resting = sorted((spell.until, index, pod)
+        if self._split is None or now >= self._split_until:
+            self._split = self._resplit(pods, now)
+        healthy, resting, causes = self._split
+        if healthy:
+            for cause in causes:
+                self._observer.pod_skipped(cause)
+        return healthy, resting
+
+    def _resplit(self, pods: tuple[Pod, ...], now: float) -> _Split:
+        cooling = sorted((spell.until, index, pod)
                          for index, (pod, spell) in enumerate(self._spells.items())
                          if spell.until > now)
-        if len(resting) < len(pods):
-            for _, _, pod in resting:
-                self._observer.pod_skipped(self._spells[pod].cause)
-        return [pod for _, _, pod in resting]
+        self._split_until = cooling[0][0] if cooling else math.inf
+        resting = [pod for _, _, pod in cooling]
+        skipped = set(resting)
+        healthy = tuple(pod for pod in pods if pod not in skipped) if skipped else pods
+        return healthy, resting, [self._spells[pod].cause for pod in resting]
 
     def succeeded(self, pod: Pod) -> None:
-        if self._spells:
-            self._spells.pop(pod, None)
+        if self._spells and self._spells.pop(pod, None) is not None:
+            self._split = None
 
     def failed(self, pod: Pod, cause: Cause, error: ProxyError | None = None) -> None:
         """Start or extend `pod`'s cooldown; `error` (a failed attempt, not a 503) is also
@@ -128,6 +145,7 @@ class Health:
         until = now + min(first * 2 ** (spell.failures - 1), longest)
         if until > spell.until:
             spell.cause, spell.until = cause, until
+            self._split = None
         if error is not None:
             self._warn(pod, error, spell.until - now, now)
 
@@ -145,6 +163,7 @@ class Health:
         """A new pod list: forget what was known of pods that are no longer in it."""
         self._listed = pods
         self._members = frozenset(pods)
+        self._split = None
         for pod in [pod for pod in self._spells if pod not in self._members]:
             del self._spells[pod]
         self._warnings.forget(self._members)

@@ -235,6 +235,10 @@ def names(order: list[Pod]) -> list[str]:
     return [pod.name for pod in order]
 
 
+def resting(health: Health, pods: tuple[Pod, ...]) -> list[Pod]:
+    return health.split(pods)[1]
+
+
 def test_cooling_pods_go_last_soonest_to_recover_first() -> None:
     clock = ManualClock()
     skips = Skips()
@@ -262,36 +266,36 @@ def test_failures_in_flight_together_are_one_failure() -> None:
     clock = ManualClock()
     health = Health(NullObserver(), clock)
     pods = pool(2)
-    health.resting(pods)
+    resting(health, pods)
     for _ in range(50):  # the requests that were out when the pod died
         health.failed(pods[0], "failed")
     clock.advance(FAILED_COOLDOWN)
-    assert health.resting(pods) == []
+    assert resting(health, pods) == []
 
 
 def test_cooldowns_double_up_to_their_cap() -> None:
     clock = ManualClock()
     health = Health(NullObserver(), clock)
     pods = pool(2)
-    health.resting(pods)
+    resting(health, pods)
     for cooldown in (0.1, 0.2, 0.4, 0.8, 1.0, 1.0):
         health.failed(pods[1], "busy")
         clock.advance(cooldown * 0.9)
-        assert health.resting(pods) == [pods[1]]
+        assert resting(health, pods) == [pods[1]]
         clock.advance(cooldown * 0.2)
-        assert health.resting(pods) == []
+        assert resting(health, pods) == []
     health.failed(pods[1], "failed")  # the count goes on, on the longer scale (to 30 s)
     clock.advance(FAILED_COOLDOWN * 16 * 0.9)
-    assert health.resting(pods) == [pods[1]]
+    assert resting(health, pods) == [pods[1]]
 
 
 def test_pods_that_leave_the_list_are_forgotten() -> None:
     health = Health(NullObserver(), ManualClock())
     pods = pool(3)
-    health.resting(pods)
+    resting(health, pods)
     health.failed(pods[2], "failed")
-    assert health.resting(pods) == [pods[2]]
-    assert health.resting(pods[:2]) == []
-    assert health.resting(pods) == []  # back in a later list: a fresh start
+    assert resting(health, pods) == [pods[2]]
+    assert resting(health, pods[:2]) == []
+    assert resting(health, pods) == []  # back in a later list: a fresh start
     health.failed(Pod("gone", "ns", "10.0.0.9", 80), "failed")  # left while its request ran
-    assert health.resting(pods) == []
+    assert resting(health, pods) == []
