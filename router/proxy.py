@@ -3,7 +3,9 @@ the answer back, and map every failure to one `ProxyError`.
 
 The retry rule lives in `Proxy._pool`: a pod that answers 503 or cannot be connected to is
 skipped; any other answer, and any failure after the request was sent, is final, because
-replaying a request a pod may have acted on could repeat its side effects.
+replaying a request a pod may have acted on could repeat its side effects. Each pool
+attempt's outcome also goes to the pods' passive health (router/health.py), which decides
+the order of the requests after it.
 """
 
 from __future__ import annotations
