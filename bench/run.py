@@ -207,7 +207,8 @@ def degraded_pool(cell: str, plain: Sequence[Target], degraded: Sequence[Target]
     default, which benches the pod for 10 s after one failure, a 503 included), and with
     `max_fails=0`, which tries it every round. The router (its own passive health: the
     pod goes last for a short, doubling cooldown, router/health.py) is compared with the
-    first."""
+    first; it runs with metrics and access log on (router+obs, on both pools), so its own
+    counters tell how many pod attempts a request cost."""
     c = s.busy_connections
     base = {t.kind: measure(t, "/", cell, c, s) for t in plain}
     rows = list(base.values())
@@ -346,8 +347,10 @@ class Lab:
         return Target(name, FLOOR, child.url, child.pid, pool)
 
 
-def run(s: Settings, profile: Path | None) -> tuple[list[Row], bool]:
-    """Every cell, in order; also whether router+obs served its metrics."""
+def run(s: Settings, profile: Path | None) -> tuple[list[Row], bool, list[Check]]:
+    """Every cell, in order; also whether router+obs served its metrics, and the router's
+    pod attempts beyond the first per 1,000 requests on the degraded pools (from its own
+    metrics, warm-up included; without passive health a fourth bad pod costs 250)."""
     with tempfile.TemporaryDirectory(prefix="warmpool-bench-") as tmp, ExitStack() as stack:
         lab = Lab(stack, Path(tmp))
         direct = Target(DIRECT, DIRECT, lab.pods[0].url, None, ())
@@ -355,6 +358,7 @@ def run(s: Settings, profile: Path | None) -> tuple[list[Row], bool]:
         router, _ = lab.router(ROUTER, lab.pods)
         observed, observed_process = lab.router(ROUTER_OBS, lab.pods, observability=True)
         rows: list[Row] = []
+        wasted: list[Check] = []
         if "small" in s.parts:
             floors = [(lab.floor(name, kind, forwards), cs)
                       for name, kind, forwards, cs in FLOORS]
@@ -365,17 +369,25 @@ def run(s: Settings, profile: Path | None) -> tuple[list[Row], bool]:
         for part, pool, cell in (("busy", lab.busy_pods, BUSY_CELL),
                                  ("dead", lab.dead_pods, DEAD_CELL)):
             if part in s.parts:
+                # With metrics on, to count its attempts; against router+obs on the 3 pods.
+                target, process = lab.router(f"router+obs, +{part} pod", pool, True)
                 degraded = [
-                    lab.router(f"router, +{part} pod", pool)[0],
+                    target,
                     lab.nginx(f"nginx max_fails=1 fail_timeout=10s, +{part} pod", pool,
                               max_fails=1, fail_timeout="10s"),
                     lab.nginx(f"nginx max_fails=0, +{part} pod", pool, max_fails=0),
                 ]
-                rows += degraded_pool(cell, [router, proxy], degraded, s)
+                attempts, requests = process.attempts()
+                rows += degraded_pool(cell, [observed, proxy], degraded, s)
+                after = process.attempts()
+                extra = (after[0] - attempts - (after[1] - requests)) * 1000
+                per_1k = extra / max(after[1] - requests, 1)
+                wasted.append(Check(f"{part} pod: router's extra pod attempts / 1k requests",
+                                    per_1k, "<= 50", per_1k <= 50))
         metrics_served = observed_process.metrics_served()
         if profile is not None and router.pid is not None:
             pyspy.record(router.pid, router.url + "/", 64, max(s.duration, 5), profile)
-    return rows, metrics_served
+    return rows, metrics_served, wasted
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -391,8 +403,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     started = datetime.datetime.now(datetime.UTC)
-    rows, metrics_served = run(s, args.profile)
-    found = checks(rows)
+    rows, metrics_served, wasted = run(s, args.profile)
+    found = checks(rows) + wasted
     meta = {
         "started": started.isoformat(timespec="seconds"),
         "settings": s.__dict__,
