@@ -150,6 +150,27 @@ def test_when_every_pod_cools_down_each_is_still_tried(
     assert statuses(client, 3) == [200] * 3  # cooling down does not keep a pod from serving
 
 
+def test_pinned_requests_neither_skip_a_cooling_pod_nor_cool_one_down(
+    start_pods: StartPods, start_router: StartRouter
+) -> None:
+    pods = start_pods(2)
+    pods[0].app.mode = "busy"
+    client = start_router(static_config(pods))
+    assert client.get("/").json()["pod"] == "pod-1"  # pod-0 answered 503: it cools down
+    pods[0].app.mode = "ok"
+
+    def pinned(name: str) -> httpx.Response:
+        return client.get("/", headers={"X-Sandbox-ID": name, "X-Sandbox-Namespace": "default"})
+
+    assert pinned("pod-0").json()["pod"] == "pod-0"
+    pods[1].app.mode = "busy"
+    assert pinned("pod-1").status_code == 503  # the sandbox's own answer, relayed
+    pods[1].app.mode = "ok"
+    # Only pod-0 cools down for the pool: had the pinned 503 cooled pod-1 too, pod-0 (the
+    # sooner to recover) would come first.
+    assert [client.get("/").json()["pod"] for _ in range(2)] == ["pod-1", "pod-1"]
+
+
 def test_one_router_stays_exactly_even_around_a_dead_pod(
     start_pods: StartPods, start_router: StartRouter
 ) -> None:
