@@ -2,8 +2,8 @@
 `--metrics-port` by a small threaded server, so a scrape never runs on the event loop.
 
 Labels are bounded on purpose: route, method (unknown methods count as `other`), status
-code, outcome and skip reason. No pod or sandbox label: thousands of sandboxes would be thousands of
-series. A request costs a few integer increments (measured in bench/: see the README).
+code, outcome and skip reason. No pod or sandbox label: thousands of sandboxes would be
+thousands of series. A request costs a few integer increments (measured in bench/: see the README).
 """
 
 from __future__ import annotations
