@@ -104,6 +104,7 @@ class Pod:
     host: str
     port: int
     busy: bool = False
+    dead: bool = False  # nothing listens: every connect is refused
 
     @property
     def url(self) -> str:
@@ -152,10 +153,14 @@ def start_pod(pod: Pod, workdir: Path, big: Path) -> Child:
 
 
 def start_proxy(
-    name: str, workdir: Path, pods: Sequence[Pod], port: int, max_fails: int | None = None
+    name: str, workdir: Path, pods: Sequence[Pod], port: int, max_fails: int | None = None,
+    fail_timeout: str | None = None,
 ) -> Child:
-    """`max_fails=None` keeps nginx's default (1 failure takes a pod out for 10 s)."""
+    """`max_fails=None` keeps nginx's default (1 failure takes a pod out for 10 s); a failure
+    is what `proxy_next_upstream` lists (a 503 included) besides errors and timeouts."""
     fails = "" if max_fails is None else f" max_fails={max_fails}"
+    if fail_timeout is not None:
+        fails += f" fail_timeout={fail_timeout}"
     upstreams = "\n".join(f"        server {p.host}:{p.port}{fails};" for p in pods)
     directory = workdir / name
     servers = _PROXY.format(servers=upstreams, host="127.0.0.1", port=port)
@@ -178,13 +183,15 @@ class Tally:
     def since(self, earlier: Tally, pods: Sequence[Pod]) -> Tally:
         """The difference; each `tally` read is itself one connection and one request on
         every pod, so a difference of two reads counts one of each too many per pod."""
-        return Tally(self.accepts - earlier.accepts - len(pods),
-                     self.requests - earlier.requests - sum(not pod.busy for pod in pods))
+        live = [pod for pod in pods if not pod.dead]
+        return Tally(self.accepts - earlier.accepts - len(live),
+                     self.requests - earlier.requests - sum(not pod.busy for pod in live))
 
 
 def tally(pods: Sequence[Pod]) -> Tally:
+    """The live pods' counts (a dead pod has none to give)."""
     accepts = requests = 0
-    for pod in pods:
+    for pod in (pod for pod in pods if not pod.dead):
         status, body = fetch(pod.url + STATUS_PATH)
         match = _STATUS.search(body)
         if status != 200 or match is None:

@@ -7,6 +7,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from prometheus_client.parser import text_string_to_metric_families
+
 from bench.nginx import Pod
 from bench.procs import ServerChild, fetch, free_port
 
@@ -41,3 +43,13 @@ class RouterProcess(ServerChild):
         except OSError:
             return False
         return status == 200 and b"warmpool_router_requests_total" in body
+
+    def attempts(self) -> tuple[float, float]:
+        """(pod attempts, requests) the router has counted so far, from `/metrics`."""
+        _, body = fetch(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5.0)
+        totals = {"warmpool_router_upstream_attempts": 0.0, "warmpool_router_requests": 0.0}
+        for family in text_string_to_metric_families(body.decode()):
+            if family.name in totals:
+                totals[family.name] += sum(sample.value for sample in family.samples
+                                           if sample.name.endswith("_total"))
+        return totals["warmpool_router_upstream_attempts"], totals["warmpool_router_requests"]

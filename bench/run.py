@@ -56,6 +56,9 @@ FLOORS = (
 # The 64 MiB transfers' floor: relays with no HTTP (bench/relay.py).
 RELAY_FLOORS = (("byte relay: uvloop", "relay"), ("byte relay: splice(2)", "splice"))
 BUSY_CELL = "GET 100 B, pool of 3 + 1 always-503"
+DEAD_CELL = "GET 100 B, pool of 3 + 1 refusing connections"
+# The parts of a run, for --only.
+PARTS = ("small", "transfers", "busy", "dead")
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Settings:
     concurrency: tuple[int, ...]
     busy_connections: int
     reps: int
+    parts: tuple[str, ...] = PARTS
 
 
 @dataclass(frozen=True)
@@ -195,17 +199,22 @@ def transfers(targets: Sequence[Target], relays: Sequence[Target], big: Path,
     return rows
 
 
-def busy_pool(plain: Sequence[Target], busy: Sequence[Target], s: Settings) -> list[Row]:
-    """A fourth pod that answers every request 503: each proxy on that pool against itself
-    on the pool without it. nginx runs twice: with its default `max_fails=1`, which benches
-    the pod for 10 s after one 503, and with `max_fails=0`, which tries it every round as
-    the router does. The router is compared with nginx's default."""
+def degraded_pool(cell: str, plain: Sequence[Target], degraded: Sequence[Target],
+                  s: Settings) -> list[Row]:
+    """A fourth pod that answers every request 503 (busy), or refuses every connection
+    (dead): each proxy on that pool against itself on the pool without it, measured just
+    before. nginx runs twice: with passive health (`max_fails=1 fail_timeout=10s`, its
+    default, which benches the pod for 10 s after one failure, a 503 included), and with
+    `max_fails=0`, which tries it every round. The router (its own passive health: the
+    pod goes last for a short, doubling cooldown, router/health.py) is compared with the
+    first; it runs with metrics and access log on (router+obs, on both pools), so its own
+    counters tell how many pod attempts a request cost."""
     c = s.busy_connections
-    base = {t.kind: measure(t, "/", BUSY_CELL, c, s) for t in plain}
+    base = {t.kind: measure(t, "/", cell, c, s) for t in plain}
     rows = list(base.values())
     first: dict[str, Row] = {}
-    for target in busy:
-        row = measure(target, "/", BUSY_CELL, c, s)
+    for target in degraded:
+        row = measure(target, "/", cell, c, s)
         row.vs_base = _ratio(row.throughput, base[target.kind].throughput)
         first.setdefault(target.kind, row)
         rows.append(row)
@@ -248,12 +257,13 @@ def checks(rows: Sequence[Row]) -> list[Check]:
     rss = [r.peak_rss_mib for r in routers if r.peak_rss_mib is not None]
     if rss:
         found.append(Check("router peak RSS MiB, all cells", max(rss), "< 150", max(rss) < 150))
-    busy = next((r for r in routers if r.cell == BUSY_CELL and r.vs_base is not None), None)
-    if busy and busy.vs_base is not None:
-        found.append(Check("busy pool: 503s the client saw", busy.non_2xx, "== 0",
-                           busy.non_2xx == 0))
-        found.append(Check("busy pool: router req/s ÷ pool without it", busy.vs_base,
-                           ">= 0.60", busy.vs_base >= 0.60))
+    for cell, name in ((BUSY_CELL, "busy pool"), (DEAD_CELL, "dead pod")):
+        row = next((r for r in routers if r.cell == cell and r.vs_base is not None), None)
+        if row and row.vs_base is not None:
+            found.append(Check(f"{name}: errors the client saw", row.non_2xx + row.errors,
+                               "== 0", row.non_2xx + row.errors == 0))
+            found.append(Check(f"{name}: router req/s ÷ pool without it", row.vs_base,
+                               ">= 0.95", row.vs_base >= 0.95))
     return found
 
 
@@ -274,12 +284,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,16,64,256",
                         help="comma-separated connection counts for the small GET")
     parser.add_argument("--busy-connections", type=int, default=64,
-                        help="connections for the busy-pool cell")
+                        help="connections for the busy-pool and dead-pod cells")
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated parts to run, of {', '.join(PARTS)} (busy and "
+                             "dead: the pool with an always-503 or a refusing fourth pod)")
     parser.add_argument("--reps", type=int, default=5, help="64 MiB transfers per target")
     parser.add_argument("--profile", type=Path, metavar="PATH",
                         help="after the table, profile the router with py-spy at c=64 "
                              "(.txt: collapsed stacks, else SVG flame graph)")
     return parser.parse_args(argv)
+
+
+def _parts(only: str) -> tuple[str, ...]:
+    parts = tuple(part.strip() for part in only.split(",") if part.strip())
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise SystemExit(f"--only: expected some of {', '.join(PARTS)}, got {only!r}")
+    return parts
 
 
 def _stop_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -295,18 +316,21 @@ class Lab:
         self._workdir = workdir
         self._started = itertools.count()
         self.big = nginx.make_big_file(workdir / "big.bin")
-        hosts = [f"127.0.0.{i}" for i in range(2, 6)]
+        hosts = [f"127.0.0.{i}" for i in range(2, 7)]
         port = free_port(hosts)
         self.pods = tuple(Pod(f"pod-{i}", host, port) for i, host in enumerate(hosts[:3]))
         self.busy_pods = (*self.pods, Pod("pod-3", hosts[3], port, busy=True))
+        # Nothing is started on 127.0.0.6: connections there are refused.
+        self.dead_pods = (*self.pods, Pod("pod-3", hosts[4], port, dead=True))
         for pod in self.busy_pods:
             stack.enter_context(nginx.start_pod(pod, workdir, self.big))
 
-    def nginx(self, name: str, pool: tuple[Pod, ...], max_fails: int | None = None) -> Target:
+    def nginx(self, name: str, pool: tuple[Pod, ...], max_fails: int | None = None,
+              fail_timeout: str | None = None) -> Target:
         port = free_port()
         directory = f"nginx-{next(self._started)}"
         child = self._stack.enter_context(
-            nginx.start_proxy(directory, self._workdir, pool, port, max_fails))
+            nginx.start_proxy(directory, self._workdir, pool, port, max_fails, fail_timeout))
         return Target(name, NGINX, f"http://127.0.0.1:{port}", child.pid, pool)
 
     def router(self, name: str, pool: tuple[Pod, ...],
@@ -323,28 +347,47 @@ class Lab:
         return Target(name, FLOOR, child.url, child.pid, pool)
 
 
-def run(s: Settings, profile: Path | None) -> tuple[list[Row], bool]:
-    """Every cell, in order; also whether router+obs served its metrics."""
+def run(s: Settings, profile: Path | None) -> tuple[list[Row], bool, list[Check]]:
+    """Every cell, in order; also whether router+obs served its metrics, and the router's
+    pod attempts beyond the first per 1,000 requests on the degraded pools (from its own
+    metrics, warm-up included; without passive health a fourth bad pod costs 250)."""
     with tempfile.TemporaryDirectory(prefix="warmpool-bench-") as tmp, ExitStack() as stack:
         lab = Lab(stack, Path(tmp))
         direct = Target(DIRECT, DIRECT, lab.pods[0].url, None, ())
         proxy = lab.nginx(NGINX, lab.pods)
         router, _ = lab.router(ROUTER, lab.pods)
         observed, observed_process = lab.router(ROUTER_OBS, lab.pods, observability=True)
-        busy = [
-            lab.router("router, +busy pod", lab.busy_pods)[0],
-            lab.nginx("nginx, +busy pod", lab.busy_pods),
-            lab.nginx("nginx max_fails=0, +busy pod", lab.busy_pods, max_fails=0),
-        ]
-        floors = [(lab.floor(name, kind, forwards), cs) for name, kind, forwards, cs in FLOORS]
-        relays = [lab.floor(name, kind, forwards=True) for name, kind in RELAY_FLOORS]
-        rows = small_gets([direct, proxy, router, observed], floors, s)
-        rows += transfers([direct, proxy, router], relays, lab.big, s.reps)
-        rows += busy_pool([router, proxy], busy, s)
+        rows: list[Row] = []
+        wasted: list[Check] = []
+        if "small" in s.parts:
+            floors = [(lab.floor(name, kind, forwards), cs)
+                      for name, kind, forwards, cs in FLOORS]
+            rows += small_gets([direct, proxy, router, observed], floors, s)
+        if "transfers" in s.parts:
+            relays = [lab.floor(name, kind, forwards=True) for name, kind in RELAY_FLOORS]
+            rows += transfers([direct, proxy, router], relays, lab.big, s.reps)
+        for part, pool, cell in (("busy", lab.busy_pods, BUSY_CELL),
+                                 ("dead", lab.dead_pods, DEAD_CELL)):
+            if part in s.parts:
+                # With metrics on, to count its attempts; against router+obs on the 3 pods.
+                target, process = lab.router(f"router+obs, +{part} pod", pool, True)
+                degraded = [
+                    target,
+                    lab.nginx(f"nginx max_fails=1 fail_timeout=10s, +{part} pod", pool,
+                              max_fails=1, fail_timeout="10s"),
+                    lab.nginx(f"nginx max_fails=0, +{part} pod", pool, max_fails=0),
+                ]
+                attempts, requests = process.attempts()
+                rows += degraded_pool(cell, [observed, proxy], degraded, s)
+                after = process.attempts()
+                extra = (after[0] - attempts - (after[1] - requests)) * 1000
+                per_1k = extra / max(after[1] - requests, 1)
+                wasted.append(Check(f"{part} pod: router's extra pod attempts / 1k requests",
+                                    per_1k, "<= 50", per_1k <= 50))
         metrics_served = observed_process.metrics_served()
         if profile is not None and router.pid is not None:
             pyspy.record(router.pid, router.url + "/", 64, max(s.duration, 5), profile)
-    return rows, metrics_served
+    return rows, metrics_served, wasted
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -356,11 +399,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         concurrency=tuple(int(c) for c in args.concurrency.split(",")),
         busy_connections=args.busy_connections,
         reps=1 if args.quick else args.reps,
+        parts=_parts(args.only),
     )
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     started = datetime.datetime.now(datetime.UTC)
-    rows, metrics_served = run(s, args.profile)
-    found = checks(rows)
+    rows, metrics_served, wasted = run(s, args.profile)
+    found = checks(rows) + wasted
     meta = {
         "started": started.isoformat(timespec="seconds"),
         "settings": s.__dict__,
@@ -378,7 +422,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"nginx: one worker (`master_process off`), keepalive 64 to the pods; wrk -t"
           f"{s.threads}, {s.duration:g} s cells after {s.warmup:g} s warm-ups; "
           f"{psutil.cpu_count()} CPUs shared by everything.")
-    print("÷base: router+obs ÷ router; a busy-pod pool ÷ the same proxy without the busy pod. "
+    print("÷base: router+obs ÷ router; a pool with a busy or dead pod ÷ the same proxy "
+          "without that pod. "
           f"router+obs /metrics served: {'yes' if metrics_served else 'no'}.")
     print("References (GET 100 B; httpx at c=64 only): uvicorn answering 100 B itself is the "
           "ceiling of any uvicorn server here; the bare proxies forward round robin with one "

@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 from router import probes, upstream
 from router.asgi import Receive, Scope, Send
 from router.config import Config, ConfigError
 from router.errors import send_json
+from router.health import Clock
 from router.logs import AccessLog
 from router.metrics import Metrics
 from router.observe import Observer, combine
@@ -48,9 +50,10 @@ class Router:
     """`GET /healthz`, `GET /ready` (`/readyz`) answered here; everything else proxied.
 
     Metrics (`--metrics-port`) and the access log (`--access-log`) are built from the
-    config; `metrics` may be passed in already serving (tests bind it to a free port), and
-    `observer` adds one more subscriber. The metrics listener answers the probes too, from
-    its own thread (`router/probes.py`), for Kubernetes.
+    config; `metrics` may be passed in already serving (tests bind it to a free port),
+    `observer` adds one more subscriber, and `clock` times the pods' cooldowns (tests
+    move it by hand). The metrics listener answers the probes too, from its own thread
+    (`router/probes.py`), for Kubernetes.
     """
 
     def __init__(
@@ -60,9 +63,11 @@ class Router:
         observer: Observer | None = None,
         resolver: upstream.Resolver | None = None,
         metrics: Metrics | None = None,
+        clock: Clock = time.monotonic,
     ) -> None:
         self.config = config
         self._resolver = resolver
+        self._clock = clock
         if metrics is None and config.metrics_port:
             metrics = Metrics(config.proxy_timeout)
         self.metrics = metrics
@@ -131,7 +136,8 @@ class Router:
         )
         self._client = upstream.Client(self._resolver, targets.permits,
                                        self.config.max_response_head)
-        self._proxy = Proxy(self.config, self.source, self._client, self.observer, targets)
+        self._proxy = Proxy(self.config, self.source, self._client, self.observer, targets,
+                            self._clock)
 
     async def shutdown(self) -> None:
         if self._proxy is not None:

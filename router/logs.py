@@ -16,9 +16,10 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Container, Hashable
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
-from typing import Any, TextIO
+from typing import Any, Generic, TextIO, TypeVar
 
 from router.observe import Exchange, NullObserver
 
@@ -27,6 +28,8 @@ FLUSH_SECONDS = 0.1
 STOP_SECONDS = 5.0
 
 log = logging.getLogger("router.access")
+
+Key = TypeVar("Key", bound=Hashable)
 
 
 @functools.lru_cache(maxsize=4)
@@ -149,3 +152,27 @@ class AccessLog(NullObserver):
         if lines:
             self._stream.write("\n".join(lines) + "\n")
             self._stream.flush()
+
+
+class Throttle(Generic[Key]):
+    """At most one log line per key (a pod, say) every `interval` seconds, so a pod that
+    fails a thousand requests a second writes one line, not a thousand; the lines held
+    back are counted, for the next line to say how many there were."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
+        self._last: dict[Key, tuple[float, int]] = {}  # when the last line went, held since
+
+    def allow(self, key: Key, now: float) -> int | None:
+        """None to stay quiet; else how many lines for `key` were held back before this."""
+        last = self._last.get(key)
+        if last is None or now - last[0] >= self._interval:
+            self._last[key] = (now, 0)
+            return 0 if last is None else last[1]
+        self._last[key] = (last[0], last[1] + 1)
+        return None
+
+    def forget(self, keep: Container[Key]) -> None:
+        """Drop the keys not in `keep` (pods that left the list)."""
+        for key in [key for key in self._last if key not in keep]:
+            del self._last[key]

@@ -2,8 +2,8 @@
 `--metrics-port` by a small threaded server, so a scrape never runs on the event loop.
 
 Labels are bounded on purpose: route, method (unknown methods count as `other`), status
-code and outcome. No pod or sandbox label: thousands of sandboxes would be thousands of
-series. A request costs a few integer increments (measured in bench/: see the README).
+code, outcome and skip reason. No pod or sandbox label: thousands of sandboxes would be
+thousands of series. A request costs a few integer increments (measured in bench/: see the README).
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from prometheus_client.core import (
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.observe import Exchange, Outcome, Refresh, Route
+from router.observe import Cause, Exchange, Outcome, Refresh, Route
 from router.pods import PodSource
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 OUTCOMES: tuple[Outcome, ...] = ("ok", "busy", "connect_error", "timeout", "error")
 ROUTES: tuple[Route, ...] = ("pool", "pinned")
 REFRESHES: tuple[Refresh, ...] = ("ok", "error")
+CAUSES: tuple[Cause, ...] = ("busy", "failed")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -80,6 +81,7 @@ class Metrics:
         self._duration_sums = dict.fromkeys(ROUTES, 0.0)
         self._attempts = dict.fromkeys(OUTCOMES, 0)
         self._refreshes = dict.fromkeys(REFRESHES, 0)
+        self._skips = dict.fromkeys(CAUSES, 0)
         self._retries = 0
         self._started = 0
         self._finished = 0
@@ -114,6 +116,9 @@ class Metrics:
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         self._refreshes[outcome] += 1
 
+    def pod_skipped(self, cause: Cause) -> None:
+        self._skips[cause] += 1
+
     # The Collector interface, called by a scrape.
 
     def describe(self) -> Iterable[Metric]:
@@ -137,6 +142,10 @@ class Metrics:
         yield _counter("warmpool_router_upstream_attempts",
                        "Attempts to reach a pod, by outcome.", "outcome",
                        self._attempts.copy().items())
+        yield _counter("warmpool_router_pod_skips",
+                       "Pool requests that put a cooling-down pod behind the others, by why "
+                       "it cools down (busy: it answered 503; failed: refused or failed).",
+                       "reason", self._skips.copy().items())
         yield CounterMetricFamily("warmpool_router_retries",
                                   "Pool attempts after the first one of a request.",
                                   value=self._retries)

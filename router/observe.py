@@ -13,6 +13,8 @@ from typing import Literal, Protocol
 Route = Literal["pool", "pinned"]
 Outcome = Literal["ok", "busy", "connect_error", "timeout", "error"]
 Refresh = Literal["ok", "error"]
+# Why a pod cools down (router/health.py): it answered 503, or it refused or failed.
+Cause = Literal["busy", "failed"]
 
 
 @dataclass(slots=True)
@@ -41,6 +43,10 @@ class Observer(Protocol):
 
     def request_finished(self, exchange: Exchange) -> None: ...
 
+    def pod_skipped(self, cause: Cause) -> None:
+        """A pool request put a cooling-down pod behind every other pod."""
+        ...
+
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         """Called by a pod source (from its own thread) after each API list or watch."""
         ...
@@ -56,6 +62,9 @@ class NullObserver:
         return None
 
     def request_finished(self, exchange: Exchange) -> None:
+        return None
+
+    def pod_skipped(self, cause: Cause) -> None:
         return None
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
@@ -79,6 +88,10 @@ class Observers:
     def request_finished(self, exchange: Exchange) -> None:
         for observer in self._observers:
             observer.request_finished(exchange)
+
+    def pod_skipped(self, cause: Cause) -> None:
+        for observer in self._observers:
+            observer.pod_skipped(cause)
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         for observer in self._observers:

@@ -4,7 +4,8 @@ the answer back, and map every failure to one `ProxyError`.
 The retry rule is `router/replay.py`'s, applied in `Proxy._pool`: a pod that cannot be
 connected to, or answers 503 to a replayable body, is skipped; any other answer, and any
 failure after the request was written, is final, because replaying a request a pod may
-have acted on could repeat its side effects.
+have acted on could repeat its side effects. Each pool attempt's outcome also goes to the
+pods' passive health (router/health.py), which decides the order of the requests after it.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from router.headers import (
     response_headers,
     upstream_timeout,
 )
+from router.health import Clock, Health
 from router.observe import Exchange, Observer, Outcome
 from router.pods import Pod, PodSource
 from router.server import DISCONNECT, ClientWatch
@@ -60,13 +62,15 @@ class Proxy:
         client: upstream.Client,
         observer: Observer,
         targets: TargetPolicy,
+        clock: Clock = time.monotonic,
     ) -> None:
         self._config = config
         self._source = source
         self._client = client
         self._observer = observer
         self._targets = targets
-        self._balancer = RoundRobin(config.max_attempts)
+        self._health = Health(observer, clock)
+        self._balancer = RoundRobin(config.max_attempts, self._health)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
         self._loop = asyncio.get_running_loop()  # made at start-up, in the serving loop
 
@@ -99,7 +103,6 @@ class Proxy:
             )
             if pinned is None:
                 response, pod = await self._pool(scope, incoming, body, exchange)
-                exchange.pod, exchange.namespace = pod.name, pod.namespace
                 own_headers.append((b"x-sandbox-id", pod.name.encode()))
                 own_headers.append((b"x-sandbox-namespace", pod.namespace.encode()))
             else:
@@ -140,12 +143,21 @@ class Proxy:
         saw_busy = False
         for pod in self._balancer.order(snapshot.pods):
             exchange.attempts += 1
+            exchange.pod, exchange.namespace = pod.name, pod.namespace  # the last one tried
             try:
                 response = await self._send(scope, pod.ip, pod.port, target, incoming, body,
                                             limits)
-            except ConnectFailed:
+            except ConnectFailed as error:
+                self._health.failed(pod, "failed", error)
                 self._observer.attempt("connect_error")
                 continue
+            except (UpstreamTimeout, UpstreamFailed) as error:
+                self._health.failed(pod, "failed", error)
+                raise
+            if response.status == 503:
+                self._health.failed(pod, "busy")
+            else:
+                self._health.succeeded(pod)
             if replay.to_next_pod(response.status, body.replayable):
                 self._observer.attempt("busy")
                 saw_busy = True

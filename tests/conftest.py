@@ -19,6 +19,7 @@ from router.observe import Observer
 from router.pods import PodSource
 from router.server import ServerThread, bind, server_config
 from router.upstream import Resolver
+from tests.clock import ManualClock
 from tests.rawpod import Behaviour, RawPod
 from tests.sandbox import Pod
 
@@ -130,7 +131,8 @@ def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
     """`start_router(config)` serves the router in a thread on 127.0.0.1 and returns an
     httpx client for it; the server and the client are closed after the test.
     `loop="asyncio"` serves on the standard event loop, whose connects the audit hook of
-    `tests/connects.py` sees (uvloop, the default, connects in C)."""
+    `tests/connects.py` sees (uvloop, the default, connects in C). The pods' cooldowns run
+    on `clock`, by default one that stands still (see tests/clock.py)."""
     clients: list[httpx.Client] = []
 
     def start(
@@ -140,10 +142,11 @@ def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
         names: dict[str, str] | None = None,
         metrics: Metrics | None = None,
         loop: str = "auto",
+        clock: ManualClock | None = None,
     ) -> httpx.Client:
         resolver = names_resolver(names) if names is not None else None
         app = Router(config, source=source, observer=observer, resolver=resolver,
-                     metrics=metrics)
+                     metrics=metrics, clock=clock or ManualClock())
         serving = server_config(config, app)
         serving.loop = loop
         thread = ServerThread(serving, bind("127.0.0.1")).start()

@@ -37,7 +37,8 @@ def test_counters_after_known_traffic(
     config = dataclasses.replace(config, pods=(*config.pods, dead))
     client = start_router(config, metrics=metrics)
 
-    # Pool, starting at pod-0, pod-1, pod-9 in turn: (busy, ok), (ok), (refused, busy, ok).
+    # Pool (the cooldowns' clock stands still): pod-0 busy then pod-1; pod-0 goes last, so
+    # pod-9 refused then pod-1; pod-9 goes last too, and pod-1 serves the rest at once.
     assert [client.get("/").status_code for _ in range(6)] == [200] * 6
     assert client.post("/", content=b"x" * 100).status_code == 200
     pinned = {"X-Sandbox-Namespace": "default"}
@@ -60,8 +61,13 @@ def test_counters_after_known_traffic(
     attempts = "warmpool_router_upstream_attempts_total"
     assert {outcome: value(samples, attempts, outcome=outcome)
             for outcome in ("ok", "busy", "connect_error", "timeout", "error")} == {
-        "ok": 9, "busy": 5, "connect_error": 2, "timeout": 1, "error": 0}
-    assert value(samples, "warmpool_router_retries_total") == 7
+        "ok": 9, "busy": 1, "connect_error": 1, "timeout": 1, "error": 0}
+    assert value(samples, "warmpool_router_retries_total") == 2
+    # Passed over: pod-0 by the six pool requests after the first (the POST included),
+    # pod-9 by the last five.
+    skips = "warmpool_router_pod_skips_total"
+    assert value(samples, skips, reason="busy") == 6
+    assert value(samples, skips, reason="failed") == 5
     duration = "warmpool_router_request_duration_seconds_count"
     assert value(samples, duration, route="pool") == 7
     assert value(samples, duration, route="pinned") == 4
@@ -85,5 +91,6 @@ def test_no_label_names_a_pod_or_sandbox(
     client.get("/", headers={"X-Sandbox-ID": "pod-1"})
 
     labels = {label for _, pairs in scrape(metrics.port) for label in pairs}
-    assert {name for name, _ in labels} <= {"route", "method", "code", "outcome", "version", "le"}
+    assert {name for name, _ in labels} <= {"route", "method", "code", "outcome", "reason",
+                                            "version", "le"}
     assert not {value for _, value in labels} & {"pod-0", "pod-1"}

@@ -15,7 +15,7 @@ import psutil
 import pytest
 
 from router import connection
-from router.observe import Exchange
+from router.observe import Exchange, NullObserver
 from router.server import ServerThread
 from tests.conftest import StartPods, StartRouter, eventually, static_config
 from tests.sandbox import pattern, pattern_sha256
@@ -76,23 +76,14 @@ def test_large_upload_streams_with_flat_memory(start_pods: StartPods, start_rout
     assert growth[0] < RSS_GROWTH_LIMIT, f"RSS grew {growth[0] / 2**20:.0f} MiB"
 
 
-class Finished:
+class Finished(NullObserver):
     """An observer that keeps every finished exchange."""
 
     def __init__(self) -> None:
         self.exchanges: list[Exchange] = []
 
-    def request_started(self, route: str) -> None:
-        pass
-
-    def attempt(self, outcome: str) -> None:
-        pass
-
     def request_finished(self, exchange: Exchange) -> None:
         self.exchanges.append(exchange)
-
-    def pod_list_refreshed(self, outcome: str) -> None:
-        pass
 
 
 def test_client_leaving_mid_stream_closes_the_upstream(
