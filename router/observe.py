@@ -13,6 +13,7 @@ from typing import Literal, Protocol
 Route = Literal["pool", "pinned"]
 Outcome = Literal["ok", "busy", "connect_error", "timeout", "error"]
 Refresh = Literal["ok", "error"]
+Decision = Literal["allow", "deny"]
 
 
 @dataclass(slots=True)
@@ -32,6 +33,7 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     duration: float = 0.0
+    authz: Decision | None = None  # None: no authorizer was asked (allow-all)
 
 
 class Observer(Protocol):
