@@ -85,5 +85,6 @@ def test_no_label_names_a_pod_or_sandbox(
     client.get("/", headers={"X-Sandbox-ID": "pod-1"})
 
     labels = {label for _, pairs in scrape(metrics.port) for label in pairs}
-    assert {name for name, _ in labels} <= {"route", "method", "code", "outcome", "version", "le"}
+    assert {name for name, _ in labels} <= {"route", "method", "code", "outcome", "version", "le",
+                                                 "decision"}
     assert not {value for _, value in labels} & {"pod-0", "pod-1"}
