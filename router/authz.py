@@ -299,8 +299,9 @@ class ScopedTokens:
 
 
 def pool_name(config: Config) -> str:
-    """The name a pool request is authorized as: the warm pool's, else `pool`."""
-    return config.warm_pool or POOL_NAME
+    """The name a pool request is authorized as: the `--warm-pool` the router lists, else
+    (a static pool, or one chosen by `--selector`) `pool`."""
+    return config.warm_pool if config.warm_pool and not config.static else POOL_NAME
 
 
 def check_files(config: Config) -> None:

@@ -19,6 +19,7 @@ from router.observe import Observer
 from router.pods import PodSource
 from router.server import ServerThread, bind, server_config
 from router.upstream import Resolver
+from tests.fake_kube import FakeKube
 from tests.sandbox import Pod
 
 StartPods = Callable[..., list[Pod]]
@@ -37,6 +38,14 @@ def names_resolver(names: dict[str, str]) -> Resolver:
 
 
 StartRouter = Callable[..., httpx.Client]
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKube]:
+    """The fake Kubernetes API (`tests/fake_kube.py`), served on loopback for one test."""
+    fake = FakeKube().start()
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture

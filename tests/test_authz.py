@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from router.authz import BearerTokens, Claims, ScopedTokens
-from router.config import Config
+from router.config import DEFAULT_SELECTOR, Config
+from router.kube import fnv1a_32
 from router.logs import access_line
 from router.metrics import Metrics
 from router.observe import Exchange, NullObserver, Observer, Route
@@ -373,32 +374,42 @@ def test_expired_tampered_and_forged_scoped_tokens_are_401(
     assert client.get("/", headers=pinned(pods[0], good)).status_code == 200
 
 
-@pytest.mark.parametrize(("warm_pool", "pool_name"),
-                         [(None, "pool"), ("python-pool", "python-pool")])
-def test_pool_requests_need_a_token_for_the_pool(
-    start_pods: StartPods, start_router: StartRouter, scoped_config: Any,
-    warm_pool: str | None, pool_name: str,
-) -> None:
-    pods = start_pods(2)
-    client = start_router(scoped_config(pods, warm_pool=warm_pool))
+def assert_pool_needs(client: httpx.Client, pods: list[Pod], pool_name: str) -> None:
+    """Pool requests pass with the pool's token, in `default`, and with no other."""
     pool = mint(SECRET, "default", pool_name, LATER)
-
     assert [client.get("/", headers=bearer(pool)).status_code for _ in pods] == [200, 200]
     assert {pod.app.hits for pod in pods} == {1}
     assert_forbidden(client.get("/", headers=bearer(mint(SECRET, "other", pool_name, LATER))))
     assert_forbidden(client.get("/", headers=bearer(mint(SECRET, "default", "pool-x", LATER))))
+    assert_forbidden(client.get("/", headers=bearer(mint(SECRET, "default", pods[0].name,
+                                                          LATER))))
     assert_forbidden(client.get("/", headers={**bearer(pool), "X-Sandbox-Pod-IP": "10.0.0.9"}))
     assert authorizations(pods) == [None, None]
 
 
+def test_pool_requests_of_a_static_pool_need_the_pool_token(
+    start_pods: StartPods, start_router: StartRouter, scoped_config: Any
+) -> None:
+    pods = start_pods(2)
+    assert_pool_needs(start_router(scoped_config(pods)), pods, "pool")
+
+
+def test_pool_requests_of_a_warm_pool_need_its_token(
+    kube: FakeKube, tmp_path: Path, start_pods: StartPods, start_router: StartRouter,
+    scoped_config: Any,
+) -> None:
+    pods = start_pods(2)
+    kube.add_pods(pods, labels={DEFAULT_SELECTOR: fnv1a_32("python-pool")})
+    config = dataclasses.replace(
+        scoped_config([]), warm_pool="python-pool", pod_port=pods[0].port,
+        kubeconfig=str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
+        allow_loopback_pod_ip=True)  # the fake API lists pods on 127.0.0.x
+    client = start_router(config)
+    eventually(lambda: client.get("/ready").status_code == 200)
+    assert_pool_needs(client, pods, "python-pool")
+
+
 # -- tokenreview --
-
-
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    fake = FakeKube().start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture
