@@ -481,6 +481,16 @@ def test_an_api_outage_is_a_brief_503_not_a_lasting_denial(
     assert kube.count("tokenreview") >= 2
 
 
+def test_a_cached_answer_expires_after_the_ttl(kube: FakeKube, reviewed: Any) -> None:
+    client, _ = reviewed(authz_tokenreview_ttl=0.2)
+    assert client.get("/", headers=bearer("sa-token")).status_code == 200
+    assert kube.count("tokenreview") == 1
+    kube.tokens.clear()  # revoked: once the answer expires, the next review says no
+
+    eventually(lambda: client.get("/", headers=bearer("sa-token")).status_code == 401)
+    assert kube.count("tokenreview") >= 2
+
+
 # -- start-up --
 
 
@@ -491,11 +501,12 @@ def test_an_api_outage_is_a_brief_503_not_a_lasting_denial(
     (["--authz-bearer-token-file", "/dev/null"],
      "--authz-bearer-token-file is only used with --authz-mode bearer"),
     (["--authz-mode", "open"], "expected one of allow-all, bearer, tokenreview, scoped-token"),
+    (["--authz-mode", "tokenreview"], "cannot load the Kubernetes configuration (in-cluster)"),
     (["--authz-mode", "bearer", "--authz-bearer-token-file", "/nonexistent/tokens"],
      "--authz-bearer-token-file /nonexistent/tokens: No such file or directory"),
 ])
 def test_a_mode_without_what_it_needs_stops_start_up(args: list[str], error: str) -> None:
-    result = run_router(["--pods", "a=127.0.0.2:1", *args])
+    result = run_router(["--pods", "a=127.0.0.2:1", *args], env={"KUBECONFIG": ""})
     assert result.returncode == 2
     assert error in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
