@@ -6,15 +6,19 @@ import logging.config
 import sys
 from collections.abc import Sequence
 
-from router import config, logs
+from router import authz, config, logs
 from router.run import serve, supervise
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     options = config.load(sys.argv[1:] if argv is None else argv)
     logging.config.dictConfig(logs.logging_config(options.log_level))
-    if not options.static:
+    if not options.static or options.authz_mode == "tokenreview":
         check_kubernetes(options)
+    try:
+        authz.check_files(options)
+    except config.ConfigError as exc:
+        config.main_error(str(exc))
     raise SystemExit(serve(options) if options.workers == 1 else supervise(options))
 
 

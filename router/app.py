@@ -15,6 +15,15 @@ from collections.abc import Awaitable, Callable
 
 from router import probes, upstream
 from router.asgi import Receive, Scope, Send
+from router.authz import (
+    Authorizer,
+    BearerTokens,
+    Gate,
+    ScopedTokens,
+    is_loopback,
+    pool_name,
+    read_secret,
+)
 from router.config import Config, ConfigError
 from router.errors import send_json
 from router.health import Clock
@@ -44,6 +53,27 @@ def build_source(config: Config, observer: Observer) -> PodSource:
     from router.kube import KubernetesPodSource
 
     return KubernetesPodSource(config, observer)
+
+
+def build_authorizer(config: Config) -> Authorizer | None:
+    """The `--authz-mode` authorizer (None: allow-all). Blocking (reads files, and for
+    tokenreview the kubeconfig): called in a thread at start-up."""
+    if config.authz_mode == "allow-all":
+        if not is_loopback(config.host):
+            log.warning("--authz-mode allow-all on %s: whoever reaches this address can use "
+                        "every sandbox, and the sandbox sees their Authorization header",
+                        config.host)
+        return None
+    if config.authz_mode == "bearer":
+        assert config.authz_bearer_token_file is not None  # config.validate
+        return BearerTokens(config.authz_bearer_token_file)
+    if config.authz_mode == "scoped-token":
+        assert config.authz_scoped_token_secret_file is not None  # config.validate
+        return ScopedTokens(read_secret(config.authz_scoped_token_secret_file))
+    from router.tokenreview import TokenReviewer, kube_review
+
+    review, close = kube_review(config)
+    return TokenReviewer(review, config.authz_tokenreview_ttl, close)
 
 
 class Router:
@@ -81,6 +111,7 @@ class Router:
         self.heartbeat = probes.Heartbeat()
         if metrics is not None:
             metrics.route(probes.routes(lambda: probes.health(self.heartbeat), self.readiness))
+        self._gate: Gate | None = None
         self._probes: dict[str, Probe] = {
             "/healthz": self._healthz,
             "/ready": self._ready,
@@ -123,6 +154,9 @@ class Router:
 
     async def startup(self) -> None:
         self.heartbeat.start()
+        authorizer = await asyncio.to_thread(build_authorizer, self.config)  # first: may fail
+        if authorizer is not None:
+            self._gate = Gate(authorizer, self.config.namespace, pool_name(self.config))
         if self.metrics is not None and self.metrics.port is None:
             self.metrics.serve(self._metrics_socket())
         if self.access_log is not None:
@@ -137,12 +171,15 @@ class Router:
         self._client = upstream.Client(self._resolver, targets.permits,
                                        self.config.max_response_head)
         self._proxy = Proxy(self.config, self.source, self._client, self.observer, targets,
-                            self._clock)
+                            self._gate, self._clock)
 
     async def shutdown(self) -> None:
         if self._proxy is not None:
             self._proxy = None
             await self._client.close()
+        if self._gate is not None:
+            await self._gate.authorizer.close()
+            self._gate = None
         await self.source.stop()
         if self.access_log is not None:
             await asyncio.to_thread(self.access_log.stop)

@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 DEFAULT_SELECTOR = "agents.x-k8s.io/warm-pool-sandbox"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+AUTHZ_MODES = ("allow-all", "bearer", "tokenreview", "scoped-token")
 
 _DNS_LABEL = re.compile(r"^[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?$")
 _SIZE = re.compile(r"^\s*(\d+)\s*(b|k|kb|kib|m|mb|mib|g|gb|gib)?\s*$", re.IGNORECASE)
@@ -78,6 +79,11 @@ class Config:
     backlog: int = 2048
     timeout_keep_alive: float = 5.0
     workers: int = 1
+    authz_mode: str = "allow-all"
+    authz_bearer_token_file: str | None = None
+    authz_tokenreview_ttl: float = 30.0
+    authz_tokenreview_audiences: tuple[str, ...] = ()
+    authz_scoped_token_secret_file: str | None = None
 
     @property
     def static(self) -> bool:
@@ -159,6 +165,17 @@ def _log_level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise ConfigError(f"expected one of {', '.join(LOG_LEVELS)}, got {text!r}")
     return text.lower()
+
+
+def _authz_mode(text: str) -> str:
+    if text not in AUTHZ_MODES:
+        raise ConfigError(f"expected one of {', '.join(AUTHZ_MODES)}, got {text!r}")
+    return text
+
+
+def _names(text: str) -> tuple[str, ...]:
+    """`a,b`: comma-separated values, blanks dropped."""
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _boolean(text: str) -> bool:
@@ -303,6 +320,19 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("timeout_keep_alive", _seconds(allow_zero=False),
             "close idle client keep-alive connections after this long (s)"),
     _Option("workers", _whole(1), "worker processes (each keeps its own pod cache and counter)"),
+    _Option("authz_mode", _authz_mode,
+            "who may use the proxy: " + ", ".join(AUTHZ_MODES) + " (probes never need it)"),
+    _Option("authz_bearer_token_file", _non_empty,
+            "--authz-mode bearer: accepted tokens, one per line (re-read when it changes)",
+            metavar="PATH"),
+    _Option("authz_tokenreview_ttl", _seconds(allow_zero=False),
+            "--authz-mode tokenreview: how long a TokenReview answer is cached (s)"),
+    _Option("authz_tokenreview_audiences", _names,
+            "--authz-mode tokenreview: audiences the token must carry (spec.audiences)",
+            metavar="AUD,..."),
+    _Option("authz_scoped_token_secret_file", _non_empty,
+            "--authz-mode scoped-token: the HMAC secret (at least 32 bytes, trimmed)",
+            metavar="PATH"),
 )
 
 
@@ -332,11 +362,12 @@ def build_parser() -> argparse.ArgumentParser:
         default = getattr(defaults, option.field)
         envs = ", ".join((option.env, *option.env_aliases))
         shown = default
-        if option.field in {"pods", "demo", "warm_pool", "kubeconfig"}:
+        if option.field in {"pods", "demo", "warm_pool", "kubeconfig", "authz_bearer_token_file",
+                            "authz_scoped_token_secret_file"}:
             shown = "unset"
         elif option.field == "namespace":
             shown = "own namespace, else default"
-        elif option.field == "pod_cidr":
+        elif option.field in {"pod_cidr", "authz_tokenreview_audiences"}:
             shown = "none"
         help_text = f"{option.help} [default: {shown}; env: {envs}]"
         if option.flag:
@@ -392,7 +423,24 @@ def validate(config: Config) -> Config:
         raise ConfigError("--warm-pool and --selector cannot be used together")
     if config.metrics_port and config.metrics_port == config.port:
         raise ConfigError("--metrics-port must differ from --port")
+    _validate_authz(config)
     return config
+
+
+# The file each mode reads; a file given for another mode is a mistake that would leave the
+# router open (e.g. the token file set, the mode forgotten), so it stops start-up too.
+_AUTHZ_FILES = {"bearer": "authz_bearer_token_file",
+                "scoped-token": "authz_scoped_token_secret_file"}
+
+
+def _validate_authz(config: Config) -> None:
+    for mode, field in _AUTHZ_FILES.items():
+        flag = "--" + field.replace("_", "-")
+        given = getattr(config, field) is not None
+        if config.authz_mode == mode and not given:
+            raise ConfigError(f"--authz-mode {mode} needs {flag}")
+        if given and config.authz_mode != mode:
+            raise ConfigError(f"{flag} is only used with --authz-mode {mode}")
 
 
 def main_error(message: str) -> NoReturn:

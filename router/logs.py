@@ -84,7 +84,8 @@ def access_line(exchange: Exchange, finished: float) -> str:
     mostly numbers or checked names, so only the free-text ones (method, path, request
     id) go through the JSON string encoder; `json.dumps` of a dict costs three times as
     much, on the same core as the proxy. `path` has no query string: queries may carry
-    tokens."""
+    tokens. `authz` is there when an authorizer decided (never in allow-all mode)."""
+    authz = "" if exchange.authz is None else f', "authz": "{exchange.authz}"'
     return (
         f'{{"time": "{_timestamp(finished)}", "method": {_string(exchange.method)}, '
         f'"path": {_string(exchange.path)}, "status": {exchange.status or 500}, '
@@ -92,7 +93,7 @@ def access_line(exchange: Exchange, finished: float) -> str:
         f'"pod": {_string(exchange.pod)}, "namespace": {_string(exchange.namespace)}, '
         f'"attempts": {exchange.attempts}, "bytes_in": {exchange.bytes_in}, '
         f'"bytes_out": {exchange.bytes_out}, "client": {_string(exchange.client)}, '
-        f'"request_id": {_string(exchange.request_id)}}}'
+        f'"request_id": {_string(exchange.request_id)}{authz}}}'
     )
 
 

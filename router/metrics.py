@@ -31,7 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.parser import text_string_to_metric_families
 
-from router.observe import Cause, Exchange, Outcome, Refresh, Route
+from router.observe import Cause, Decision, Exchange, Outcome, Refresh, Route
 from router.pods import PodSource
 
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -39,6 +39,7 @@ OUTCOMES: tuple[Outcome, ...] = ("ok", "busy", "connect_error", "timeout", "erro
 ROUTES: tuple[Route, ...] = ("pool", "pinned")
 REFRESHES: tuple[Refresh, ...] = ("ok", "error")
 CAUSES: tuple[Cause, ...] = ("busy", "failed")
+DECISIONS: tuple[Decision, ...] = ("allow", "deny")
 _BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 
 
@@ -82,6 +83,7 @@ class Metrics:
         self._attempts = dict.fromkeys(OUTCOMES, 0)
         self._refreshes = dict.fromkeys(REFRESHES, 0)
         self._skips = dict.fromkeys(CAUSES, 0)
+        self._authz = dict.fromkeys(DECISIONS, 0)
         self._retries = 0
         self._started = 0
         self._finished = 0
@@ -112,6 +114,8 @@ class Metrics:
         self._duration_sums[exchange.route] += exchange.duration
         if exchange.attempts > 1 and exchange.route == "pool":
             self._retries += exchange.attempts - 1
+        if exchange.authz is not None:
+            self._authz[exchange.authz] += 1
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         self._refreshes[outcome] += 1
@@ -161,6 +165,9 @@ class Metrics:
         yield _counter("warmpool_router_pod_list_refreshes",
                        "Pod list calls to the Kubernetes API.", "outcome",
                        self._refreshes.copy().items())
+        yield _counter("warmpool_router_authz_decisions",
+                       "Authorization decisions on proxied requests (none in allow-all mode).",
+                       "decision", self._authz.copy().items())
         build = GaugeMetricFamily("warmpool_router_build_info", "The running version.",
                                   labels=["version"])
         build.add_metric([self._version], 1)

@@ -15,6 +15,7 @@ Outcome = Literal["ok", "busy", "connect_error", "timeout", "error"]
 Refresh = Literal["ok", "error"]
 # Why a pod cools down (router/health.py): it answered 503, or it refused or failed.
 Cause = Literal["busy", "failed"]
+Decision = Literal["allow", "deny"]
 
 
 @dataclass(slots=True)
@@ -34,6 +35,7 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     duration: float = 0.0
+    authz: Decision | None = None  # None: no authorizer was asked (allow-all)
 
 
 class Observer(Protocol):

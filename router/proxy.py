@@ -17,6 +17,7 @@ from urllib.parse import quote
 
 from router import replay, upstream
 from router.asgi import Receive, Scope, Send
+from router.authz import Gate
 from router.balancer import RoundRobin
 from router.body import ClientGone, RequestBody
 from router.config import Config
@@ -62,6 +63,7 @@ class Proxy:
         client: upstream.Client,
         observer: Observer,
         targets: TargetPolicy,
+        gate: Gate | None = None,
         clock: Clock = time.monotonic,
     ) -> None:
         self._config = config
@@ -69,6 +71,7 @@ class Proxy:
         self._client = client
         self._observer = observer
         self._targets = targets
+        self._gate = gate  # None: --authz-mode allow-all
         self._health = Health(observer, clock)
         self._balancer = RoundRobin(config.max_attempts, self._health)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
@@ -98,6 +101,8 @@ class Proxy:
                 raise incoming.refused
             if incoming.sandbox_id is not None:  # refused before the body is read
                 pinned = parse_pinned(incoming, allow_loopback=self._config.allow_loopback_pod_ip)
+            if self._gate is not None:  # also before the body is read; takes Authorization
+                await self._gate.check(incoming, pinned, exchange)
             body = await RequestBody.read(
                 receive, incoming.content_length, self._config.retry_body_limit
             )

@@ -20,6 +20,7 @@ from router.pods import PodSource
 from router.server import ServerThread, bind, server_config
 from router.upstream import Resolver
 from tests.clock import ManualClock
+from tests.fake_kube import FakeKube
 from tests.rawpod import Behaviour, RawPod
 from tests.sandbox import Pod
 
@@ -39,6 +40,14 @@ def names_resolver(names: dict[str, str]) -> Resolver:
 
 
 StartRouter = Callable[..., httpx.Client]
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKube]:
+    """The fake Kubernetes API (`tests/fake_kube.py`), served on loopback for one test."""
+    fake = FakeKube().start()
+    yield fake
+    fake.stop()
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ stream of newline-delimited JSON events (ADDED, MODIFIED, DELETED, BOOKMARK, ERR
 resourceVersion, ended by the server after `timeoutSeconds`; an object leaving a watch's
 selector is sent as DELETED, as the real API server does. Tests drive it: add, change and
 delete pods, compact history (410 Gone), fail with a status, hang, drop open watches; every
-call is counted.
+call is counted. `POST /apis/authentication.k8s.io/v1/tokenreviews` answers TokenReviews
+from `tokens` (a token and the audiences it was minted for), counted as "tokenreview".
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ Obj = dict[str, Any]
 
 @dataclass(frozen=True)
 class Call:
-    verb: str  # "list" or "watch"
+    verb: str  # "list", "watch" or "tokenreview"
     namespace: str
     query: Mapping[str, str]
 
@@ -118,6 +119,8 @@ class FakeKube:
         self.history: list[Event] = []
         self.compacted_below = 0
         self.calls: list[Call] = []
+        self.tokens: dict[str, tuple[str, ...]] = {}
+        self.reviews: list[Obj] = []  # the spec of each TokenReview received
         self.failure: int | None = None
         self.garbage = False
         self.hanging = 0
@@ -254,6 +257,22 @@ class FakeKube:
 
     # Answers, called from the handler threads.
 
+    def review(self, spec: Obj) -> Obj:
+        """A TokenReview's answer: authenticated when the token is known and, if the review
+        names audiences, was minted for one of them (the API server's rule)."""
+        with self.changed:
+            self.reviews.append(spec)
+            minted_for = self.tokens.get(spec.get("token", ""))
+        asked = spec.get("audiences") or []
+        authenticated = minted_for is not None and (
+            not asked or bool(set(asked) & set(minted_for)))
+        status: Obj = {"authenticated": authenticated}
+        if authenticated:
+            status["user"] = {"username": "system:serviceaccount:default:agent"}
+            status["audiences"] = [a for a in asked if a in (minted_for or ())]
+        return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
+                "metadata": {}, "spec": spec, "status": status}
+
     def list_pods(self, namespace: str, query: Mapping[str, str]) -> Obj:
         with self.changed:
             items = [obj for (ns, _), obj in sorted(self.objects.items())
@@ -327,8 +346,27 @@ class _Handler(BaseHTTPRequestHandler):
         namespace = parts[3]
         watch = query.get("watch") in ("true", "1")
         kube = self.kube
+        if not self._admit(Call("watch" if watch else "list", namespace, query)):
+            return None
+        if not watch:
+            return self._json(200, kube.list_pods(namespace, query))
+        self._stream(kube.watch_events(namespace, query))
+
+    def do_POST(self) -> None:
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
+        if self.headers.get("Authorization") != f"Bearer {TOKEN}":
+            return self._json(401, status(401, "Unauthorized", "Unauthorized"))
+        if self.path.split("?")[0] != "/apis/authentication.k8s.io/v1/tokenreviews":
+            return self._json(404, status(404, "NotFound", f"no route {self.path}"))
+        if self._admit(Call("tokenreview", "", {})):
+            self._json(201, self.kube.review(body.get("spec") or {}))
+
+    def _admit(self, call: Call) -> bool:
+        """Count the call, hold it while the fake hangs, and answer it here (False) while
+        the fake fails or serves garbage."""
+        kube = self.kube
         with kube.changed:
-            kube.calls.append(Call("watch" if watch else "list", namespace, query))
+            kube.calls.append(call)
             kube.hanging += 1
             kube.changed.notify_all()
         kube.released.wait()
@@ -336,12 +374,12 @@ class _Handler(BaseHTTPRequestHandler):
             kube.hanging -= 1
             failure = kube.failure
         if failure is not None:
-            return self._json(failure, status(failure, "InternalError", "fake outage"))
+            self._json(failure, status(failure, "InternalError", "fake outage"))
+            return False
         if kube.garbage:
-            return self._send(200, b"<html>not the API</html>")
-        if not watch:
-            return self._json(200, kube.list_pods(namespace, query))
-        self._stream(kube.watch_events(namespace, query))
+            self._send(200, b"<html>not the API</html>")
+            return False
+        return True
 
     def _json(self, code: int, body: Obj) -> None:
         self._send(code, json.dumps(body).encode())

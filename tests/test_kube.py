@@ -7,7 +7,7 @@ import collections
 import dataclasses
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +30,6 @@ class RefreshLog(NullObserver):
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         self.refreshes[outcome] += 1
-
-
-@pytest.fixture
-def kube() -> Iterator[FakeKube]:
-    fake = FakeKube().start()
-    yield fake
-    fake.stop()
 
 
 @pytest.fixture

@@ -92,5 +92,5 @@ def test_no_label_names_a_pod_or_sandbox(
 
     labels = {label for _, pairs in scrape(metrics.port) for label in pairs}
     assert {name for name, _ in labels} <= {"route", "method", "code", "outcome", "reason",
-                                            "version", "le"}
+                                            "version", "le", "decision"}
     assert not {value for _, value in labels} & {"pod-0", "pod-1"}
