@@ -101,8 +101,11 @@ class Router:
             await send_json(send, 503, {"status": "not ready", "reason": reason})
             return
         snapshot = self.source.snapshot()
-        pods = len(snapshot.pods) if snapshot else 0
-        await send_json(send, 200, {"status": "ready", "pods": pods})
+        body: dict[str, object] = {"status": "ready", "pods": len(snapshot.pods) if snapshot else 0}
+        error, age = self.source.last_error(), self.source.age()
+        if error is not None and age is not None:  # still served: static stability
+            body.update(stale_seconds=round(age, 1), last_error=error)
+        await send_json(send, 200, body)
 
     def not_ready_reason(self) -> str | None:
         if self.draining:

@@ -13,6 +13,11 @@ the end of each watch, and on every event or bookmark); a read timeout a little 
 than that window means a half-open connection cannot park the thread. A full re-list runs
 every `relist_every` as insurance against a missed event, and at once after a 410 Gone.
 Errors are logged, counted and retried with jittered backoff capped at `--cache-ttl`.
+
+Static stability: once a list has succeeded, an API outage never empties the pool nor fails
+`/ready` (unless `--max-stale` asks for that): the last good list keeps being served, marked
+stale (`last_error`), with a warning line a minute, since a control-plane outage must not
+become a data-plane one (kube-proxy and Envoy's EDS do the same).
 """
 
 from __future__ import annotations
@@ -42,6 +47,10 @@ WATCH_READ_SLACK = 5.0
 
 LIST_READ_TIMEOUT = 30.0
 """Seconds to wait for a list answer: long enough for thousands of pods on a busy API."""
+
+WARN_EVERY = 60.0
+"""Seconds between warning lines while the API keeps failing: one line a minute says the
+outage lasts without flooding the log at every retry."""
 
 Object = Mapping[str, Any]
 
@@ -136,6 +145,7 @@ class KubernetesPodSource:
         self._snapshot: Snapshot | None = None
         self._confirmed_at = 0.0
         self._error: str | None = None
+        self._warned_at: float | None = None  # the last warning of the current outage
         self._objects: dict[str, Object] = {}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -150,6 +160,11 @@ class KubernetesPodSource:
     def age(self) -> float | None:
         """Seconds since the API last confirmed the list; None before the first sync."""
         return None if self._snapshot is None else time.monotonic() - self._confirmed_at
+
+    def last_error(self) -> str | None:
+        """Why the API last failed, while that failure is not yet made good; None while the
+        list is fresh."""
+        return self._error
 
     def not_ready_reason(self) -> str | None:
         age = self.age()
@@ -278,14 +293,27 @@ class KubernetesPodSource:
         if previous is None or previous.pods != pods.pods:
             self._snapshot = pods
             _log_change(previous, pods)
+        if self._error is not None and previous is not None:
+            log.info("the Kubernetes API answers again: pod list confirmed (%d pods)",
+                     len(pods.pods))
         self._error = None
+        self._warned_at = None
         if report:
             self._observer.pod_list_refreshed("ok")
 
     def _failed(self, exc: Exception) -> None:
         self._error = _describe(exc)
-        log.warning("pod list refresh failed: %s", self._error)
         self._observer.pod_list_refreshed("error")
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < WARN_EVERY:
+            return
+        self._warned_at = now
+        if self._snapshot is None:
+            log.warning("pod list refresh failed: %s", self._error)
+        else:
+            log.warning("pod list is stale (%.0f s since the API last confirmed it): still "
+                        "routing over its %d pods; %s", now - self._confirmed_at,
+                        len(self._snapshot.pods), self._error)
 
 
 def _events(response: Any) -> Iterator[Object]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -165,7 +166,45 @@ def test_traffic_does_not_add_api_calls(
     assert kube.count("watch") - watches_before <= elapsed / 2 + 2
 
 
-def test_an_outage_is_ridden_out_then_fails_readiness_then_recovers(
+def test_an_outage_keeps_the_router_ready_over_its_last_good_list(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Static stability, the default (`--max-stale 0`): a control-plane outage must not
+    take the router out of the Service; it only shows, in `/ready`, the age metric and
+    the log."""
+    caplog.set_level(logging.INFO, logger="router.kube")
+    pods = start_pods(2)
+    kube.add_pods(pods)
+    metrics = Metrics(proxy_timeout=30)
+    client = kube_router(pods, metrics=metrics)
+    assert client.get("/ready").json() == {"status": "ready", "pods": 2}
+
+    kube.fail(503)
+    # The dropped watch fails first; then every call answers 503.
+    eventually(lambda: "503" in client.get("/ready").json().get("last_error", ""))
+    answer = client.get("/ready")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["status"] == "ready" and body["pods"] == 2
+    assert body["last_error"] == "Kubernetes API answered 503 Service Unavailable"
+    assert body["stale_seconds"] >= 0
+    kube.wait_for(lambda: kube.count("list") >= 3)  # failed again, and again
+    age = metrics.registry.get_sample_value("warmpool_router_pod_list_age_seconds")
+    assert age is not None and age >= body["stale_seconds"]
+    assert ready(client)
+    assert served_by(client, 10) == {"pod-0": 5, "pod-1": 5}
+    stale_lines = [r for r in caplog.records if "pod list is stale" in r.getMessage()]
+    assert len(stale_lines) == 1  # at most one a minute, however often the retries fail
+    assert stale_lines[0].levelno == logging.WARNING
+    assert "still routing over its 2 pods" in stale_lines[0].getMessage()
+
+    kube.fail(None)
+    eventually(lambda: client.get("/ready").json() == {"status": "ready", "pods": 2})
+    assert any("the Kubernetes API answers again" in r.getMessage() and r.levelno == logging.INFO
+               for r in caplog.records)
+
+
+def test_with_max_stale_an_outage_fails_readiness_then_recovers(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
     pods = start_pods(2)
