@@ -32,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from kubernetes import client as k8s
 from kubernetes import config as kubeconfig
 from kubernetes.watch.watch import iter_resp_lines
@@ -116,9 +117,11 @@ class Schedule:
 
 def connect(config: Config) -> k8s.ApiClient:
     """An API client from `--kubeconfig`/`KUBECONFIG`, else the in-cluster service account.
-    Blocking (it reads files): called from a worker thread."""
+    Blocking (it reads files): called from a worker thread. Whatever is wrong with the
+    configuration is one `ConfigError` naming it, never a traceback."""
     try:
         if config.kubeconfig:
+            check_kubeconfig(config.kubeconfig)
             api_client: k8s.ApiClient = kubeconfig.new_client_from_config(
                 config_file=config.kubeconfig
             )
@@ -127,11 +130,41 @@ def connect(config: Config) -> k8s.ApiClient:
         kubeconfig.load_incluster_config(client_configuration=configuration)
         return k8s.ApiClient(configuration)
     except (kubeconfig.ConfigException, OSError, ValueError) as exc:
-        where = f"--kubeconfig {config.kubeconfig}" if config.kubeconfig else "in-cluster"
-        raise ConfigError(
-            f"cannot load the Kubernetes configuration ({where}): {exc}; "
-            "set --kubeconfig or KUBECONFIG, run in a pod, or use --pods/--demo"
-        ) from None
+        raise _unusable(config, str(exc)) from None
+    except (TypeError, AttributeError, KeyError) as exc:
+        # How the client reports a malformed structure inside the mapping (clusters that
+        # are a number, say): whatever its lookups happen to raise.
+        raise _unusable(config, f"malformed kubeconfig ({type(exc).__name__}: {exc})"
+                        ) from None
+
+
+def _unusable(config: Config, problem: str) -> ConfigError:
+    where = f"--kubeconfig {config.kubeconfig}" if config.kubeconfig else "in-cluster"
+    return ConfigError(
+        f"cannot load the Kubernetes configuration ({where}): {problem}; "
+        "set --kubeconfig or KUBECONFIG, run in a pod, or use --pods/--demo"
+    )
+
+
+def check_kubeconfig(path: str) -> None:
+    """Raises OSError or ValueError unless `path` is a readable file holding a YAML mapping.
+    The client would read it too, but it reports YAML that is not a mapping (a list, a
+    scalar) as a TypeError from deep in its merge code, and a syntax error over several
+    lines: checked first, so the one line names the actual problem."""
+    with open(path, encoding="utf-8") as file:  # missing, a directory, unreadable
+        text = file.read()
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"not valid YAML: {getattr(exc, 'problem', None) or exc}{where}"
+                         ) from None
+    if document is None:
+        raise ValueError("the file is empty")
+    if not isinstance(document, dict):
+        kind = "a list" if isinstance(document, list) else "a single value"
+        raise ValueError(f"not a kubeconfig: a YAML mapping is expected, the file holds {kind}")
 
 
 class KubernetesPodSource:

@@ -7,6 +7,7 @@ import collections
 import dataclasses
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -369,6 +370,51 @@ def test_start_up_fails_clearly_without_a_kubeconfig(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "cannot load the Kubernetes configuration" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+KUBECONFIG_CONTEXT = "apiVersion: v1\nkind: Config\ncurrent-context: x\n"
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("a: [b\n", "not valid YAML: expected ',' or ']', but got '<stream end>' at line 2"),
+    ("- a\n- b\n", "a YAML mapping is expected, the file holds a list"),
+    ("just words\n", "a YAML mapping is expected, the file holds a single value"),
+    ("", "the file is empty"),
+    ("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n",
+     "Expected key current-context"),
+    (KUBECONFIG_CONTEXT + "contexts: [{name: x, context: {cluster: c, user: u}}]\n"
+     "clusters: [{name: c, cluster: 5}]\nusers: []\n", "malformed kubeconfig (TypeError"),
+    ("\udcff", "invalid start byte"),  # written as bytes below: not UTF-8
+], ids=["bad-yaml", "list", "scalar", "empty", "no-current-context", "malformed", "binary"])
+def test_an_unusable_kubeconfig_is_one_line_and_exit_2(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    assert_refused(path, problem)
+
+
+def test_a_kubeconfig_that_cannot_be_read_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    assert_refused(tmp_path, "Is a directory")
+    (tmp_path / "file").write_text("a: b\n")
+    assert_refused(tmp_path / "file" / "kubeconfig", "Not a directory")
+    if os.geteuid() != 0:  # root reads whatever the mode bits say
+        unreadable = tmp_path / "unreadable"
+        unreadable.write_text("a: b\n")
+        unreadable.chmod(0)
+        assert_refused(unreadable, "Permission denied")
+
+
+def assert_refused(path: Path, problem: str) -> None:
+    result = run_router(["--kubeconfig", str(path), "--port", "0", "--metrics-port", "0"])
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        f"warmpool-router: error: cannot load the Kubernetes configuration (--kubeconfig {path})"
+    )
+    assert problem in lines[0]
 
 
 def test_refreshes_pods_and_age_are_reported_as_metrics(
