@@ -49,7 +49,7 @@ def logged(router: RouterProcess, text: str) -> bool:
 def assert_clean_output(router: RouterProcess) -> None:
     """No traceback and no ERROR line: a drain, even cut short, is a normal end."""
     assert not logged(router, "Traceback"), "".join(router.lines)
-    assert not logged(router, '"ERROR"'), "".join(router.lines)
+    assert not logged(router, '"level": "error"'), "".join(router.lines)
 
 
 @pytest.mark.parametrize("grace, stage", [("30", "draining"), ("0", "Shutting down")],
