@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import subprocess
 import sys
 import tempfile
 import threading
@@ -20,7 +21,7 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procs import ServerChild, fetch, free_port
+from bench.procs import Child, fetch, free_port
 from soak import load, pods
 from soak.verdict import Sample, Verdict, judge
 
@@ -36,21 +37,35 @@ class Options:
     hung_after: float = 120.0
 
 
-class Router(ServerChild):
+class Router(Child):
     """`python -m router` over the fault pods: keep-alive long enough that the router
     never closes a client connection between two requests (so a client never has to guess
-    whether to send again), metrics on, access log off (its cost is not under test)."""
+    whether to send again), metrics on, the access log (stdout) kept in `access.log` so
+    the verdict can join the router's view to the client's."""
 
     def __init__(self, workdir: Path, hosts: list[str], port: int, workers: int) -> None:
         self.metrics_port = free_port()
-        listen = free_port()
+        self.port = free_port()
         argv = [
-            sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(listen),
+            sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(self.port),
             "--pods", ",".join(f"p{i}={host}:{port}" for i, host in enumerate(hosts)),
             "--metrics-port", str(self.metrics_port), "--workers", str(workers),
-            "--timeout-keep-alive", "300", "--no-access-log", "--log-level", "warning",
+            "--timeout-keep-alive", "300", "--access-log", "--log-level", "warning",
         ]
-        super().__init__("router", argv, workdir / "router.log", listen, "/ready")
+        self.name, self.log = "router", workdir / "router.log"
+        self.access_log = workdir / "access.log"
+        with self.log.open("wb") as stderr, self.access_log.open("wb") as stdout:
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
+                                            stderr=stderr)
+        try:
+            self.wait_ready(self.url + "/ready")
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def counters(self) -> dict[tuple[str, str], float]:
         """`requests_total` by method and code, over both routes."""
@@ -121,7 +136,7 @@ def soak(options: Options, workdir: Path) -> Verdict:
             fleet.kill()
             fleet.join()
     return judge(planned, results, log, sampler.samples, counters,
-                 (workdir / "router.log").read_text())
+                 router.log.read_text(), router.access_log.read_text())
 
 
 def settled_counters(router: Router, results: list[load.Result],

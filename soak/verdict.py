@@ -16,7 +16,8 @@ ALL_BUSY = "All warm pool pods are busy."
 NO_POD = "Could not connect to any warm pool pod."
 STATUSES = {200, 500, 502, 503, 504}  # 500: see `no_500`
 SHOWN = 10
-NO_REPLAY = "no request a pod received was sent again unless it answered 503"
+NO_REPLAY = ("no request a pod received was sent again, or answered as never received, "
+             "unless it answered 503")
 NO_500 = "no 500: no exception escaped the app"
 UNHANDLED = "Exception in ASGI application"
 
@@ -79,21 +80,22 @@ def _counts(counter: Mapping[str, int]) -> str:
 
 def judge(planned: Sequence[Planned], results: Sequence[Result], log: Log,
           samples: Sequence[Sample], counters: Mapping[tuple[str, str], float],
-          router_log: str) -> Verdict:
+          router_log: str, access_log: str) -> Verdict:
     by_id = {result.request_id: result for result in results}
+    routed = access_statuses(access_log)
     receipts: dict[str, list[Receipt]] = collections.defaultdict(list)
     for receipt in sorted(log.receipts, key=lambda r: r.received):
         receipts[receipt.request_id].append(receipt)
     pods = sorted({receipt.pod for receipt in log.receipts} | {o.pod for o in log.outages})
     checks = [
-        answered(planned, by_id),
+        answered(planned, by_id, routed),
         cut_only_by_a_pod(results, receipts, log.resets),
-        no_replay(receipts),
+        no_replay(results, receipts),
         pool_errors_only_when_no_pod_could_serve(results, receipts, log.outages, pods),
         byte_identical(results),
         resources_flat(samples),
-        counters_match(results, counters),
-        no_500(results, router_log),
+        counters_match(results, counters, routed),
+        no_500(results, router_log, routed),
         router_log_clean(router_log),
     ]
     outcomes = collections.Counter(
@@ -104,17 +106,33 @@ def judge(planned: Sequence[Planned], results: Sequence[Result], log: Log,
                    len(log.outages))
 
 
-def answered(planned: Sequence[Planned], by_id: Mapping[str, Result]) -> Check:
-    """None lost or hung: every request ends in an answer the client can classify."""
+def access_statuses(text: str) -> dict[str, int]:
+    """The status of each request the router's access log has, by request id."""
+    statuses = {}
+    for line in text.splitlines():
+        record = json.loads(line)
+        statuses[record["request_id"]] = record["status"]
+    return statuses
+
+
+def answered(planned: Sequence[Planned], by_id: Mapping[str, Result],
+             routed: Mapping[str, int]) -> Check:
+    """None lost or hung: every request ends in an answer the client can classify. A
+    client whose connection the router reset while it was still sending a body saw no
+    answer head; the router's access line says what the answer was."""
     check = Check("none lost or hung")
     for request in planned:
         result = by_id.get(request.request_id)
         if result is None:
             check.fail(f"{request.request_id}: no result")
-        elif result.outcome in ("hung", "refused"):
-            check.fail(f"{result.request_id} {result.kind}: {result.outcome} {result.detail}")
+        elif result.outcome == "hung" or (result.outcome == "refused"
+                                          and result.request_id not in routed):
+            check.fail(f"{result.request_id} {result.kind}: {result.outcome} {result.detail}"
+                       f" (router: {routed.get(result.request_id, 'no access line')})")
         elif result.status and result.status not in STATUSES:
             check.fail(f"{result.request_id} {result.kind}: status {result.status}")
+    if len(routed) != len(planned):
+        check.fail(f"{len(planned)} requests sent, {len(routed)} in the router's access log")
     return check
 
 
@@ -135,9 +153,10 @@ def cut_only_by_a_pod(results: Iterable[Result], receipts: Mapping[str, list[Rec
     return check
 
 
-def no_replay(receipts: Mapping[str, list[Receipt]]) -> Check:
+def no_replay(results: Iterable[Result], receipts: Mapping[str, list[Receipt]]) -> Check:
     """A request a pod received goes to no other pod (nor again to it) unless that pod
-    answered 503."""
+    answered 503; nor is it answered "could not connect" or "all busy", which tell the
+    client nothing was done."""
     check = Check(NO_REPLAY)
     for request_id, seen in receipts.items():
         for earlier in seen[:-1]:
@@ -148,6 +167,11 @@ def no_replay(receipts: Mapping[str, list[Receipt]]) -> Check:
                     f"{earlier.ended - earlier.received:.2f} s and ended '{earlier.end}', "
                     f"then {later.pod} received it ({len(seen)} deliveries)")
                 break
+    for result in results:
+        acted = [r for r in receipts.get(result.request_id, []) if r.status != 503]
+        if result.detail in (ALL_BUSY, NO_POD) and acted:
+            check.fail(f"{result.request_id} {result.method}: answered '{result.detail}' "
+                       f"although {acted[0].pod} received it and ended '{acted[0].end}'")
     return check
 
 
@@ -199,11 +223,15 @@ def resources_flat(samples: Sequence[Sample]) -> Check:
     return check
 
 
-def counters_match(results: Iterable[Result],
-                   counters: Mapping[tuple[str, str], float]) -> Check:
-    """`requests_total` by method and code equals the client's own count of answer heads."""
+def counters_match(results: Iterable[Result], counters: Mapping[tuple[str, str], float],
+                   routed: Mapping[str, int]) -> Check:
+    """`requests_total` by method and code equals the client's own count of answer heads
+    (plus, for a request whose connection was reset under its upload, the status of its
+    access line: the answer the client never got to read)."""
     check = Check("router counters equal the client's counts")
-    seen = collections.Counter((r.method, str(r.status)) for r in results if r.status)
+    seen = collections.Counter(
+        (r.method, str(r.status or routed[r.request_id])) for r in results
+        if r.status or (r.outcome == "refused" and r.request_id in routed))
     for key in sorted(set(seen) | set(counters)):
         if seen.get(key, 0) != counters.get(key, 0):
             check.fail(f"{key[0]} {key[1]}: client {seen.get(key, 0)}, "
@@ -211,11 +239,11 @@ def counters_match(results: Iterable[Result],
     return check
 
 
-def no_500(results: Iterable[Result], text: str) -> Check:
+def no_500(results: Iterable[Result], text: str, routed: Mapping[str, int]) -> Check:
     """uvicorn answers 500 when an exception escapes the app, and logs it: both sides."""
     check = Check(NO_500)
     for result in results:
-        if result.status == 500:
+        if result.status == 500 or routed.get(result.request_id) == 500:
             check.fail(f"{result.request_id} {result.kind}: 500")
     for line in text.splitlines():
         if UNHANDLED in line:
