@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench
+.PHONY: demo test lint bench soak
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,3 +28,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	bash bench/install.sh
 	$(BIN)/python -m bench.run $(BENCH_ARGS)
+
+# Fault-injection soak (minutes): 100,000 requests at c=256 over pods that fail at random,
+# with --workers 1 then 2; `make soak SOAK_ARGS="--requests 20000"` for a shorter one.
+soak: $(STAMP)
+	$(BIN)/python -m soak.run $(SOAK_ARGS)

@@ -143,7 +143,13 @@ class Router:
         """`/ready`'s answer; also asked from the metrics thread, so it only reads values
         that are replaced whole (the flags, the source's snapshot)."""
         snapshot = self.source.snapshot()
-        return probes.readiness(self.not_ready_reason(), len(snapshot.pods) if snapshot else 0)
+        status, body = probes.readiness(self.not_ready_reason(),
+                                        len(snapshot.pods) if snapshot else 0)
+        if status == 200:  # still served while the API fails: static stability
+            error, age = self.source.last_error(), self.source.age()
+            if error is not None and age is not None:
+                body.update(stale_seconds=round(age, 1), last_error=error)
+        return status, body
 
     def not_ready_reason(self) -> str | None:
         if self.draining:

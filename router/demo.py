@@ -65,6 +65,9 @@ class DemoPool:
     def age(self) -> float | None:
         return None if self._snapshot is None else 0.0
 
+    def last_error(self) -> str | None:
+        return None
+
     async def start(self) -> None:
         logging.getLogger("uvicorn.error").addFilter(_quiet_demo_pods)
         pods = []

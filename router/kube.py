@@ -13,6 +13,11 @@ the end of each watch, and on every event or bookmark); a read timeout a little 
 than that window means a half-open connection cannot park the thread. A full re-list runs
 every `relist_every` as insurance against a missed event, and at once after a 410 Gone.
 Errors are logged, counted and retried with jittered backoff capped at `--cache-ttl`.
+
+Static stability: once a list has succeeded, an API outage never empties the pool nor fails
+`/ready` (unless `--max-stale` asks for that): the last good list keeps being served, marked
+stale (`last_error`), with a warning line a minute, since a control-plane outage must not
+become a data-plane one (kube-proxy and Envoy's EDS do the same).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import yaml
 from kubernetes import client as k8s
 from kubernetes import config as kubeconfig
 from kubernetes.watch.watch import iter_resp_lines
@@ -42,6 +48,10 @@ WATCH_READ_SLACK = 5.0
 
 LIST_READ_TIMEOUT = 30.0
 """Seconds to wait for a list answer: long enough for thousands of pods on a busy API."""
+
+WARN_EVERY = 60.0
+"""Seconds between warning lines while the API keeps failing: one line a minute says the
+outage lasts without flooding the log at every retry."""
 
 Object = Mapping[str, Any]
 
@@ -107,9 +117,11 @@ class Schedule:
 
 def connect(config: Config) -> k8s.ApiClient:
     """An API client from `--kubeconfig`/`KUBECONFIG`, else the in-cluster service account.
-    Blocking (it reads files): called from a worker thread."""
+    Blocking (it reads files): called from a worker thread. Whatever is wrong with the
+    configuration is one `ConfigError` naming it, never a traceback."""
     try:
         if config.kubeconfig:
+            check_kubeconfig(config.kubeconfig)
             api_client: k8s.ApiClient = kubeconfig.new_client_from_config(
                 config_file=config.kubeconfig
             )
@@ -118,11 +130,41 @@ def connect(config: Config) -> k8s.ApiClient:
         kubeconfig.load_incluster_config(client_configuration=configuration)
         return k8s.ApiClient(configuration)
     except (kubeconfig.ConfigException, OSError, ValueError) as exc:
-        where = f"--kubeconfig {config.kubeconfig}" if config.kubeconfig else "in-cluster"
-        raise ConfigError(
-            f"cannot load the Kubernetes configuration ({where}): {exc}; "
-            "set --kubeconfig or KUBECONFIG, run in a pod, or use --pods/--demo"
-        ) from None
+        raise _unusable(config, str(exc)) from None
+    except (TypeError, AttributeError, KeyError) as exc:
+        # How the client reports a malformed structure inside the mapping (clusters that
+        # are a number, say): whatever its lookups happen to raise.
+        raise _unusable(config, f"malformed kubeconfig ({type(exc).__name__}: {exc})"
+                        ) from None
+
+
+def _unusable(config: Config, problem: str) -> ConfigError:
+    where = f"--kubeconfig {config.kubeconfig}" if config.kubeconfig else "in-cluster"
+    return ConfigError(
+        f"cannot load the Kubernetes configuration ({where}): {problem}; "
+        "set --kubeconfig or KUBECONFIG, run in a pod, or use --pods/--demo"
+    )
+
+
+def check_kubeconfig(path: str) -> None:
+    """Raises OSError or ValueError unless `path` is a readable file holding a YAML mapping.
+    The client would read it too, but it reports YAML that is not a mapping (a list, a
+    scalar) as a TypeError from deep in its merge code, and a syntax error over several
+    lines: checked first, so the one line names the actual problem."""
+    with open(path, encoding="utf-8") as file:  # missing, a directory, unreadable
+        text = file.read()
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ValueError(f"not valid YAML: {getattr(exc, 'problem', None) or exc}{where}"
+                         ) from None
+    if document is None:
+        raise ValueError("the file is empty")
+    if not isinstance(document, dict):
+        kind = "a list" if isinstance(document, list) else "a single value"
+        raise ValueError(f"not a kubeconfig: a YAML mapping is expected, the file holds {kind}")
 
 
 class KubernetesPodSource:
@@ -136,6 +178,7 @@ class KubernetesPodSource:
         self._snapshot: Snapshot | None = None
         self._confirmed_at = 0.0
         self._error: str | None = None
+        self._warned_at: float | None = None  # the last warning of the current outage
         self._objects: dict[str, Object] = {}
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -150,6 +193,11 @@ class KubernetesPodSource:
     def age(self) -> float | None:
         """Seconds since the API last confirmed the list; None before the first sync."""
         return None if self._snapshot is None else time.monotonic() - self._confirmed_at
+
+    def last_error(self) -> str | None:
+        """Why the API last failed, while that failure is not yet made good; None while the
+        list is fresh."""
+        return self._error
 
     def not_ready_reason(self) -> str | None:
         age = self.age()
@@ -278,14 +326,27 @@ class KubernetesPodSource:
         if previous is None or previous.pods != pods.pods:
             self._snapshot = pods
             _log_change(previous, pods)
+        if self._error is not None and previous is not None:
+            log.info("the Kubernetes API answers again: pod list confirmed (%d pods)",
+                     len(pods.pods))
         self._error = None
+        self._warned_at = None
         if report:
             self._observer.pod_list_refreshed("ok")
 
     def _failed(self, exc: Exception) -> None:
         self._error = _describe(exc)
-        log.warning("pod list refresh failed: %s", self._error)
         self._observer.pod_list_refreshed("error")
+        now = time.monotonic()
+        if self._warned_at is not None and now - self._warned_at < WARN_EVERY:
+            return
+        self._warned_at = now
+        if self._snapshot is None:
+            log.warning("pod list refresh failed: %s", self._error)
+        else:
+            log.warning("pod list is stale (%.0f s since the API last confirmed it): still "
+                        "routing over its %d pods; %s", now - self._confirmed_at,
+                        len(self._snapshot.pods), self._error)
 
 
 def _events(response: Any) -> Iterator[Object]:

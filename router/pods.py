@@ -51,6 +51,11 @@ class PodSource(Protocol):
         """Seconds since the list was last confirmed; None before the first sync."""
         ...
 
+    def last_error(self) -> str | None:
+        """Why the source last failed to refresh, while it serves its last good list
+        (stale); None while the list is fresh."""
+        ...
+
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -70,6 +75,9 @@ class StaticPodSource:
 
     def age(self) -> float | None:
         return 0.0
+
+    def last_error(self) -> str | None:
+        return None
 
     async def start(self) -> None:
         return None

@@ -440,6 +440,10 @@ def server_config(
     )
 
 
+FORCED_EXIT_WAIT = 1.0
+"""Seconds the requests cancelled by a second signal get to send their 503 and end."""
+
+
 class DrainingServer(uvicorn.Server):
     """uvicorn, with the drain a pod behind a Service needs on SIGTERM.
 
@@ -449,16 +453,25 @@ class DrainingServer(uvicorn.Server):
        `--shutdown-timeout`; what is still running after that is cancelled;
     3. the process exits 0: a drain is the normal end of a pod's life.
 
-    SIGINT (Ctrl-C) skips the grace window; a second signal stops at once.
+    SIGINT (Ctrl-C) skips the grace window; a second signal ends the drain at once, also
+    with exit 0. The grace window is clipped to the budget, which includes it, and both
+    are honoured to the fraction of a second.
     """
 
     def __init__(self, config: uvicorn.Config, options: Config) -> None:
         super().__init__(config)
         self._options = options
+        self._grace = min(options.drain_grace, options.shutdown_timeout)
+        if self._grace < options.drain_grace:
+            log.warning("--drain-grace %g s is longer than --shutdown-timeout %g s, which "
+                        "includes it: the grace window is clipped to %g s",
+                        options.drain_grace, options.shutdown_timeout, self._grace)
         self._drain_started: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit or self._drain_started is not None:
+            if not self.force_exit:
+                log.info("second signal: ending the drain now")
             self.should_exit = self.force_exit = True
             return
         self._drain_started = time.monotonic()
@@ -473,11 +486,11 @@ class DrainingServer(uvicorn.Server):
         else:
             log.info("draining: /ready fails now; accepting for %g s, then finishing in-flight "
                      "requests within %g s of this signal",
-                     self._options.drain_grace, self._options.shutdown_timeout)
+                     self._grace, self._options.shutdown_timeout)
 
     async def on_tick(self, counter: int) -> bool:
         started = self._drain_started
-        if started is not None and time.monotonic() - started >= self._options.drain_grace:
+        if started is not None and time.monotonic() - started >= self._grace:
             self._stop_accepting()
             return True
         return await super().on_tick(counter)
@@ -486,8 +499,28 @@ class DrainingServer(uvicorn.Server):
         """Give in-flight requests what is left of the shutdown budget, then stop."""
         assert self._drain_started is not None
         spent = time.monotonic() - self._drain_started
-        self.config.timeout_graceful_shutdown = max(1, int(self._options.shutdown_timeout - spent))
+        # uvicorn hands this to `asyncio.wait_for`, which takes fractions; only its
+        # annotation says int.
+        self.config.timeout_graceful_shutdown = max(  # type: ignore[assignment]
+            0.0, self._options.shutdown_timeout - spent
+        )
         self.should_exit = True
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, and on a second signal an end as clean as a spent budget's: uvicorn
+        then stops waiting but neither cancels the requests nor closes the app, leaving
+        both to `asyncio.run`, whose cancelling of the lifespan task logs an ERROR with a
+        traceback. Here the requests are cancelled (each answers 503 if its head is not
+        out yet) and the app closes its pods' connections and its pod source."""
+        await super().shutdown(sockets)
+        if not self.force_exit or self.lifespan.shutdown_event.is_set():
+            return  # a drain that ran its course, or a signal after the app had closed
+        tasks = list(self.server_state.tasks)
+        for task in tasks:
+            task.cancel(msg="second signal")
+        if tasks:
+            await asyncio.wait(tasks, timeout=FORCED_EXIT_WAIT)
+        await self.lifespan.shutdown()
 
 
 class ServerThread:

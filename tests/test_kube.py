@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import logging
 import math
+import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -160,7 +162,45 @@ def test_traffic_does_not_add_api_calls(
     assert kube.count("watch") - watches_before <= elapsed / 2 + 2
 
 
-def test_an_outage_is_ridden_out_then_fails_readiness_then_recovers(
+def test_an_outage_keeps_the_router_ready_over_its_last_good_list(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Static stability, the default (`--max-stale 0`): a control-plane outage must not
+    take the router out of the Service; it only shows, in `/ready`, the age metric and
+    the log."""
+    caplog.set_level(logging.INFO, logger="router.kube")
+    pods = start_pods(2)
+    kube.add_pods(pods)
+    metrics = Metrics(proxy_timeout=30)
+    client = kube_router(pods, metrics=metrics)
+    assert client.get("/ready").json() == {"status": "ready", "pods": 2}
+
+    kube.fail(503)
+    # The dropped watch fails first; then every call answers 503.
+    eventually(lambda: "503" in client.get("/ready").json().get("last_error", ""))
+    answer = client.get("/ready")
+    assert answer.status_code == 200
+    body = answer.json()
+    assert body["status"] == "ready" and body["pods"] == 2
+    assert body["last_error"] == "Kubernetes API answered 503 Service Unavailable"
+    assert body["stale_seconds"] >= 0
+    kube.wait_for(lambda: kube.count("list") >= 3)  # failed again, and again
+    age = metrics.registry.get_sample_value("warmpool_router_pod_list_age_seconds")
+    assert age is not None and age >= body["stale_seconds"]
+    assert ready(client)
+    assert served_by(client, 10) == {"pod-0": 5, "pod-1": 5}
+    stale_lines = [r for r in caplog.records if "pod list is stale" in r.getMessage()]
+    assert len(stale_lines) == 1  # at most one a minute, however often the retries fail
+    assert stale_lines[0].levelno == logging.WARNING
+    assert "still routing over its 2 pods" in stale_lines[0].getMessage()
+
+    kube.fail(None)
+    eventually(lambda: client.get("/ready").json() == {"status": "ready", "pods": 2})
+    assert any("the Kubernetes API answers again" in r.getMessage() and r.levelno == logging.INFO
+               for r in caplog.records)
+
+
+def test_with_max_stale_an_outage_fails_readiness_then_recovers(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
     pods = start_pods(2)
@@ -325,6 +365,51 @@ def test_start_up_fails_clearly_without_a_kubeconfig(tmp_path: Path) -> None:
     assert result.returncode != 0
     assert "cannot load the Kubernetes configuration" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+KUBECONFIG_CONTEXT = "apiVersion: v1\nkind: Config\ncurrent-context: x\n"
+
+
+@pytest.mark.parametrize("content, problem", [
+    ("a: [b\n", "not valid YAML: expected ',' or ']', but got '<stream end>' at line 2"),
+    ("- a\n- b\n", "a YAML mapping is expected, the file holds a list"),
+    ("just words\n", "a YAML mapping is expected, the file holds a single value"),
+    ("", "the file is empty"),
+    ("apiVersion: v1\nkind: Config\nclusters: []\ncontexts: []\nusers: []\n",
+     "Expected key current-context"),
+    (KUBECONFIG_CONTEXT + "contexts: [{name: x, context: {cluster: c, user: u}}]\n"
+     "clusters: [{name: c, cluster: 5}]\nusers: []\n", "malformed kubeconfig (TypeError"),
+    ("\udcff", "invalid start byte"),  # written as bytes below: not UTF-8
+], ids=["bad-yaml", "list", "scalar", "empty", "no-current-context", "malformed", "binary"])
+def test_an_unusable_kubeconfig_is_one_line_and_exit_2(
+    tmp_path: Path, content: str, problem: str
+) -> None:
+    path = tmp_path / "kubeconfig"
+    path.write_bytes(content.encode("utf-8", "surrogateescape"))
+    assert_refused(path, problem)
+
+
+def test_a_kubeconfig_that_cannot_be_read_is_one_line_and_exit_2(tmp_path: Path) -> None:
+    assert_refused(tmp_path, "Is a directory")
+    (tmp_path / "file").write_text("a: b\n")
+    assert_refused(tmp_path / "file" / "kubeconfig", "Not a directory")
+    if os.geteuid() != 0:  # root reads whatever the mode bits say
+        unreadable = tmp_path / "unreadable"
+        unreadable.write_text("a: b\n")
+        unreadable.chmod(0)
+        assert_refused(unreadable, "Permission denied")
+
+
+def assert_refused(path: Path, problem: str) -> None:
+    result = run_router(["--kubeconfig", str(path), "--port", "0", "--metrics-port", "0"])
+    assert result.returncode == 2
+    assert result.stdout == ""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(
+        f"warmpool-router: error: cannot load the Kubernetes configuration (--kubeconfig {path})"
+    )
+    assert problem in lines[0]
 
 
 def test_refreshes_pods_and_age_are_reported_as_metrics(
