@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import time
 from collections.abc import Awaitable, Callable
 
 from router import probes, upstream
@@ -71,7 +72,7 @@ class Router:
         self.source = source if source is not None else build_source(config, self.observer)
         if metrics is not None:
             metrics.track(self.source)
-        self.draining = False
+        self._drain_started: float | None = None
         self._proxy: Proxy | None = None
         self.heartbeat = probes.Heartbeat()
         if metrics is not None:
@@ -96,6 +97,16 @@ class Router:
             await self._lifespan(receive, send)
         elif kind == "websocket":
             await send({"type": "websocket.close", "code": 1003})
+
+    @property
+    def draining(self) -> bool:
+        """Set by the server on SIGTERM (`router.server.DrainingServer`): `/ready` fails,
+        and upgraded connections get what is left of `--shutdown-timeout` (`shutdown`)."""
+        return self._drain_started is not None
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._drain_started = time.monotonic() if value else None
 
     async def _healthz(self, send: Send) -> None:
         await send_json(send, 200, {"status": "ok"})
@@ -135,6 +146,9 @@ class Router:
 
     async def shutdown(self) -> None:
         if self._proxy is not None:
+            # Upgraded connections are not uvicorn's to wait for (`HttpProtocol.become_tunnel`)
+            spent = time.monotonic() - (self._drain_started or time.monotonic())
+            await self._proxy.tunnels.drain(self.config.shutdown_timeout - spent)
             self._proxy = None
             await self._client.close()
         await self.source.stop()

@@ -78,6 +78,10 @@ class Config:
     backlog: int = 2048
     timeout_keep_alive: float = 5.0
     workers: int = 1
+    upgrade_idle_timeout: float = 3600.0
+    upgrade_max_lifetime: float = 86400.0
+    upgrade_max_per_client: int = 64
+    trusted_proxy_cidrs: tuple[Network, ...] = ()
 
     @property
     def static(self) -> bool:
@@ -303,6 +307,16 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("timeout_keep_alive", _seconds(allow_zero=False),
             "close idle client keep-alive connections after this long (s)"),
     _Option("workers", _whole(1), "worker processes (each keeps its own pod cache and counter)"),
+    _Option("upgrade_idle_timeout", _seconds(allow_zero=True),
+            "close an upgraded connection (WebSocket) after this long with no bytes either "
+            "way (s; 0 = off)"),
+    _Option("upgrade_max_lifetime", _seconds(allow_zero=True),
+            "close an upgraded connection this long after its 101 (s; 0 = off)"),
+    _Option("upgrade_max_per_client", _whole(0),
+            "upgraded connections one client address may hold open (429 above; 0 = off)"),
+    _Option("trusted_proxy_cidrs", cidrs,
+            "proxies whose X-Forwarded-For names the client (right-most untrusted hop)",
+            metavar="CIDR,..."),
 )
 
 
@@ -336,7 +350,7 @@ def build_parser() -> argparse.ArgumentParser:
             shown = "unset"
         elif option.field == "namespace":
             shown = "own namespace, else default"
-        elif option.field == "pod_cidr":
+        elif option.field in {"pod_cidr", "trusted_proxy_cidrs"}:
             shown = "none"
         help_text = f"{option.help} [default: {shown}; env: {envs}]"
         if option.flag:

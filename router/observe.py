@@ -41,6 +41,11 @@ class Observer(Protocol):
 
     def request_finished(self, exchange: Exchange) -> None: ...
 
+    def upgraded(self, exchange: Exchange) -> None:
+        """The pod's 101 reached the client: the request is now a tunnel, and
+        `request_finished` comes when it ends (status 101, its whole life)."""
+        ...
+
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         """Called by a pod source (from its own thread) after each API list or watch."""
         ...
@@ -56,6 +61,9 @@ class NullObserver:
         return None
 
     def request_finished(self, exchange: Exchange) -> None:
+        return None
+
+    def upgraded(self, exchange: Exchange) -> None:
         return None
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
@@ -79,6 +87,10 @@ class Observers:
     def request_finished(self, exchange: Exchange) -> None:
         for observer in self._observers:
             observer.request_finished(exchange)
+
+    def upgraded(self, exchange: Exchange) -> None:
+        for observer in self._observers:
+            observer.upgraded(exchange)
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         for observer in self._observers:

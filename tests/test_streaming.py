@@ -91,6 +91,9 @@ class Finished:
     def request_finished(self, exchange: Exchange) -> None:
         self.exchanges.append(exchange)
 
+    def upgraded(self, exchange: Exchange) -> None:
+        pass
+
     def pod_list_refreshed(self, outcome: str) -> None:
         pass
 
