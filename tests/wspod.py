@@ -3,7 +3,7 @@ in a thread with its own event loop.
 
 It echoes every message (text and binary, any size), offers the subprotocol `chat.v2`,
 closes with code 4001 when sent the text "close 4001", answers the handshake 503 while
-`busy`, and remembers what it saw: each handshake's headers, each close code a client
+`busy` (and an ordinary request 200 "plain"), and remembers what it saw: each handshake's headers, each close code a client
 sent, how many connections ended."""
 
 from __future__ import annotations
@@ -38,9 +38,10 @@ class WsPod:
         self.port = sock.getsockname()[1]
         app = web.Application()
         app.router.add_get("/{tail:.*}", self._handle)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=0.1)
         self._loop.run_until_complete(self._runner.setup())
-        site = web.SockSite(self._runner, sock, shutdown_timeout=0.1)
+        site = web.SockSite(self._runner, sock)
         self._loop.run_until_complete(site.start())
         threading.Thread(target=self._loop.run_forever, daemon=True, name=self.name).start()
         return self
@@ -48,8 +49,10 @@ class WsPod:
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         if self.busy:
             return web.Response(status=503, text="busy")
-        self.handshakes.append(dict(request.headers))
         ws = web.WebSocketResponse(protocols=(SUBPROTOCOL,), max_msg_size=0)
+        if not ws.can_prepare(request).ok:
+            return web.Response(text="plain")
+        self.handshakes.append(dict(request.headers))
         await ws.prepare(request)
         assert request.transport is not None
         self._transports.add(request.transport)
