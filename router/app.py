@@ -95,8 +95,6 @@ class Router:
                 await send_json(send, 503, {"detail": "The router is starting."})
         elif kind == "lifespan":
             await self._lifespan(receive, send)
-        elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1003})
 
     @property
     def draining(self) -> bool:

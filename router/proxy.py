@@ -300,7 +300,6 @@ class Proxy:
         finally:
             response.release()
 
-
     async def _tunnel(
         self,
         response: Response,

@@ -3,8 +3,8 @@ in a thread with its own event loop.
 
 It echoes every message (text and binary, any size), offers the subprotocol `chat.v2`,
 closes with code 4001 when sent the text "close 4001", answers the handshake 503 while
-`busy` (and an ordinary request 200 "plain"), and remembers what it saw: each handshake's headers, each close code a client
-sent, how many connections ended."""
+`busy` (and an ordinary request 200 "plain"), and remembers what it saw: each
+handshake's headers, each close code a client sent, how many connections ended."""
 
 from __future__ import annotations
 
