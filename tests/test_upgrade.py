@@ -17,6 +17,7 @@ import aiohttp
 import psutil
 import pytest
 
+from router.clients import client_address
 from router.config import Config
 from router.logs import access_line
 from router.metrics import Metrics
@@ -507,3 +508,37 @@ def test_300_idle_upgraded_connections_cost_little_memory(
     print(f"\nrouter memory per idle upgraded connection: {per_connection / 1024:.1f} KiB")
     assert per_connection < 64 * 1024
     eventually(lambda: pod.ended == count + 1)
+
+
+def test_upgrade_without_connection_upgrade_is_an_ordinary_request(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    pod = start_raw_pods(answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"))[0]
+    client = start_router(static_config([pod]))
+    with socket.create_connection(("127.0.0.1", client.base_url.port or 0), timeout=10) as sock:
+        for _ in range(2):  # the same connection goes on: it is not handed over
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: foo\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"ok"):
+                piece = sock.recv(4096)
+                assert piece, answer
+                answer += piece
+            assert answer.startswith(b"HTTP/1.1 200 ")
+    assert [request.header(b"upgrade") for request in pod.requests] == [None, None]
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "expected"), [
+    ("10.0.0.9", ["1.1.1.1"], "10.0.0.9"),  # an untrusted peer: its own address
+    ("127.0.0.1", [], "127.0.0.1"),  # trusted, but no header
+    ("127.0.0.1", ["1.1.1.1, 2.2.2.2"], "2.2.2.2"),  # the right-most hop
+    ("127.0.0.1", ["1.1.1.1", "2.2.2.2, 192.0.2.1"], "2.2.2.2"),  # trusted hops skipped
+    ("127.0.0.1", ["192.0.2.1, ::ffff:192.0.2.2"], "192.0.2.1"),  # all trusted: the first
+    ("127.0.0.1", ["1.1.1.1, unknown"], "unknown"),  # not an address: nobody vouches for it
+])
+def test_the_client_address_is_the_right_most_untrusted_hop(
+    peer: str, forwarded: list[str], expected: str
+) -> None:
+    trusted = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("192.0.2.0/24"))
+    headers = [(b"x-forwarded-for", value.encode()) for value in forwarded]
+    assert client_address(peer, headers, trusted) == expected
+    assert client_address(peer, headers, ()) == peer  # no trusted proxy: never read
