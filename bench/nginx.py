@@ -97,6 +97,25 @@ _PROXY = """\
     }}
 """
 
+# The reference for upgraded connections (bench/websocket.py): nginx's documented
+# WebSocket proxying, `Connection: upgrade` only when the client asked for one.
+_WS_PROXY = """\
+    map $http_upgrade $connection_upgrade {{
+        default upgrade;
+        "" close;
+    }}
+    server {{
+        listen {host}:{port} backlog=4096;
+        location / {{
+            proxy_pass http://{pod};
+            proxy_http_version 1.1;
+            proxy_set_header Upgrade $http_upgrade;
+            proxy_set_header Connection $connection_upgrade;
+            proxy_read_timeout 3600s;
+        }}
+    }}
+"""
+
 
 @dataclass(frozen=True)
 class Pod:
@@ -200,3 +219,11 @@ def tally(pods: Sequence[Pod]) -> Tally:
         if not pod.busy:
             requests += int(match.group(2))
     return Tally(accepts, requests)
+
+
+def start_websocket_proxy(name: str, workdir: Path, pod: Pod, port: int) -> Child:
+    """nginx proxying WebSocket (and any upgrade) to one pod; ready once it relays the
+    pod's answer to a plain GET of `/`."""
+    directory = workdir / name
+    servers = _WS_PROXY.format(host="127.0.0.1", port=port, pod=f"{pod.host}:{pod.port}")
+    return _start(name, directory, _write_config(directory, servers), f"http://127.0.0.1:{port}/")

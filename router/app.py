@@ -106,7 +106,7 @@ class Router:
         self.source = source if source is not None else build_source(config, self.observer)
         if metrics is not None:
             metrics.track(self.source)
-        self.draining = False
+        self._drain_started: float | None = None
         self._proxy: Proxy | None = None
         self.heartbeat = probes.Heartbeat()
         if metrics is not None:
@@ -130,8 +130,16 @@ class Router:
                 await send_json(send, 503, {"detail": "The router is starting."})
         elif kind == "lifespan":
             await self._lifespan(receive, send)
-        elif kind == "websocket":
-            await send({"type": "websocket.close", "code": 1003})
+
+    @property
+    def draining(self) -> bool:
+        """Set by the server on SIGTERM (`router.server.DrainingServer`): `/ready` fails,
+        and upgraded connections get what is left of `--shutdown-timeout` (`shutdown`)."""
+        return self._drain_started is not None
+
+    @draining.setter
+    def draining(self, value: bool) -> None:
+        self._drain_started = time.monotonic() if value else None
 
     async def _healthz(self, send: Send) -> None:
         await send_json(send, 200, {"status": "ok"})
@@ -181,6 +189,9 @@ class Router:
 
     async def shutdown(self) -> None:
         if self._proxy is not None:
+            # Upgraded connections are not uvicorn's to wait for (`HttpProtocol.become_tunnel`)
+            spent = time.monotonic() - (self._drain_started or time.monotonic())
+            await self._proxy.tunnels.drain(self.config.shutdown_timeout - spent)
             self._proxy = None
             await self._client.close()
         if self._gate is not None:

@@ -84,6 +84,10 @@ class Config:
     authz_tokenreview_ttl: float = 30.0
     authz_tokenreview_audiences: tuple[str, ...] = ()
     authz_scoped_token_secret_file: str | None = None
+    upgrade_idle_timeout: float = 3600.0
+    upgrade_max_lifetime: float = 86400.0
+    upgrade_max_per_client: int = 64
+    trusted_proxy_cidrs: tuple[Network, ...] = ()
 
     @property
     def static(self) -> bool:
@@ -333,6 +337,16 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("authz_scoped_token_secret_file", _non_empty,
             "--authz-mode scoped-token: the HMAC secret (at least 32 bytes, trimmed)",
             metavar="PATH"),
+    _Option("upgrade_idle_timeout", _seconds(allow_zero=True),
+            "close an upgraded connection (WebSocket) after this long with no bytes either "
+            "way (s; 0 = off)"),
+    _Option("upgrade_max_lifetime", _seconds(allow_zero=True),
+            "close an upgraded connection this long after its 101 (s; 0 = off)"),
+    _Option("upgrade_max_per_client", _whole(0),
+            "upgraded connections one client address may hold open (429 above; 0 = off)"),
+    _Option("trusted_proxy_cidrs", cidrs,
+            "proxies whose X-Forwarded-For names the client (right-most untrusted hop)",
+            metavar="CIDR,..."),
 )
 
 
@@ -367,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
             shown = "unset"
         elif option.field == "namespace":
             shown = "own namespace, else default"
-        elif option.field in {"pod_cidr", "authz_tokenreview_audiences"}:
+        elif option.field in {"pod_cidr", "authz_tokenreview_audiences", "trusted_proxy_cidrs"}:
             shown = "none"
         help_text = f"{option.help} [default: {shown}; env: {envs}]"
         if option.flag:

@@ -5,9 +5,9 @@ ways. The pool itself is `router/upstream.py`'s; which failures may be retried i
 `router/replay.py`'s.
 
 What a pod may send is bounded and checked: the answer head (interim 1xx heads included)
-up to `max_head` bytes, a status in 100-599 (no 101: the router never asks for an
-upgrade), and no transfer coding but `chunked`; anything else is a 502 at once and the
-connection is closed.
+up to `max_head` bytes, a status in 100-599 (101 only in answer to an upgrade request the
+router sent: see `router/tunnel.py`), and no transfer coding but `chunked`; anything else
+is a 502 at once and the connection is closed.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Connection(asyncio.Protocol):
 
     async def send(
         self, method: str, head: bytes, body: Body, length: int | None, read_timeout: float,
-        max_head: int,
+        max_head: int, upgrade: bool = False,
     ) -> Response:
         """Write the request and wait for the answer's head. Raises `Unsent` when the
         connection is found gone first (a pooled one the pod closed: `replay.py`)."""
@@ -90,7 +90,7 @@ class Connection(asyncio.Protocol):
             # system call fails, which then wrote nothing): a reset not yet reported.
             self.close()
             raise Unsent
-        response = Response(self, method, read_timeout, max_head)
+        response = Response(self, method, read_timeout, max_head, upgrade)
         self.response = response
         if body is not None and not isinstance(body, bytes):
             response.body_sent = False
@@ -142,6 +142,16 @@ class Connection(asyncio.Protocol):
             self._aborted = True
             if self._transport is not None:
                 self._transport.abort()
+
+    def detach(self) -> asyncio.Transport:
+        """Give the connection up to a tunnel after a 101: never pooled, never closed
+        here. Raises `UpstreamFailed` if the pod has closed it already."""
+        if self.closed or self._transport is None or self._transport.is_closing():
+            self.close()
+            raise UpstreamFailed()
+        self.closed = True
+        self.response = None
+        return self._transport
 
     def release(self) -> None:
         """Back to the pool if the exchange ended cleanly, else closed."""
@@ -196,7 +206,7 @@ class Response:
     arrives (`chunks()`), buffered up to `HIGH_WATER` before reading from the pod pauses."""
 
     def __init__(self, connection: Connection, method: str, read_timeout: float,
-                 max_head: int) -> None:
+                 max_head: int, upgrade: bool = False) -> None:
         self.status = 0
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.content_length: int | None = None
@@ -222,6 +232,8 @@ class Response:
         self._released = False
         self._remaining: int | None = None
         self._settling: asyncio.Future[None] | None = None
+        self._upgrade = upgrade  # the request asked for an upgrade: a 101 is an answer
+        self._early = b""  # bytes the pod sent right after its 101 head
 
     @property
     def reusable(self) -> bool:
@@ -252,8 +264,13 @@ class Response:
             return
         self._grow(STATUS_LINE + 2)  # and the empty line that ends the head
         status = self._parser.get_status_code()
-        if not 100 <= status <= 599 or status == 101:  # never asked for: see the docstring
-            raise UpstreamFailed(INVALID)
+        if not 100 <= status <= 599 or (status == 101 and not self._upgrade):
+            raise UpstreamFailed(INVALID)  # a 101 nobody asked for: see the docstring
+        if status == 101:  # the rest of the connection is the tunnel's (`detach`)
+            self.status = status
+            self._headers_done = self._complete = self._tainted = True
+            self._wake()
+            return
         if status < 200:  # 1xx: informational, the real answer follows
             self.raw_headers = []
             return
@@ -325,6 +342,8 @@ class Response:
             self._head_left -= len(data)
         try:
             self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as exc:  # after a 101: the parser stops there
+            self._early = data[exc.args[0]:]
         except httptools.HttpParserError as exc:
             refused = exc.__context__  # what a callback raised, if one did
             self._refuse(refused if isinstance(refused, UpstreamFailed)
@@ -397,6 +416,12 @@ class Response:
             self._paused = False
             self._connection.resume_reading()
         return data
+
+    def detach(self) -> tuple[asyncio.Transport, bytes]:
+        """After a 101: the pod's connection, and what the pod sent after the 101 head."""
+        assert self.status == 101
+        self._released = True
+        return self._connection.detach(), self._early
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])

@@ -229,3 +229,36 @@ def response_headers(
             and lowered not in own]
     kept.extend(extra)
     return kept
+
+
+def upgrade_protocol(raw: Sequence[tuple[bytes, bytes]]) -> str | None:
+    """The `Upgrade` a request asks for, if `Connection` names it too; else None."""
+    connection = {token.strip().lower() for name, value in raw if name.lower() == b"connection"
+                  for token in value.split(b",")}
+    if b"upgrade" not in connection:
+        return None
+    values = [value for name, value in raw if name.lower() == b"upgrade"]
+    return b", ".join(values).decode("latin-1") if values else None
+
+
+def upgrade_request(forward: list[tuple[str, str]], protocol: str) -> list[tuple[str, str]]:
+    """The headers of an upgrade handshake sent to a pod: the client's, less `Origin`
+    (the router rewrites `Host`, so a browser's `Origin` would fail the sandbox's own
+    same-origin check), plus the two hop-by-hop headers that ask for the upgrade."""
+    kept = [(name, value) for name, value in forward if name != "origin"]
+    kept.append(("connection", "upgrade"))
+    kept.append(("upgrade", protocol))
+    return kept
+
+
+def switching_head(raw: Sequence[tuple[bytes, bytes]], extra: list[tuple[bytes, bytes]]) -> bytes:
+    """The 101 the client is sent: the pod's headers (`response_headers`), the router's,
+    and the pod's `Connection: upgrade` and `Upgrade`, which are hop-by-hop but what this
+    answer is about."""
+    upgrade = [(b"upgrade", value) for name, value in raw if name.lower() == b"upgrade"]
+    lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+    for name, value in [*response_headers(raw, extra, 101), (b"connection", b"upgrade"),
+                        *upgrade]:
+        lines.append(b"%s: %s\r\n" % (name, value))
+    lines.append(b"\r\n")
+    return b"".join(lines)

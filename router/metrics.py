@@ -87,6 +87,7 @@ class Metrics:
         self._retries = 0
         self._started = 0
         self._finished = 0
+        self._upgraded = 0  # tunnels opened; each also finishes, with status 101
         self._source: PodSource | None = None
         self._version = _version()
         self._server: ThreadingWSGIServer | None = None
@@ -107,15 +108,25 @@ class Metrics:
 
     def request_finished(self, exchange: Exchange) -> None:
         self._finished += 1
-        method = exchange.method if exchange.method in METHODS else "other"
-        key = (exchange.route, method, exchange.status or 500)
-        self._requests[key] = self._requests.get(key, 0) + 1
+        if exchange.status == 101:
+            self._upgraded -= 1  # counted in `requests` when it opened
+        else:
+            self._count(exchange)
         self._durations[exchange.route][bisect_left(self._bounds, exchange.duration)] += 1
         self._duration_sums[exchange.route] += exchange.duration
         if exchange.attempts > 1 and exchange.route == "pool":
             self._retries += exchange.attempts - 1
         if exchange.authz is not None:
             self._authz[exchange.authz] += 1
+
+    def upgraded(self, exchange: Exchange) -> None:
+        self._upgraded += 1
+        self._count(exchange)
+
+    def _count(self, exchange: Exchange) -> None:
+        method = exchange.method if exchange.method in METHODS else "other"
+        key = (exchange.route, method, exchange.status or 500)
+        self._requests[key] = self._requests.get(key, 0) + 1
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         self._refreshes[outcome] += 1
@@ -156,6 +167,9 @@ class Metrics:
         yield GaugeMetricFamily("warmpool_router_inflight_requests",
                                 "Requests being proxied now.",
                                 value=self._started - self._finished)
+        yield GaugeMetricFamily("warmpool_router_upgraded_connections",
+                                "Upgraded connections (WebSocket) open now.",
+                                value=self._upgraded)
         yield GaugeMetricFamily("warmpool_router_pool_pods", "Pods in the current pod list.",
                                 value=self._pool_pods())
         yield GaugeMetricFamily(

@@ -49,6 +49,11 @@ class Observer(Protocol):
         """A pool request put a cooling-down pod behind every other pod."""
         ...
 
+    def upgraded(self, exchange: Exchange) -> None:
+        """The pod's 101 reached the client: the request is now a tunnel, and
+        `request_finished` comes when it ends (status 101, its whole life)."""
+        ...
+
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         """Called by a pod source (from its own thread) after each API list or watch."""
         ...
@@ -67,6 +72,9 @@ class NullObserver:
         return None
 
     def pod_skipped(self, cause: Cause) -> None:
+        return None
+
+    def upgraded(self, exchange: Exchange) -> None:
         return None
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
@@ -94,6 +102,10 @@ class Observers:
     def pod_skipped(self, cause: Cause) -> None:
         for observer in self._observers:
             observer.pod_skipped(cause)
+
+    def upgraded(self, exchange: Exchange) -> None:
+        for observer in self._observers:
+            observer.upgraded(exchange)
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         for observer in self._observers:

@@ -6,6 +6,9 @@ connected to, or answers 503 to a replayable body, is skipped; any other answer,
 failure after the request was written, is final, because replaying a request a pod may
 have acted on could repeat its side effects. Each pool attempt's outcome also goes to the
 pods' passive health (router/health.py), which decides the order of the requests after it.
+
+An upgrade request (WebSocket) takes the same path, as a handshake without a body; a 101
+from the pod turns the exchange into a tunnel (`Proxy._tunnel`, `router/tunnel.py`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from router.asgi import Receive, Scope, Send
 from router.authz import Gate
 from router.balancer import RoundRobin
 from router.body import ClientGone, RequestBody
+from router.clients import client_address
 from router.config import Config
 from router.connection import DRAIN_LIMIT, Response
 from router.errors import (
@@ -38,19 +42,24 @@ from router.headers import (
     parse_pinned,
     read_request,
     response_headers,
+    switching_head,
+    upgrade_protocol,
+    upgrade_request,
     upstream_timeout,
 )
 from router.health import Clock, Health
 from router.observe import Exchange, Observer, Outcome
 from router.pods import Pod, PodSource
-from router.server import DISCONNECT, ClientWatch
+from router.server import DISCONNECT, UPGRADE, ClientUpgrade, ClientWatch
 from router.targets import TargetPolicy
+from router.tunnel import Tunnel, Tunnels
 
 log = logging.getLogger("router.proxy")
 
 # nginx's code for "client closed the request", for the access log.
 CLIENT_CLOSED = 499
 SHUTTING_DOWN = ProxyError(503, "The router is shutting down.")
+TOO_MANY_UPGRADES = ProxyError(429, "Too many upgraded connections from this client.")
 
 
 class Proxy:
@@ -76,6 +85,7 @@ class Proxy:
         self._balancer = RoundRobin(config.max_attempts, self._health)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
         self._loop = asyncio.get_running_loop()  # made at start-up, in the serving loop
+        self.tunnels = Tunnels(config.upgrade_max_per_client)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         extensions = scope.get("extensions")
@@ -95,6 +105,8 @@ class Proxy:
         self._observer.request_started(exchange.route)
         own_headers = [(b"x-request-id", incoming.request_id.encode("latin-1"))]
         body: RequestBody | None = None
+        upgrade = self._upgrade(scope, incoming, extensions)
+        reserved = False
         try:
             pinned = None
             if incoming.refused is not None:
@@ -103,17 +115,27 @@ class Proxy:
                 pinned = parse_pinned(incoming, allow_loopback=self._config.allow_loopback_pod_ip)
             if self._gate is not None:  # also before the body is read; takes Authorization
                 await self._gate.check(incoming, pinned, exchange)
+            if upgrade is not None:
+                reserved = self.tunnels.reserve(upgrade[1])
+                if not reserved:
+                    raise TOO_MANY_UPGRADES
             body = await RequestBody.read(
                 receive, incoming.content_length, self._config.retry_body_limit
             )
             if pinned is None:
-                response, pod = await self._pool(scope, incoming, body, exchange)
+                response, pod = await self._pool(scope, incoming, body, exchange,
+                                                 upgrade is not None)
                 own_headers.append((b"x-sandbox-id", pod.name.encode()))
                 own_headers.append((b"x-sandbox-namespace", pod.namespace.encode()))
             else:
                 exchange.pod, exchange.namespace = pinned.sandbox_id, pinned.namespace
-                response = await self._pinned(scope, incoming, pinned, body, exchange)
-            await self._relay(response, send, own_headers, exchange, watch)
+                response = await self._pinned(scope, incoming, pinned, body, exchange,
+                                              upgrade is not None)
+            if response.status == 101:  # asked for (`upgrade`): else `Response` refuses it
+                assert upgrade is not None
+                await self._tunnel(response, upgrade[0], own_headers, exchange, watch)
+            else:
+                await self._relay(response, send, own_headers, exchange, watch)
         except ProxyError as error:
             exchange.status = error.status
             exchange.bytes_out = await send_error(send, error, tuple(own_headers))
@@ -133,12 +155,33 @@ class Proxy:
                 watch.task = None
                 if watch.gone:  # however the request ended, nobody got the answer
                     exchange.status = CLIENT_CLOSED
-            exchange.bytes_in = body.size if body is not None else 0
+            exchange.bytes_in += body.size if body is not None else 0
             exchange.duration = time.perf_counter() - exchange.started
+            if reserved:
+                assert upgrade is not None
+                self.tunnels.release(upgrade[1])
             self._observer.request_finished(exchange)
 
+    def _upgrade(self, scope: Scope, incoming: Incoming, extensions: dict[str, object] | None
+                 ) -> tuple[ClientUpgrade, str] | None:
+        """For a request asking for an upgrade (`router.server.UPGRADE`): its client
+        connection and the client's address for `--upgrade-max-per-client`; its headers
+        for the pod become a handshake's (`upgrade_request`)."""
+        handle = extensions.get(UPGRADE) if extensions else None
+        if not isinstance(handle, ClientUpgrade):
+            return None
+        protocol = upgrade_protocol(scope["headers"])
+        if protocol is None:
+            return None
+        incoming.forward = upgrade_request(incoming.forward, protocol)
+        peer = scope.get("client")
+        address = client_address(peer[0] if peer else "", scope["headers"],
+                                 self._config.trusted_proxy_cidrs)
+        return handle, address
+
     async def _pool(
-        self, scope: Scope, incoming: Incoming, body: RequestBody, exchange: Exchange
+        self, scope: Scope, incoming: Incoming, body: RequestBody, exchange: Exchange,
+        upgrade: bool = False,
     ) -> tuple[Response, Pod]:
         snapshot = self._source.snapshot()
         if snapshot is None or not snapshot.pods:
@@ -151,7 +194,7 @@ class Proxy:
             exchange.pod, exchange.namespace = pod.name, pod.namespace  # the last one tried
             try:
                 response = await self._send(scope, pod.ip, pod.port, target, incoming, body,
-                                            limits)
+                                            limits, upgrade)
             except ConnectFailed as error:
                 self._health.failed(pod, "failed", error)
                 self._observer.attempt("connect_error")
@@ -181,6 +224,7 @@ class Proxy:
         pinned: Pinned,
         body: RequestBody,
         exchange: Exchange,
+        upgrade: bool = False,
     ) -> Response:
         """The one sandbox the client named; its answer, 503 included, is final. Target: the
         given pod IP if it is a known pod or inside --pod-cidr (else the hint is ignored),
@@ -198,7 +242,7 @@ class Proxy:
         try:
             response = await self._send(
                 scope, host, port, _raw_path_qs(scope), incoming, body,
-                self._request_timeout(incoming),
+                self._request_timeout(incoming), upgrade,
             )
         except ConnectFailed as error:
             self._observer.attempt("connect_error")
@@ -219,11 +263,12 @@ class Proxy:
         incoming: Incoming,
         body: RequestBody,
         limits: upstream.Timeout,
+        upgrade: bool = False,
     ) -> Response:
         try:
             return await self._client.request(
                 scope["method"], host, port, target, incoming.forward, body.data(), limits,
-                incoming.content_length,
+                incoming.content_length, upgrade,
             )
         except (UpstreamTimeout, UpstreamFailed) as error:
             self._observer.attempt(_outcome(error))
@@ -275,6 +320,34 @@ class Proxy:
                 watch.cut()
         finally:
             response.release()
+
+    async def _tunnel(
+        self,
+        response: Response,
+        upgrade: ClientUpgrade,
+        own_headers: list[tuple[bytes, bytes]],
+        exchange: Exchange,
+        watch: ClientWatch | None,
+    ) -> None:
+        """The pod switched protocols: relay its 101, join the two connections, and wait
+        for the tunnel to end (which this request's access line and duration cover)."""
+        pod, early = response.detach()
+        head = switching_head(response.raw_headers, own_headers)
+        if watch is not None:
+            watch.task = None  # the tunnel sees the client leave from now on
+        tunnel = Tunnel(upgrade.take(), pod, head, early, self._config.upgrade_idle_timeout,
+                        self._config.upgrade_max_lifetime)
+        exchange.status = 101
+        self.tunnels.add(tunnel)
+        self._observer.upgraded(exchange)
+        try:
+            await tunnel.done
+        except asyncio.CancelledError:
+            tunnel.abort("the router is stopping")
+            raise
+        finally:
+            self.tunnels.remove(tunnel)
+            exchange.bytes_in, exchange.bytes_out = tunnel.bytes_in, tunnel.bytes_out
 
 
 async def _discard(response: Response) -> None:

@@ -87,6 +87,11 @@ class CoalescingTransport:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
+    def release(self) -> asyncio.Transport:
+        """What was written goes out; the real transport, for a tunnel to take over."""
+        self._flush()
+        return self._transport
+
 
 DISCONNECT = "router.disconnect"
 """The scope extension through which a request learns that its client has gone."""
@@ -173,6 +178,26 @@ class ReadingFlow(FlowControl):
         if self.read_paused:
             super().resume_reading()
             self.resumed()
+
+
+UPGRADE = "router.upgrade"
+"""The scope extension of a request that asks for an upgrade: a `ClientUpgrade`."""
+
+
+class ClientUpgrade:
+    """The handle on a client connection whose request asks for an upgrade (`Connection:
+    upgrade` plus `Upgrade`, as the parser saw them). The parser stops at the end of that
+    head, so the connection carries no other request: whatever the answer, it closes after
+    it, unless the pod's 101 turns it into a tunnel (`take`)."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: HttpProtocol) -> None:
+        self._protocol = protocol
+
+    def take(self) -> asyncio.Transport:
+        """The client's transport, for `router.tunnel.Tunnel`; see `become_tunnel`."""
+        return self._protocol.become_tunnel()
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -409,6 +434,38 @@ class HttpProtocol(HttpToolsProtocol):
             self._send_timer = None
         self.pipeline.clear()
 
+    tunnelled = False
+    """True once the connection is a tunnel (`become_tunnel`): no HTTP timeout or limit of
+    this protocol applies to it any more; the tunnel has its own (`router/tunnel.py`)."""
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn calls this (its `ws` setting is "none": `server_config`) when the parser
+        stops at the end of a request head asking for an upgrade; that request's task has
+        been started already. Instead of uvicorn's warning: the request gets a
+        `ClientUpgrade`, reading pauses (the parser cannot go on past an upgrade, and
+        bytes must wait for the pod's 101; a WebSocket client sends none before it), and
+        the connection closes after an answer that is not a 101."""
+        if UPGRADE in self._extensions:
+            return
+        self._extensions[UPGRADE] = ClientUpgrade(self)  # type: ignore[assignment]
+        self.cycle.keep_alive = False
+        self.transport.pause_reading()
+
+    def become_tunnel(self) -> asyncio.Transport:
+        """The pod answered 101: this connection leaves uvicorn's books (its connections
+        and tasks, which `--limit-concurrency` and uvicorn's shutdown count: tunnels have
+        their own limit and drain, `router.tunnel.Tunnels`), and the request counts as
+        done for uvicorn, which must not answer when the request's task returns."""
+        self.tunnelled = True
+        self.connections.discard(self)
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.discard(task)
+        if self.serving is not None:
+            self.serving.disconnected = True
+        self._unset_keepalive_if_required()
+        return cast(CoalescingTransport, self.transport).release()
+
 
 def server_config(
     config: Config, app: Callable[..., Any], *, factory: bool = False,
@@ -427,6 +484,7 @@ def server_config(
         port=config.port,
         workers=config.workers,
         lifespan="on",
+        ws="none",  # upgrades are proxied, not served: `HttpProtocol.become_tunnel`
         access_log=False,
         proxy_headers=False,
         server_header=False,

@@ -76,18 +76,19 @@ class Client:
     async def request(
         self, method: str, host: str, port: int, target: str,
         headers: list[tuple[str, str]], body: Body, limits: Timeout,
-        length: int | None = None,
+        length: int | None = None, upgrade: bool = False,
     ) -> Response:
         """Send the request; return once the answer's headers are in. `length` is the
         declared size of a streamed body (else it is sent chunked). A pooled connection
         found gone before the write is dropped for the next one (`replay.py`); a new one
-        found gone is a failed connect. Bounded: each turn uses up a pooled connection."""
+        found gone is a failed connect. Bounded: each turn uses up a pooled connection.
+        `upgrade`: the headers ask for one, so a 101 is a valid answer (`router/tunnel.py`)."""
         head = _head(method, target, _authority(host, port), headers, body, length)
         while True:
             connection = await self._acquire(host, port, limits.connect)
             try:
                 return await connection.send(method, head, body, length, limits.read,
-                                             self._max_head)
+                                             self._max_head, upgrade)
             except Unsent:
                 if not connection.reused:
                     raise ConnectFailed() from None

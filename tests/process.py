@@ -36,7 +36,8 @@ class RouterProcess:
         )
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
         try:
             self.port = self._wait_for_port()
         except BaseException:
@@ -64,14 +65,17 @@ class RouterProcess:
                 return int(match.group(1))
 
     def stop(self, timeout: float = 20.0) -> int:
-        """SIGTERM, then wait; returns the exit status."""
+        """SIGTERM, then wait; returns the exit status once every line it wrote is in
+        `lines` (the reader thread may still be behind when the process has exited)."""
         if self.process.poll() is None:
             self.process.terminate()
         try:
-            return self.process.wait(timeout)
+            status = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            return self.process.wait(timeout)
+            status = self.process.wait(timeout)
+        self._reader.join(timeout)
+        return status
 
     def kill(self) -> None:
         """SIGKILL to the router and every process it started (its process group)."""

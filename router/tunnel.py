@@ -1,0 +1,173 @@
+"""Upgraded connections (WebSocket and any other HTTP/1.1 `Upgrade`): after the pod's 101,
+the client's and the pod's connections are joined byte for byte (`Tunnel`), and every open
+tunnel is known to one `Tunnels` registry (the per-client limit, the drain).
+
+No frame is parsed: extensions, subprotocols, compression and close codes are the two
+ends' business. Each direction has back-pressure: when one side's write buffer passes its
+high-water mark, reading from the other side pauses until it drains, so memory stays flat
+whatever the message sizes. A tunnel ends when either end closes or fails (the other is
+closed after what is buffered for it went out), when nothing passed either way for
+`--upgrade-idle-timeout`, at `--upgrade-max-lifetime`, or at the end of the drain; those
+three abort both ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+
+log = logging.getLogger("router.tunnel")
+
+
+class _Side(asyncio.Protocol):
+    """One end of a tunnel: what it reads goes to the other end's transport."""
+
+    __slots__ = ("_tunnel", "_peer", "received")
+
+    def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
+        self._tunnel = tunnel
+        self._peer = peer
+        self.received = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        self._tunnel.last_active = self._tunnel.loop.time()
+        self._peer.write(data)
+
+    def eof_received(self) -> bool:
+        return False  # the transport closes itself; `connection_lost` ends the tunnel
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._tunnel.side_lost(self)
+
+    def pause_writing(self) -> None:  # this end cannot take more: stop reading the other
+        if not self._peer.is_closing():
+            self._peer.pause_reading()
+
+    def resume_writing(self) -> None:
+        if not self._peer.is_closing():
+            self._peer.resume_reading()
+
+
+class Tunnel:
+    """A client connection and a pod connection joined after a 101.
+
+    States: open (both transports carry bytes), then closing (one end is gone or a limit
+    was hit: the other end is being closed), then `done` once both transports reported
+    their end. `bytes_in` counts what the client sent after the handshake, `bytes_out`
+    what it was sent (the pod's bytes that came with the 101 head included)."""
+
+    def __init__(self, client: asyncio.Transport, pod: asyncio.Transport, head: bytes,
+                 early: bytes, idle_timeout: float, max_lifetime: float) -> None:
+        self.loop = asyncio.get_running_loop()
+        self.last_active = self.loop.time()
+        self.closing = False
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self._client, self._pod = client, pod
+        self._from_client = _Side(self, pod)
+        self._from_pod = _Side(self, client)
+        self._from_pod.received = len(early)
+        self._open = 2
+        self._idle_timeout = idle_timeout
+        self._timers: list[asyncio.TimerHandle] = []
+        if idle_timeout:
+            self._timers.append(self.loop.call_later(idle_timeout, self._idle_check))
+        if max_lifetime:
+            self._timers.append(self.loop.call_later(max_lifetime, self.abort, "lifetime"))
+        client.write(head + early if early else head)
+        client.set_protocol(self._from_client)
+        pod.set_protocol(self._from_pod)
+        for transport in (client, pod):  # both were paused during the handshake
+            if not transport.is_closing():  # else its end reaches the new protocol
+                transport.resume_reading()
+
+    @property
+    def bytes_in(self) -> int:
+        return self._from_client.received
+
+    @property
+    def bytes_out(self) -> int:
+        return self._from_pod.received
+
+    def side_lost(self, side: _Side) -> None:
+        """One end is gone: close the other once what is buffered for it went out."""
+        self._open -= 1
+        if not self.closing:
+            self.closing = True
+            self._cancel_timers()
+            (self._pod if side is self._from_client else self._client).close()
+        if self._open <= 0 and not self.done.done():
+            self.done.set_result(None)
+
+    def abort(self, why: str) -> None:
+        """End both connections now (a limit, the drain): the client sees its connection
+        reset, with no close frame (the router does not speak WebSocket)."""
+        if self.done.done():
+            return
+        log.info("closing an upgraded connection: %s", why)
+        self.closing = True
+        self._cancel_timers()
+        self._client.abort()
+        self._pod.abort()
+
+    def _idle_check(self) -> None:
+        quiet = self.loop.time() - self.last_active
+        if quiet >= self._idle_timeout:
+            self.abort("idle timeout")
+        else:
+            self._timers[0] = self.loop.call_later(self._idle_timeout - quiet, self._idle_check)
+
+    def _cancel_timers(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers = []
+
+
+class Tunnels:
+    """Every open tunnel of this process, and the upgrade handshakes under way, counted per
+    client address for `--upgrade-max-per-client`."""
+
+    def __init__(self, max_per_client: int) -> None:
+        self._max_per_client = max_per_client
+        self._per_client: Counter[str] = Counter()
+        self._open: set[Tunnel] = set()
+        self._empty: asyncio.Event | None = None
+
+    def reserve(self, client: str) -> bool:
+        """Count one more upgraded connection for `client`, if under the limit; each
+        reservation that succeeded is given back with `release`."""
+        if self._max_per_client and self._per_client[client] >= self._max_per_client:
+            return False
+        self._per_client[client] += 1
+        return True
+
+    def release(self, client: str) -> None:
+        self._per_client[client] -= 1
+        if not self._per_client[client]:
+            del self._per_client[client]
+
+    def add(self, tunnel: Tunnel) -> None:
+        self._open.add(tunnel)
+
+    def remove(self, tunnel: Tunnel) -> None:
+        self._open.discard(tunnel)
+        if not self._open and self._empty is not None:
+            self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    async def drain(self, seconds: float) -> None:
+        """Wait up to `seconds` for the open tunnels to end by themselves, then abort the
+        rest and wait for their owners to see them end."""
+        if not self._open:
+            return
+        self._empty = asyncio.Event()
+        log.info("waiting up to %g s for %d upgraded connections", seconds, len(self._open))
+        try:
+            await asyncio.wait_for(self._empty.wait(), max(seconds, 0))
+        except TimeoutError:
+            for tunnel in list(self._open):
+                tunnel.abort("shutting down")
+            await self._empty.wait()

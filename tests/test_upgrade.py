@@ -1,0 +1,544 @@
+"""Upgrades through both routes: a real WebSocket client (aiohttp's) and a real WebSocket
+sandbox (`tests/wspod.py`), and raw sockets for an upgrade that is not a WebSocket."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import signal
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+import aiohttp
+import psutil
+import pytest
+
+from router.clients import client_address
+from router.config import Config
+from router.logs import access_line
+from router.metrics import Metrics
+from router.observe import Exchange
+from router.server import bind
+from tests.conftest import StartRawPods, StartRouter, eventually, scrape, static_config, value
+from tests.process import RouterProcess
+from tests.rawpod import PodConnection, answering
+from tests.wspod import CLOSE_ME, SUBPROTOCOL, WsPod
+
+StartWsPods = Callable[[int], list[WsPod]]
+T = TypeVar("T")
+BIG = 8 * 1024 * 1024
+ROUTES = ["pool", "pinned"]
+
+
+@pytest.fixture
+def start_ws_pods() -> Iterator[StartWsPods]:
+    """`start_ws_pods(3)`: WebSocket pods pod-0.. on 127.0.0.2.., on one shared port."""
+    running: list[WsPod] = []
+
+    def start(count: int) -> list[WsPod]:
+        port = 0
+        for index in range(count):
+            pod = WsPod(f"pod-{index}", f"127.0.0.{2 + index}", port).start()
+            port = pod.port
+            running.append(pod)
+        return running[-count:]
+
+    yield start
+    for pod in running:
+        pod.stop()
+
+
+class Recorder:
+    """An observer that keeps the exchanges it is told of."""
+
+    def __init__(self) -> None:
+        self.opened: list[Exchange] = []
+        self.finished: list[Exchange] = []
+
+    def request_started(self, route: str) -> None:
+        pass
+
+    def attempt(self, outcome: str) -> None:
+        pass
+
+    def request_finished(self, exchange: Exchange) -> None:
+        self.finished.append(exchange)
+
+    def upgraded(self, exchange: Exchange) -> None:
+        self.opened.append(exchange)
+
+    def pod_list_refreshed(self, outcome: str) -> None:
+        pass
+
+
+def config(pods: list[WsPod], **options: Any) -> Config:
+    options.setdefault("shutdown_timeout", 2)  # a test that fails leaves no 30 s drain
+    return static_config(pods, **options)  # type: ignore[arg-type]
+
+
+def run(make: Callable[[], Awaitable[T]], timeout: float = 60) -> T:
+    async def bounded() -> T:
+        async with asyncio.timeout(timeout):
+            return await make()
+
+    return asyncio.run(bounded())
+
+
+def url_of(client: Any) -> str:
+    return str(client.base_url).rstrip("/")
+
+
+@asynccontextmanager
+async def websocket(
+    url: str, headers: dict[str, str] | None = None, protocols: tuple[str, ...] = (),
+    path: str = "/ws",
+) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
+    async with aiohttp.ClientSession() as session, session.ws_connect(
+        url + path, headers=headers, protocols=protocols, max_msg_size=0, autoping=False
+    ) as ws:
+        yield ws
+
+
+async def echo(ws: aiohttp.ClientWebSocketResponse, data: str | bytes) -> None:
+    if isinstance(data, str):
+        await ws.send_str(data)
+    else:
+        await ws.send_bytes(data)
+    message = await ws.receive()
+    assert message.data == data
+
+
+def pinned_headers(pod: WsPod) -> dict[str, str]:
+    return {"X-Sandbox-ID": pod.name, "X-Sandbox-Namespace": "default"}
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_messages_subprotocol_and_close_codes_pass_through(
+    route: str, start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    url = url_of(start_router(config([pod])))
+    extra = pinned_headers(pod) if route == "pinned" else {}
+    headers = {**extra, "Origin": "https://ide.example", "X-Sandbox-Tag": "x"}
+    big_up, big_down = bytes(range(256)) * (BIG // 256), b"\x07" * BIG
+
+    async def session() -> tuple[Any, int | None]:
+        async with websocket(url, headers, (SUBPROTOCOL, "other")) as ws:
+            assert ws.protocol == SUBPROTOCOL
+            answer = ws._response.headers.copy()  # the 101 as the client got it
+            await echo(ws, "hello")
+            await echo(ws, big_up)
+            await echo(ws, big_down)
+            await ws.send_str(CLOSE_ME)
+            closing = await ws.receive()
+            assert closing.type == aiohttp.WSMsgType.CLOSE
+            return answer, ws.close_code
+
+    answer, code = run(session)
+    assert code == 4001  # the sandbox's close code reached the client
+    if route == "pool":
+        assert answer["X-Sandbox-ID"] == pod.name
+        assert answer["X-Sandbox-Namespace"] == "default"
+    assert answer["Upgrade"].lower() == "websocket"
+    seen = pod.handshakes[0]
+    assert "Origin" not in seen  # dropped on upgrades (the Host is the router's)
+    assert not any(name.lower().startswith("x-sandbox-") for name in seen)
+    assert seen["Upgrade"] == "websocket"
+    assert seen["X-Forwarded-For"] == "127.0.0.1"
+    eventually(lambda: pod.ended == 1)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_close_code_from_the_client_reaches_the_sandbox(
+    route: str, start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    url = url_of(start_router(config([pod])))
+    headers = pinned_headers(pod) if route == "pinned" else {}
+
+    async def session() -> None:
+        async with websocket(url, headers) as ws:
+            await echo(ws, "hi")
+            await ws.close(code=4002, message=b"done")
+
+    run(session)
+    eventually(lambda: pod.client_close_codes == [4002])
+
+
+def test_origin_is_kept_on_ordinary_requests(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    pod = start_raw_pods(answering(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"))[0]
+    client = start_router(static_config([pod]))
+    assert client.get("/", headers={"Origin": "https://ide.example"}).status_code == 200
+    assert pod.requests[0].header(b"origin") == b"https://ide.example"
+
+
+def test_pool_handshakes_go_round_robin_and_skip_a_busy_pod(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pods = start_ws_pods(3)
+    url = url_of(start_router(config(pods)))
+
+    async def handshakes(count: int) -> list[str]:
+        names = []
+        for _ in range(count):
+            async with websocket(url) as ws:
+                names.append(ws._response.headers["X-Sandbox-ID"])
+                await echo(ws, "hi")
+        return names
+
+    assert sorted(run(lambda: handshakes(6))) == ["pod-0", "pod-0", "pod-1", "pod-1",
+                                                  "pod-2", "pod-2"]
+    pods[1].busy = True
+    served = run(lambda: handshakes(4))
+    assert "pod-1" not in served and len(served) == 4
+    assert len(pods[1].handshakes) == 2  # none since it was busy
+
+
+def test_a_pinned_busy_pods_503_is_relayed(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pods = start_ws_pods(2)
+    pods[0].busy = True
+    client = start_router(config(pods, upgrade_max_per_client=1))
+
+    async def handshake() -> None:
+        async with websocket(url_of(client), pinned_headers(pods[0])):
+            pass
+
+    for _ in range(2):  # the second is not a 429: a failed handshake gives its slot back
+        with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
+            run(handshake)
+        assert refused.value.status == 503
+    assert pods[1].handshakes == []  # a pinned answer is final
+    assert client.get("/").status_code != 101  # the router serves the next request
+
+
+def test_silence_longer_than_the_proxy_timeout_does_not_cut(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    url = url_of(start_router(config([pod], proxy_timeout=0.2)))
+
+    async def session() -> None:
+        async with websocket(url) as ws:
+            await asyncio.sleep(0.6)  # time passing is the point, not a synchronisation
+            await echo(ws, "still here")
+
+    run(session)
+
+
+@pytest.mark.parametrize("limit", ["upgrade_idle_timeout", "upgrade_max_lifetime"])
+def test_idle_timeout_and_lifetime_close_both_ends(
+    limit: str, start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    recorder = Recorder()
+    url = url_of(start_router(config([pod], **{limit: 0.3}), observer=recorder))
+
+    async def session() -> aiohttp.WSMsgType:
+        async with websocket(url) as ws:
+            await echo(ws, "hi")
+            return (await ws.receive()).type  # nothing more is sent: the router ends it
+
+    assert run(session) in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+    eventually(lambda: pod.ended == 1)
+    eventually(lambda: len(recorder.finished) == 1)
+    assert recorder.finished[0].status == 101
+
+
+def test_traffic_keeps_an_upgraded_connection_past_the_idle_timeout(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    url = url_of(start_router(config([pod], upgrade_idle_timeout=1.0)))
+
+    async def session() -> None:
+        async with websocket(url) as ws:
+            for _ in range(10):  # 2 s in all, never 1 s quiet
+                await echo(ws, "tick")
+                await asyncio.sleep(0.2)
+            assert pod.ended == 0
+
+    run(session)
+    eventually(lambda: pod.client_close_codes == [1000])  # ended by the client's close
+
+
+def test_per_client_limit_counts_the_peer_without_a_trusted_proxy(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    recorder = Recorder()
+    url = url_of(start_router(config([pod], upgrade_max_per_client=2), observer=recorder))
+
+    async def third(forwarded: list[str]) -> int | None:
+        async with websocket(url, {"X-Forwarded-For": forwarded[0]}), \
+                websocket(url, {"X-Forwarded-For": forwarded[1]}):
+            try:
+                async with websocket(url, {"X-Forwarded-For": forwarded[2]}):
+                    return None
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status
+
+    # X-Forwarded-For is not trusted: all three are the one peer, 127.0.0.1.
+    assert run(lambda: third(["10.0.0.1", "10.0.0.2", "10.0.0.3"])) == 429
+    assert len(pod.handshakes) == 2  # the third never reached the pod
+    eventually(lambda: len(recorder.finished) == 3)  # each gives its slot back as it ends
+    assert run(lambda: third(["a", "b", "c"])) == 429  # two slots again, not none
+    assert len(pod.handshakes) == 4
+
+
+def test_per_client_limit_reads_x_forwarded_for_from_a_trusted_proxy(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    trusted = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("192.0.2.0/24"))
+    recorder = Recorder()
+    url = url_of(start_router(config([pod], upgrade_max_per_client=1,
+                                     trusted_proxy_cidrs=trusted), observer=recorder))
+
+    async def second(first: str, other: str) -> int | None:
+        async with websocket(url, {"X-Forwarded-For": first}):
+            try:
+                async with websocket(url, {"X-Forwarded-For": other}):
+                    return None
+            except aiohttp.WSServerHandshakeError as exc:
+                return exc.status
+
+    # The right-most untrusted hop is the client: 10.0.0.1 behind 192.0.2.7 twice.
+    assert run(lambda: second("6.6.6.6, 10.0.0.1, 192.0.2.7", "10.0.0.1, 192.0.2.7")) == 429
+    eventually(lambda: len(recorder.finished) == 2)  # 10.0.0.1's slot is free again
+    assert run(lambda: second("10.0.0.1", "10.0.0.2")) is None  # two clients
+
+
+def test_upgraded_connections_do_not_use_up_limit_concurrency(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    client = start_router(config([pod], limit_concurrency=2))
+    url = url_of(client)
+
+    async def three_open() -> None:
+        async with websocket(url) as a, websocket(url) as b, websocket(url) as c:
+            for ws in (a, b, c):
+                await echo(ws, "hi")
+            answer = await asyncio.to_thread(client.get, "/")
+            assert answer.text == "plain"  # not 503: tunnels are not uvicorn's count
+
+    run(three_open)
+
+
+def test_a_pod_dying_mid_connection_closes_the_client(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    client = start_router(config([pod]))
+
+    async def session() -> aiohttp.WSMsgType:
+        async with websocket(url_of(client)) as ws:
+            await echo(ws, "hi")
+            pod.die()
+            return (await ws.receive()).type
+
+    assert run(session) in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+    assert client.get("/").status_code != 101  # the router goes on serving
+
+
+def raw_upgrade(port: int, protocol: bytes, extra: bytes = b"") -> tuple[socket.socket, bytes]:
+    """A handshake over a raw socket: the socket and what came back up to the head's end
+    (plus any bytes the pod sent with it)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+    sock.sendall(b"GET /raw HTTP/1.1\r\nHost: sandbox\r\nConnection: Upgrade\r\n"
+                 b"Upgrade: " + protocol + b"\r\n" + extra + b"\r\n")
+    received = b""
+    while b"\r\n\r\n" not in received:
+        piece = sock.recv(65536)
+        assert piece, received
+        received += piece
+    return sock, received
+
+
+def test_the_client_leaving_closes_the_pods_connection(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    client = start_router(config([pod]))
+    sock, answer = raw_upgrade(client.base_url.port or 0, b"websocket",
+                               b"Sec-WebSocket-Version: 13\r\n"
+                               b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+    assert answer.startswith(b"HTTP/1.1 101 ")
+    assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in answer  # the sandbox's accept, relayed
+    sock.close()  # no close frame: the client just goes
+    eventually(lambda: pod.ended == 1)
+
+
+def echo_upper(connection: PodConnection) -> None:
+    """A raw pod speaking protocol `foo`: 101, a greeting, then each read back in capitals."""
+    request = connection.read_request()
+    if request is None:
+        return
+    connection.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                    b"Upgrade: foo\r\n\r\nwelcome\n")
+    while data := connection._recv():
+        connection.send(data.upper())
+
+
+def test_an_upgrade_that_is_not_websocket_is_tunnelled(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    pod = start_raw_pods(echo_upper)[0]
+    client = start_router(static_config([pod]))
+    sock, answer = raw_upgrade(client.base_url.port or 0, b"foo", b"Origin: http://evil\r\n")
+    with sock:
+        head, _, early = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 101 Switching Protocols\r\n")
+        assert b"\r\nupgrade: foo" in head.lower()
+        assert b"\r\nx-sandbox-id: raw-0" in head.lower()
+        while not early.endswith(b"\n"):
+            early += sock.recv(100)
+        assert early == b"welcome\n"  # sent by the pod with its 101
+        sock.sendall(b"shout")
+        assert sock.recv(100) == b"SHOUT"
+        sock.shutdown(socket.SHUT_WR)
+        assert sock.recv(100) == b""  # the client's end closed the pod's, then its own
+    request = pod.requests[0]
+    assert request.header(b"upgrade") == b"foo"
+    assert request.header(b"connection") == b"upgrade"
+    assert request.header(b"origin") is None
+    # The same pod's 101 to a request that did not ask for an upgrade: refused.
+    assert client.get("/").status_code == 502
+
+
+def test_metrics_and_the_access_line_cover_the_whole_life(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    metrics = Metrics(proxy_timeout=30)
+    metrics.serve(bind("127.0.0.1"))
+    recorder = Recorder()
+    url = url_of(start_router(config([pod]), metrics=metrics, observer=recorder))
+    gauge = "warmpool_router_upgraded_connections"
+    requests = "warmpool_router_requests_total"
+
+    async def session() -> None:
+        async with websocket(url) as ws:
+            await echo(ws, "x" * 100)
+            samples = await asyncio.to_thread(scrape, metrics.port)
+            assert value(samples, gauge) == 1  # open
+            assert value(samples, requests, route="pool", method="GET", code="101") == 1
+            assert recorder.finished == []  # not finished while open
+            await asyncio.sleep(0.3)  # a life the duration must cover
+
+    run(session)
+    eventually(lambda: len(recorder.finished) == 1)
+    samples = scrape(metrics.port)
+    assert value(samples, gauge) == 0
+    assert value(samples, requests, route="pool", method="GET", code="101") == 1
+    count = "warmpool_router_request_duration_seconds_count"
+    assert value(samples, count, route="pool") == 1
+    assert value(samples, "warmpool_router_request_duration_seconds_sum", route="pool") >= 0.3
+    line = json.loads(access_line(recorder.finished[0], time.time()))
+    assert line["status"] == 101
+    assert line["duration_ms"] >= 300
+    # A masked client frame of 100 bytes is 106 bytes, its echo 102; then the close frames.
+    assert line["bytes_in"] >= 106 and line["bytes_out"] >= 102
+    assert line["pod"] == "pod-0"
+
+
+def test_sigterm_gives_tunnels_the_shutdown_timeout_then_closes_them(
+    start_ws_pods: StartWsPods,
+) -> None:
+    pod = start_ws_pods(1)[0]
+    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--shutdown-timeout", "1"])
+    try:
+        async def session() -> aiohttp.WSMsgType:
+            async with websocket(router.url) as ws:
+                await echo(ws, "before")
+                router.process.send_signal(signal.SIGTERM)
+                await echo(ws, "during the drain")  # still carried
+                return (await ws.receive()).type
+
+        assert run(session) in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR)
+        assert router.process.wait(timeout=20) == 0
+    finally:
+        router.stop()
+    assert any("closing an upgraded connection: shutting down" in line
+               for line in router.lines)
+    assert any('"status": 101' in line for line in router.lines)  # its access line
+    assert not any("Traceback" in line for line in router.lines)
+    assert not any("WebSocket library" in line or "Unsupported upgrade" in line
+                   for line in router.lines)  # uvicorn's advice is not printed
+    eventually(lambda: pod.ended == 1)
+
+
+def test_300_idle_upgraded_connections_cost_little_memory(
+    start_ws_pods: StartWsPods,
+) -> None:
+    pod = start_ws_pods(1)[0]
+    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--upgrade-max-per-client", "0",
+                            "--no-access-log"])
+    process = psutil.Process(router.process.pid)
+    count = 300
+
+    async def hold() -> float:
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            first = await session.ws_connect(router.url + "/ws", autoping=False)
+            await first.send_str("warm")
+            await first.receive()
+            before = process.memory_info().rss
+            sockets = [await session.ws_connect(router.url + "/ws", autoping=False)
+                       for _ in range(count)]
+            for ws in sockets:
+                await echo(ws, "hi")
+            grown = process.memory_info().rss - before
+            for ws in [first, *sockets]:
+                await ws.close()
+            return grown / count
+
+    try:
+        per_connection = run(hold, timeout=120)
+    finally:
+        router.stop()
+    print(f"\nrouter memory per idle upgraded connection: {per_connection / 1024:.1f} KiB")
+    assert per_connection < 64 * 1024
+    eventually(lambda: pod.ended == count + 1)
+
+
+def test_upgrade_without_connection_upgrade_is_an_ordinary_request(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    pod = start_raw_pods(answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"))[0]
+    client = start_router(static_config([pod]))
+    with socket.create_connection(("127.0.0.1", client.base_url.port or 0), timeout=10) as sock:
+        for _ in range(2):  # the same connection goes on: it is not handed over
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nUpgrade: foo\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"ok"):
+                piece = sock.recv(4096)
+                assert piece, answer
+                answer += piece
+            assert answer.startswith(b"HTTP/1.1 200 ")
+    assert [request.header(b"upgrade") for request in pod.requests] == [None, None]
+
+
+@pytest.mark.parametrize(("peer", "forwarded", "expected"), [
+    ("10.0.0.9", ["1.1.1.1"], "10.0.0.9"),  # an untrusted peer: its own address
+    ("127.0.0.1", [], "127.0.0.1"),  # trusted, but no header
+    ("127.0.0.1", ["1.1.1.1, 2.2.2.2"], "2.2.2.2"),  # the right-most hop
+    ("127.0.0.1", ["1.1.1.1", "2.2.2.2, 192.0.2.1"], "2.2.2.2"),  # trusted hops skipped
+    ("127.0.0.1", ["192.0.2.1, ::ffff:192.0.2.2"], "192.0.2.1"),  # all trusted: the first
+    ("127.0.0.1", ["1.1.1.1, unknown"], "unknown"),  # not an address: nobody vouches for it
+])
+def test_the_client_address_is_the_right_most_untrusted_hop(
+    peer: str, forwarded: list[str], expected: str
+) -> None:
+    trusted = (ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("192.0.2.0/24"))
+    headers = [(b"x-forwarded-for", value.encode()) for value in forwarded]
+    assert client_address(peer, headers, trusted) == expected
+    assert client_address(peer, headers, ()) == peer  # no trusted proxy: never read
