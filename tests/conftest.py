@@ -127,6 +127,15 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+@pytest.fixture
+def metrics() -> Iterator[Metrics]:
+    """Metrics served on a free loopback port, for a router made with `metrics=`."""
+    served = Metrics(proxy_timeout=30)
+    served.serve(bind("127.0.0.1"))
+    yield served
+    served.close()
+
+
 def static_config(pods: list[Pod] | list[RawPod], **options: Any) -> Config:
     """A router config over `pods` as a static pool; no metrics port unless asked for."""
     options.setdefault("metrics_port", 0)

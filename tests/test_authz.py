@@ -10,7 +10,6 @@ import hmac
 import json
 import socket
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,6 @@ from router.kube import fnv1a_32
 from router.logs import access_line
 from router.metrics import Metrics
 from router.observe import Exchange, NullObserver, Observer, Route
-from router.server import bind
 from tests.conftest import StartPods, StartRouter, eventually, scrape, static_config, value
 from tests.fake_kube import FakeKube
 from tests.process import RouterProcess, run_router
@@ -83,14 +81,6 @@ def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "tokens"
     path.write_text("# the router's clients\n\nalpha-token\n  beta-token  \n")
     return path
-
-
-@pytest.fixture
-def served_metrics() -> Iterator[Metrics]:
-    metrics = Metrics(proxy_timeout=30)
-    metrics.serve(bind("127.0.0.1"))
-    yield metrics
-    metrics.close()
 
 
 # -- allow-all --
@@ -182,15 +172,15 @@ def test_the_decision_comes_before_the_body_is_read(
 
 def test_probes_and_metrics_need_no_credential(
     start_pods: StartPods, start_router: StartRouter, token_file: Path,
-    served_metrics: Metrics,
+    metrics: Metrics,
 ) -> None:
     pods = start_pods(1)
     client = start_router(static_config(pods, authz_mode="bearer",
                                         authz_bearer_token_file=str(token_file)),
-                          metrics=served_metrics)
+                          metrics=metrics)
     for probe in ("/healthz", "/ready", "/readyz"):
         assert client.get(probe).status_code == 200
-    assert scrape(served_metrics.port)  # /metrics answered without a credential
+    assert scrape(metrics.port)  # /metrics answered without a credential
     assert_unauthenticated(client.get("/ready-ish"), "Missing or invalid Authorization header.")
 
 
@@ -232,18 +222,18 @@ def test_an_unreadable_token_file_keeps_the_last_tokens(
 
 def test_decisions_are_counted_and_logged_without_the_token(
     start_pods: StartPods, start_router: StartRouter, token_file: Path,
-    served_metrics: Metrics,
+    metrics: Metrics,
 ) -> None:
     pods = start_pods(1)
     recorder = Recorder()
     client = start_router(static_config(pods, authz_mode="bearer",
                                         authz_bearer_token_file=str(token_file)),
-                          observer=recorder, metrics=served_metrics)
+                          observer=recorder, metrics=metrics)
     client.get("/", headers=bearer("alpha-token"))
     client.get("/", headers=bearer("not-a-token"))
     client.get("/")
 
-    samples = scrape(served_metrics.port)
+    samples = scrape(metrics.port)
     assert value(samples, "warmpool_router_authz_decisions_total", decision="allow") == 1
     assert value(samples, "warmpool_router_authz_decisions_total", decision="deny") == 2
     lines = [access_line(exchange, time.time()) for exchange in recorder.exchanges]

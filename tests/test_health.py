@@ -19,7 +19,6 @@ from router.logs import AccessLog
 from router.metrics import Metrics
 from router.observe import Cause, NullObserver
 from router.pods import Pod
-from router.server import bind
 from tests.clock import ManualClock
 from tests.conftest import StartPods, StartRouter, scrape, static_config, value
 from tests.raw_pod import ResettingPod
@@ -30,14 +29,6 @@ def resetting() -> Iterator[ResettingPod]:
     pod = ResettingPod("pod-r", "127.0.0.9")
     yield pod
     pod.stop()
-
-
-@pytest.fixture
-def metrics() -> Iterator[Metrics]:
-    served = Metrics(proxy_timeout=30)
-    served.serve(bind("127.0.0.1"))
-    yield served
-    served.close()
 
 
 def statuses(client: httpx.Client, count: int) -> list[int]:

@@ -3,22 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
-
-import pytest
 
 from router.config import StaticPod
 from router.metrics import Metrics, duration_buckets
-from router.server import bind
 from tests.conftest import StartPods, StartRouter, scrape, static_config, value
-
-
-@pytest.fixture
-def metrics() -> Iterator[Metrics]:
-    served = Metrics(proxy_timeout=30)
-    served.serve(bind("127.0.0.1"))
-    yield served
-    served.close()
 
 
 def test_duration_buckets_end_at_the_proxy_timeout() -> None:

@@ -8,7 +8,6 @@ import asyncio
 import signal
 import socket
 import threading
-from collections.abc import Iterator
 
 import httpx
 import psutil
@@ -42,14 +41,6 @@ class Source(StaticPodSource):
 
     async def start(self) -> None:
         self.loop = asyncio.get_running_loop()
-
-
-@pytest.fixture
-def metrics() -> Iterator[Metrics]:
-    served = Metrics(proxy_timeout=30)
-    served.serve(bind("127.0.0.1"))
-    yield served
-    served.close()
 
 
 def admin(metrics: Metrics, path: str, timeout: float = 5.0) -> httpx.Response:

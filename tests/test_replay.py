@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import select
 import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import pytest
@@ -16,7 +16,6 @@ import uvloop
 from router.connection import Connection
 from router.errors import ConnectFailed, UpstreamFailed
 from router.metrics import Metrics
-from router.server import bind
 from router.upstream import Client, Timeout
 from tests.conftest import StartRawPods, StartRouter, scrape, static_config, value
 from tests.rawpod import BUSY, OK, WAIT, PodConnection, RawPod, answering
@@ -182,14 +181,6 @@ def test_a_pooled_connection_lost_after_the_write_is_final(
     run_on(loop_name, main())
     assert [(r.body, r.connection) for r in pod.requests] == [(b"x", 1), (b"y", 1)]
     assert pod.connections == 1
-
-
-@pytest.fixture
-def metrics() -> Iterator[Metrics]:
-    served = Metrics(proxy_timeout=30)
-    served.serve(bind("127.0.0.1"))
-    yield served
-    served.close()
 
 
 def resets_on(path: bytes) -> Callable[[PodConnection], None]:
