@@ -137,8 +137,9 @@ def _within(ip: Address, networks: Iterable[Network]) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class _Known:
-    """What one pod snapshot vouches for: the canonical addresses of its pods, and the
-    hosts (address or name) the operator chose, which are always allowed."""
+    """What one pod snapshot vouches for: the canonical addresses of its pods (the pool and
+    the sandbox index), and the hosts (address or name) the operator chose, which are
+    always allowed."""
 
     snapshot: Snapshot | None
     addresses: frozenset[str]
@@ -168,9 +169,13 @@ class TargetPolicy:
         self._known = _Known(None, frozenset(), frozenset())
 
     def admits_hint(self, address: str) -> bool:
-        """A valid, unrefused `X-Sandbox-Pod-IP` is used only when it is a pod the router
-        knows or lies inside `--pod-cidr`; anything else is ignored, never a way out."""
-        return address in self._current().addresses or self._in_cidr(ipaddress.ip_address(address))
+        """Whether a valid, unrefused `X-Sandbox-Pod-IP` may be used for a sandbox the router
+        does not know (a known one always goes to its indexed pod): only inside
+        `--pod-cidr`, and never the address of a sandbox the router knows, which belongs to
+        that sandbox now (the hint may be stale: the API gave the IP to another sandbox).
+        Anything else is ignored, never a way out."""
+        return (address not in self._current().addresses
+                and self._in_cidr(ipaddress.ip_address(address)))
 
     def permits(self, host: str, address: str) -> bool:
         """Whether to connect to `address`, the IP literal `host` is or resolved to."""
@@ -195,7 +200,7 @@ class TargetPolicy:
         snapshot is immutable; a new list is a new object)."""
         snapshot = self._source.snapshot()
         if snapshot is not self._known.snapshot:
-            pods = snapshot.pods if snapshot is not None else ()
+            pods = tuple(snapshot.by_name.values()) if snapshot is not None else ()
             addresses = frozenset(
                 str(canonical(ip)) for ip in _addresses(pod.ip for pod in pods)
             )

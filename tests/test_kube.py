@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from router.config import DEFAULT_SELECTOR, Config
-from router.kube import Schedule, fnv1a_32
+from router.kube import SANDBOX_LABEL, Schedule, fnv1a_32
 from router.metrics import Metrics
 from router.observe import NullObserver, Refresh
 from tests.conftest import StartPods, StartRouter, eventually
@@ -152,14 +152,20 @@ def test_traffic_does_not_add_api_calls(
     kube.add_pods(pods)
     client = kube_router(pods, cache_ttl=2.0)
     started = time.monotonic()
-    watches_before = kube.count("watch")
+    watches_before = {s: kube.count("watch", s) for s in (DEFAULT_SELECTOR, SANDBOX_LABEL)}
 
     assert sum(served_by(client, 1500).values()) == 1500
+    for _ in range(100):  # pinned requests read the index, never the API
+        assert client.get("/", headers={"X-Sandbox-ID": "pod-1"}).status_code == 200
 
     elapsed = time.monotonic() - started
-    # The schedule: one list, then one watch per 2 s window (plus the one open at each end).
-    assert kube.count("list") == 1
-    assert kube.count("watch") - watches_before <= elapsed / 2 + 2
+    # The schedule, for the pool and for the index: one list, then one watch per 2 s
+    # window (plus the one open at each end).
+    for selector, before in watches_before.items():
+        assert kube.count("list", selector) == 1
+        assert kube.count("watch", selector) - before <= elapsed / 2 + 2
+    assert len(kube.calls) == sum(kube.count(verb, s) for verb in ("list", "watch")
+                                  for s in watches_before)
 
 
 def test_an_outage_keeps_the_router_ready_over_its_last_good_list(
@@ -186,7 +192,7 @@ def test_an_outage_keeps_the_router_ready_over_its_last_good_list(
     assert body["stale_seconds"] >= 0
     kube.wait_for(lambda: kube.count("list") >= 3)  # failed again, and again
     age = metrics.registry.get_sample_value("warmpool_router_pod_list_age_seconds")
-    assert age is not None and age >= body["stale_seconds"]
+    assert age is not None and age >= body["stale_seconds"] - 0.05  # /ready rounds to 0.1 s
     assert ready(client)
     assert served_by(client, 10) == {"pod-0": 5, "pod-1": 5}
     stale_lines = [r for r in caplog.records if "pod list is stale" in r.getMessage()]
@@ -352,10 +358,11 @@ def test_a_hanging_api_never_holds_up_requests(
     client = kube_router(pods)
 
     with kube.hang():
-        kube.wait_for(lambda: kube.hanging == 1)
+        kube.wait_for(lambda: kube.hanging == 2)  # the pool's call and the index's
         assert served_by(client, 200) == {"pod-0": 100, "pod-1": 100}
+        assert client.get("/", headers={"X-Sandbox-ID": "pod-1"}).status_code == 200
         assert ready(client)
-        assert kube.hanging == 1  # the API call was pending the whole time
+        assert kube.hanging == 2  # both API calls were pending the whole time
     eventually(lambda: kube.hanging == 0)
 
 
@@ -421,7 +428,7 @@ def test_refreshes_pods_and_age_are_reported_as_metrics(
     sample = metrics.registry.get_sample_value
     with kube.hang():
         client = kube_router(pods, metrics=metrics, wait=False)
-        kube.wait_for(lambda: kube.hanging == 1)
+        kube.wait_for(lambda: kube.hanging == 2)  # the pool's list and the index's
         assert sample("warmpool_router_pod_list_age_seconds") == math.inf  # never synced
         assert sample("warmpool_router_pool_pods") == 0
     eventually(lambda: ready(client))
@@ -448,4 +455,5 @@ def test_the_command_finds_the_api_through_kubeconfig(
             assert served_by(client, 4) == {"pod-0": 2, "pod-1": 2}
     finally:
         assert router.stop() == 0
-    assert kube.calls[0].query["labelSelector"] == DEFAULT_SELECTOR
+    assert {call.query["labelSelector"] for call in kube.calls} == {DEFAULT_SELECTOR,
+                                                                   SANDBOX_LABEL}
