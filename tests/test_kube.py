@@ -4,26 +4,24 @@ through the official client, and routes to pods that are real servers on 127.0.0
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from router.config import DEFAULT_SELECTOR, Config
+from router.config import DEFAULT_SELECTOR
 from router.kube import SANDBOX_LABEL, Schedule, fnv1a_32
 from router.metrics import Metrics
 from router.observe import NullObserver, Refresh
-from tests.conftest import StartPods, StartRouter, eventually
+from tests.conftest import StartPods, eventually
 from tests.fake_kube import FakeKube
+from tests.kube_router import pool_names, ready, served_by
 from tests.process import RouterProcess, run_router
-from tests.sandbox import Pod
 
 
 class RefreshLog(NullObserver):
@@ -32,44 +30,6 @@ class RefreshLog(NullObserver):
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         self.refreshes[outcome] += 1
-
-
-@pytest.fixture
-def kube_router(kube: FakeKube, tmp_path: Path, start_router: StartRouter) -> Callable[..., Any]:
-    """`kube_router(pods, **options)` starts a router whose pods come from the fake API,
-    and waits until it is ready (unless `wait=False`)."""
-
-    def start(pods: list[Pod], observer: Any = None, metrics: Metrics | None = None,
-              wait: bool = True, **options: Any) -> httpx.Client:
-        options.setdefault("cache_ttl", 1.0)
-        # The fake API lists pods on 127.0.0.x: listed pods go through the address policy.
-        options.setdefault("allow_loopback_pod_ip", True)
-        config = dataclasses.replace(
-            Config(port=0, metrics_port=0, log_level="warning"),
-            kubeconfig=str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
-            pod_port=pods[0].port,
-            **options,
-        )
-        client = start_router(config, observer=observer, names={}, metrics=metrics)
-        if wait:
-            eventually(lambda: ready(client))
-        return client
-
-    return start
-
-
-def ready(client: httpx.Client) -> bool:
-    return client.get("/ready").status_code == 200
-
-
-def served_by(client: httpx.Client, count: int) -> collections.Counter[str]:
-    answers = (client.get("/") for _ in range(count))
-    return collections.Counter(a.headers["x-sandbox-id"] for a in answers if a.status_code == 200)
-
-
-def pool_names(client: httpx.Client) -> set[str]:
-    snapshot = client.app.source.snapshot()  # type: ignore[attr-defined]
-    return {pod.name for pod in snapshot.pods} if snapshot else set()
 
 
 def test_fnv1a_matches_the_controller_hash() -> None:
