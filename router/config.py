@@ -458,6 +458,9 @@ def validate(config: Config) -> Config:
         raise ConfigError("--pods and --demo cannot be used together")
     if config.warm_pool and config.selector != DEFAULT_SELECTOR:
         raise ConfigError("--warm-pool and --selector cannot be used together")
+    if config.all_namespaces and config.static:
+        raise ConfigError("--all-namespaces indexes the Kubernetes API's sandboxes: not with "
+                          "--pods or --demo")
     if config.metrics_port and config.metrics_port == config.port:
         raise ConfigError("--metrics-port must differ from --port")
     _validate_authz(config)

@@ -17,6 +17,7 @@ from tests.conftest import StartPods, eventually
 from tests.fake_kube import POOL_LABELS, FakeKube, sandbox_labels
 from tests.index_memory import measure
 from tests.kube_router import pool_names, served_by
+from tests.process import run_router
 
 
 def pinned(client: httpx.Client, name: str, namespace: str = "default",
@@ -101,6 +102,13 @@ def test_another_namespace_is_reached_only_with_all_namespaces(
     index_calls = {(c.namespace, c.query.get("labelSelector")) for c in kube.calls}
     assert ("", SANDBOX_LABEL) in index_calls  # /api/v1/pods
     assert ("", DEFAULT_SELECTOR) not in index_calls
+
+
+def test_all_namespaces_needs_the_kubernetes_api() -> None:
+    result = run_router(["--pods", "a=10.0.0.1:1", "--all-namespaces"])
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("not with --pods or --demo")
+    assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_a_set_based_pool_selector_is_the_api_servers_to_evaluate(
