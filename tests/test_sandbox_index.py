@@ -46,7 +46,9 @@ def test_a_claimed_pod_leaves_the_rotation_and_is_still_reached_by_name(
 
     kube.delete_pod("pod-1")  # the sandbox is gone: no index entry, no DNS name
     eventually(lambda: pinned(client, "pod-1").status_code == 502)
-    assert pods[1].app.hits == 3
+    hits = pods[1].app.hits  # the polls before the deletion arrived reached it
+    assert pinned(client, "pod-1").status_code == 502
+    assert pods[1].app.hits == hits
 
 
 def test_a_sandbox_never_in_a_pool_is_reached_by_name(
