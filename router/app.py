@@ -50,7 +50,7 @@ def build_source(config: Config, observer: Observer) -> PodSource:
         return StaticPodSource(
             Pod(p.name, config.namespace, p.host, p.port) for p in config.pods
         )
-    from router.kube import KubernetesPodSource
+    from router.sandboxes import KubernetesPodSource
 
     return KubernetesPodSource(config, observer)
 

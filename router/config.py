@@ -52,6 +52,7 @@ class Config:
     pods: tuple[StaticPod, ...] = ()
     demo: int = 0
     namespace: str = "default"
+    all_namespaces: bool = False
     selector: str = DEFAULT_SELECTOR
     warm_pool: str | None = None
     pod_port: int = 8888
@@ -273,7 +274,10 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("demo", _whole(1), "start N demo sandbox servers on loopback and route to them",
             metavar="N"),
     _Option("namespace", dns_label,
-            "namespace of the warm-pool pods (default: own namespace in a pod, else default)"),
+            "namespace of the warm-pool pods (and of the sandboxes pinned requests find)"),
+    _Option("all_namespaces", _boolean,
+            "pinned requests find sandboxes of every namespace (the pool stays in "
+            "--namespace; needs the all-namespaces ClusterRole)", flag=True),
     _Option("selector", _non_empty, "label selector of the warm-pool pods"),
     _Option("warm_pool", _non_empty,
             "select one SandboxWarmPool by name (FNV-1a hash label, as the controller stamps)",
@@ -350,11 +354,42 @@ OPTIONS: tuple[_Option, ...] = (
 )
 
 
-def _default_namespace() -> str:
+def _default_namespace(kubeconfig: str | None) -> str:
+    """The namespace of the cluster the router talks to: with a kubeconfig, its current
+    context's (as kubectl does); else the pod's own; else `default`. Read before the event
+    loop starts (files only, no API call)."""
+    if kubeconfig:
+        namespace = _context_namespace(kubeconfig)
+        if namespace:
+            return namespace
     try:
         return SERVICE_ACCOUNT_NAMESPACE.read_text().strip() or "default"
     except OSError:
         return "default"
+
+
+def _context_namespace(kubeconfig: str) -> str | None:
+    """The current context's namespace in a kubeconfig (a `KUBECONFIG` list of files is
+    merged as kubectl merges it: the first file to set a value wins). A file that cannot
+    be read is skipped here: loading the client reports it, with the option named."""
+    import yaml
+
+    current: str | None = None
+    contexts: dict[str, Any] = {}
+    for path in filter(None, kubeconfig.split(os.pathsep)):
+        try:
+            with open(path, encoding="utf-8") as file:
+                document = yaml.safe_load(file)
+        except (OSError, ValueError, yaml.YAMLError):  # ValueError: not UTF-8
+            continue
+        if not isinstance(document, dict):
+            continue
+        current = current or document.get("current-context")
+        for entry in document.get("contexts") or ():
+            if isinstance(entry, dict) and isinstance(entry.get("context"), dict):
+                contexts.setdefault(str(entry.get("name")), entry["context"])
+    namespace = (contexts.get(current) or {}).get("namespace") if current else None
+    return namespace if isinstance(namespace, str) and _DNS_LABEL.match(namespace) else None
 
 
 class _Parser(argparse.ArgumentParser):
@@ -380,7 +415,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "authz_scoped_token_secret_file"}:
             shown = "unset"
         elif option.field == "namespace":
-            shown = "own namespace, else default"
+            shown = "the kubeconfig context's, else own namespace, else default"
         elif option.field in {"pod_cidr", "authz_tokenreview_audiences", "trusted_proxy_cidrs"}:
             shown = "none"
         help_text = f"{option.help} [default: {shown}; env: {envs}]"
@@ -422,7 +457,9 @@ def load(argv: Sequence[str] | None = None, env: Mapping[str, str] | None = None
             except ConfigError as exc:
                 parser.error(f"{name} (for {option.cli}): {exc}")
             break
-    values.setdefault("namespace", _default_namespace())
+    if "namespace" not in values:
+        kubeconfig = None if values.get("pods") or values.get("demo") else values.get("kubeconfig")
+        values["namespace"] = _default_namespace(kubeconfig)
     try:
         return validate(Config(**values))
     except ConfigError as exc:
@@ -435,6 +472,9 @@ def validate(config: Config) -> Config:
         raise ConfigError("--pods and --demo cannot be used together")
     if config.warm_pool and config.selector != DEFAULT_SELECTOR:
         raise ConfigError("--warm-pool and --selector cannot be used together")
+    if config.all_namespaces and config.static:
+        raise ConfigError("--all-namespaces indexes the Kubernetes API's sandboxes: not with "
+                          "--pods or --demo")
     if config.metrics_port and config.metrics_port == config.port:
         raise ConfigError("--metrics-port must differ from --port")
     _validate_authz(config)

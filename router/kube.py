@@ -1,11 +1,13 @@
-"""The Kubernetes pod source: one background thread lists the warm-pool pods, then watches
-them, and publishes an immutable `Snapshot` after every change.
+"""Kubernetes pods kept by list + watch: `PodWatch` holds the usable pods of one query (a
+namespace or all of them, a label selector) on a background thread of its own, and the
+API client configuration they share. `router/sandboxes.py` builds the pool and the sandbox
+index from two of them.
 
-The request path only reads `snapshot()`: no request waits on the API, and the API load is
-one list plus one watch per `--cache-ttl` window whatever the traffic. The official client
-is synchronous, so it never runs on the event loop; it gets its own thread rather than a
-slot of the default executor. One thread making one call at a time means at most one API
-call in flight per process.
+The request path only reads what a watch published: no request waits on the API, and the
+API load is one list plus one watch per `--cache-ttl` window whatever the traffic. The
+official client is synchronous, so it never runs on the event loop; each watch gets its
+own thread rather than a slot of the default executor, so at most one API call per watch
+is in flight per process.
 
 Freshness: the watch is opened with a server-side timeout of `--cache-ttl` (whole seconds,
 at least 1), so while the API answers, the list is re-confirmed at least that often (at
@@ -14,21 +16,20 @@ than that window means a half-open connection cannot park the thread. A full re-
 every `relist_every` as insurance against a missed event, and at once after a 410 Gone.
 Errors are logged, counted and retried with jittered backoff capped at `--cache-ttl`.
 
-Static stability: once a list has succeeded, an API outage never empties the pool nor fails
+Static stability: once a list has succeeded, an API outage never empties it nor fails
 `/ready` (unless `--max-stale` asks for that): the last good list keeps being served, marked
-stale (`last_error`), with a warning line a minute, since a control-plane outage must not
+stale (`error`), with a warning line a minute, since a control-plane outage must not
 become a data-plane one (kube-proxy and Envoy's EDS do the same).
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import random
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,9 +40,16 @@ from kubernetes.watch.watch import iter_resp_lines
 
 from router.config import DEFAULT_SELECTOR, Config, ConfigError
 from router.observe import Observer
-from router.pods import Pod, Snapshot
+from router.pods import Pod
 
 log = logging.getLogger("router.kube")
+
+SANDBOX_LABEL = "agents.x-k8s.io/sandbox-name-hash"
+"""The label the agent-sandbox controller stamps on every sandbox's pod (the FNV-1a hash of
+the sandbox name), claimed or not, pooled or not: the sandbox index selects on it."""
+
+POOL = "pod list"
+INDEX = "sandbox index"
 
 WATCH_READ_SLACK = 5.0
 """Seconds a watch may stay silent past its server timeout before it is taken for dead."""
@@ -167,68 +175,55 @@ def check_kubeconfig(path: str) -> None:
         raise ValueError(f"not a kubeconfig: a YAML mapping is expected, the file holds {kind}")
 
 
-class KubernetesPodSource:
-    """Warm-pool pods of `--namespace` matching the selector, kept by list + watch."""
+@dataclass(frozen=True)
+class Query:
+    """What one watch keeps: the pods of `namespace` (None: of every namespace) that match
+    `selector`, named `what` in log lines ("pod list", "sandbox index")."""
 
-    def __init__(self, config: Config, observer: Observer) -> None:
+    what: str
+    namespace: str | None
+    selector: str
+
+
+class PodWatch:
+    """The usable pods of one `Query`, kept by list + watch on a thread of its own.
+
+    Only the `Pod` values are kept, never the API objects: a pod the router cannot use is
+    dropped, so memory follows the ready pods, a few hundred bytes each. After each change
+    the new `pods` tuple is published and `on_change` called (from the thread); `pods` is
+    None until the first list."""
+
+    def __init__(self, api: k8s.CoreV1Api, query: Query, config: Config, observer: Observer,
+                 on_change: Callable[[], None], stopping: threading.Event) -> None:
+        self.query = query
+        self.pods: tuple[Pod, ...] | None = None
+        self.confirmed_at = 0.0
+        self.error: str | None = None
+        self._api = api
         self._config = config
         self._observer = observer
-        self._selector = label_selector(config)
+        self._on_change = on_change
+        self._stopping = stopping
         self._schedule = Schedule.of(config.cache_ttl)
-        self._snapshot: Snapshot | None = None
-        self._confirmed_at = 0.0
-        self._error: str | None = None
         self._warned_at: float | None = None  # the last warning of the current outage
-        self._objects: dict[str, Object] = {}
-        self._stopping = threading.Event()
+        self._kept: dict[str, Pod] = {}
+        self._changed = False
         self._thread: threading.Thread | None = None
-        self._api: k8s.CoreV1Api | None = None
         self._response: Any = None
 
-    # The request path: reads only.
-
-    def snapshot(self) -> Snapshot | None:
-        return self._snapshot
-
-    def age(self) -> float | None:
-        """Seconds since the API last confirmed the list; None before the first sync."""
-        return None if self._snapshot is None else time.monotonic() - self._confirmed_at
-
-    def last_error(self) -> str | None:
-        """Why the API last failed, while that failure is not yet made good; None while the
-        list is fresh."""
-        return self._error
-
-    def not_ready_reason(self) -> str | None:
-        age = self.age()
-        if age is None:
-            detail = f": {self._error}" if self._error else ""
-            return f"pod list not synced yet{detail}"
-        if self._config.max_stale and age > self._config.max_stale:
-            return f"pod list is stale ({age:.0f} s since the last sync): {self._error}"
-        return None
-
-    # Lifecycle, from the app's lifespan.
-
-    async def start(self) -> None:
-        """Loads the client configuration (fails start-up if there is none) and starts the
-        thread; does not wait for the first list: `/ready` reports it."""
-        api_client = await asyncio.to_thread(connect, self._config)
-        self._api = k8s.CoreV1Api(api_client)
-        self._thread = threading.Thread(target=self._run, name="pod-watch", daemon=True)
+    def start(self, name: str) -> None:
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
-    async def stop(self) -> None:
-        self._stopping.set()
+    def interrupt(self) -> None:
+        """Unblocks a read in progress on the watch thread (`stopping` is set first)."""
         response = self._response
         if response is not None:
-            response.shutdown()  # unblocks a read in progress on the watch thread
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, self._schedule.watch_window + 1)
-        if self._api is not None:  # closing its pools may block: off the loop
-            await asyncio.to_thread(self._api.api_client.close)
+            response.shutdown()
 
-    # The thread.
+    def join(self) -> None:
+        if self._thread is not None:
+            self._thread.join(self._schedule.watch_window + 1)
 
     def _run(self) -> None:
         delay = self._schedule.backoff_first
@@ -240,7 +235,7 @@ class KubernetesPodSource:
                 while not self._stopping.is_set() and time.monotonic() < relist_at:
                     version = self._watch(version)
             except Expired:
-                log.info("pod watch expired (410 Gone); re-listing")
+                log.info("%s watch expired (410 Gone); re-listing", self.query.what)
             except Exception as exc:
                 if self._stopping.is_set():
                     return
@@ -248,37 +243,45 @@ class KubernetesPodSource:
                 self._stopping.wait(random.uniform(delay / 2, delay))
                 delay = min(delay * 2, self._schedule.backoff_cap)
 
+    def _call(self, **options: Any) -> Any:
+        """One list or watch call: namespaced, or across every namespace."""
+        if self.query.namespace is None:
+            return self._api.list_pod_for_all_namespaces(
+                label_selector=self.query.selector, _preload_content=False, **options)
+        return self._api.list_namespaced_pod(
+            self.query.namespace, label_selector=self.query.selector, _preload_content=False,
+            **options)
+
     def _list(self) -> str:
-        assert self._api is not None
-        response: Any = self._api.list_namespaced_pod(
-            self._config.namespace,
-            label_selector=self._selector,
-            _preload_content=False,
-            _request_timeout=(self._config.connect_timeout, LIST_READ_TIMEOUT),
-        )
+        response = self._call(_request_timeout=(self._config.connect_timeout, LIST_READ_TIMEOUT))
         body = _json(response.data)
         items, version = body.get("items"), (body.get("metadata") or {}).get("resourceVersion")
         if not isinstance(items, list) or not version:
             raise ValueError("pod list answer has no items or no resourceVersion")
-        self._objects = {
-            _key(item): item for item in items if isinstance(item, dict) and _key(item)
-        }
+        self.replace(items)
         self._confirm()
         return str(version)
 
+    def replace(self, items: list[Any]) -> None:
+        """Keeps the usable pods of a whole list answer, in place of the previous ones."""
+        kept = {}
+        for item in items:
+            if isinstance(item, dict) and (key := _key(item)):
+                pod = candidate(item, self._config.pod_port)
+                if pod is not None:
+                    kept[key] = pod
+        self._changed = self._changed or kept != self._kept
+        self._kept = kept
+
     def _watch(self, version: str) -> str:
         """One watch from `version` until the server ends it; returns the last version."""
-        assert self._api is not None
         window = self._schedule.watch_window
         try:
-            self._response = self._api.list_namespaced_pod(
-                self._config.namespace,
-                label_selector=self._selector,
+            self._response = self._call(
                 watch=True,
                 allow_watch_bookmarks=True,
                 resource_version=version,
                 timeout_seconds=window,
-                _preload_content=False,
                 _request_timeout=(self._config.connect_timeout, window + WATCH_READ_SLACK),
             )
         except k8s.ApiException as exc:
@@ -305,10 +308,13 @@ class KubernetesPodSource:
                 raise Expired()
             raise ValueError(f"watch error {obj.get('code')}: {obj.get('message')}")
         key = _key(obj)
-        if kind in ("ADDED", "MODIFIED") and key:
-            self._objects[key] = obj
-        elif kind == "DELETED" and key:
-            self._objects.pop(key, None)
+        if kind in ("ADDED", "MODIFIED", "DELETED") and key:
+            pod = candidate(obj, self._config.pod_port) if kind != "DELETED" else None
+            if pod is None:
+                self._changed = self._kept.pop(key, None) is not None or self._changed
+            elif self._kept.get(key) != pod:
+                self._kept[key] = pod
+                self._changed = True
         elif kind != "BOOKMARK":
             raise ValueError(f"unexpected watch event {kind!r}")
         self._confirm(report=False)
@@ -316,37 +322,36 @@ class KubernetesPodSource:
         return str(version) if version else None
 
     def _confirm(self, report: bool = True) -> None:
-        """The API just vouched for `self._objects`: publish them if the pods changed."""
-        pods = Snapshot.of(
-            pod for obj in self._objects.values()
-            if (pod := candidate(obj, self._config.pod_port)) is not None
-        )
-        self._confirmed_at = time.monotonic()  # first: a reader seeing the snapshot sees it fresh
-        previous = self._snapshot
-        if previous is None or previous.pods != pods.pods:
-            self._snapshot = pods
-            _log_change(previous, pods)
-        if self._error is not None and previous is not None:
-            log.info("the Kubernetes API answers again: pod list confirmed (%d pods)",
-                     len(pods.pods))
-        self._error = None
+        """The API just vouched for the kept pods: publish them if they changed."""
+        self.confirmed_at = time.monotonic()  # first: a reader seeing the pods sees them fresh
+        previous = pods = self.pods
+        if pods is None or self._changed:
+            self.pods = pods = tuple(self._kept.values())
+            self._changed = False
+            _log_change(self.query.what, previous, pods)
+            self._on_change()
+        if self.error is not None and previous is not None:
+            log.info("the Kubernetes API answers again: %s confirmed (%d pods)",
+                     self.query.what, len(pods))
+        self.error = None
         self._warned_at = None
         if report:
             self._observer.pod_list_refreshed("ok")
 
     def _failed(self, exc: Exception) -> None:
-        self._error = _describe(exc)
+        self.error = _describe(exc)
         self._observer.pod_list_refreshed("error")
         now = time.monotonic()
         if self._warned_at is not None and now - self._warned_at < WARN_EVERY:
             return
         self._warned_at = now
-        if self._snapshot is None:
-            log.warning("pod list refresh failed: %s", self._error)
+        what = self.query.what
+        if self.pods is None:
+            log.warning("%s refresh failed: %s", what, self.error)
         else:
-            log.warning("pod list is stale (%.0f s since the API last confirmed it): still "
-                        "routing over its %d pods; %s", now - self._confirmed_at,
-                        len(self._snapshot.pods), self._error)
+            log.warning("%s is stale (%.0f s since the API last confirmed it): still "
+                        "routing over its %d pods; %s", what, now - self.confirmed_at,
+                        len(self.pods), self.error)
 
 
 def _events(response: Any) -> Iterator[Object]:
@@ -377,10 +382,17 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _log_change(previous: Snapshot | None, current: Snapshot) -> None:
-    before = {pod.name for pod in previous.pods} if previous else set()
-    after = {pod.name for pod in current.pods}
+def _log_change(what: str, previous: tuple[Pod, ...] | None, current: tuple[Pod, ...]) -> None:
+    """The pool's changes name the pods (a handful); the index's are counted, at debug level
+    (it may hold thousands of sandboxes of every namespace)."""
+    before = {(pod.namespace, pod.name) for pod in previous or ()}
+    after = {(pod.namespace, pod.name) for pod in current}
+    if what != POOL:
+        log.debug("%s changed: %d pods (%d added, %d removed)",
+                  what, len(after), len(after - before), len(before - after))
+        return
     log.info(
-        "pod list changed: %d pods (added %s, removed %s)",
-        len(after), sorted(after - before) or "none", sorted(before - after) or "none",
+        "pod list changed: %d pods (added %s, removed %s)", len(after),
+        sorted(name for _, name in after - before) or "none",
+        sorted(name for _, name in before - after) or "none",
     )

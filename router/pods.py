@@ -24,16 +24,20 @@ class Pod:
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """The pods one request routes over: sorted by name so round robin stays fair when the
-    list is rebuilt, with an index by (namespace, name) for pinned requests."""
+    """The pods one request routes over: the pool (`pods`), sorted by name so round robin
+    stays fair when the list is rebuilt, and the sandbox index (`by_name`) pinned requests
+    look up by (namespace, name): every pool pod, plus the `sandboxes` outside the pool
+    (claimed ones, ones created without a pool, other namespaces)."""
 
     pods: tuple[Pod, ...]
     by_name: Mapping[tuple[str, str], Pod]
 
     @classmethod
-    def of(cls, pods: Iterable[Pod]) -> Snapshot:
+    def of(cls, pods: Iterable[Pod], sandboxes: Iterable[Pod] = ()) -> Snapshot:
         ordered = tuple(sorted(pods, key=lambda pod: (pod.namespace, pod.name)))
-        return cls(pods=ordered, by_name={(pod.namespace, pod.name): pod for pod in ordered})
+        by_name = {(pod.namespace, pod.name): pod for pod in sandboxes}
+        by_name.update(((pod.namespace, pod.name), pod) for pod in ordered)
+        return cls(pods=ordered, by_name=by_name)
 
 
 class PodSource(Protocol):

@@ -227,14 +227,15 @@ class Proxy:
         upgrade: bool = False,
     ) -> Response:
         """The one sandbox the client named; its answer, 503 included, is final. Target: the
-        given pod IP if it is a known pod or inside --pod-cidr (else the hint is ignored),
-        else the cached pod of that name, else the cluster DNS name."""
+        indexed pod of that name (a hint cannot redirect a sandbox the router knows), else
+        the given pod IP if `admits_hint` (inside --pod-cidr, no other sandbox's address),
+        else the cluster DNS name."""
         snapshot = self._source.snapshot()
         pod = snapshot.by_name.get((pinned.namespace, pinned.sandbox_id)) if snapshot else None
-        if pinned.pod_ip and self._targets.admits_hint(pinned.pod_ip):
-            host = pinned.pod_ip
-        elif pod:
+        if pod:
             host = pod.ip
+        elif pinned.pod_ip and self._targets.admits_hint(pinned.pod_ip):
+            host = pinned.pod_ip
         else:
             host = f"{pinned.sandbox_id}.{pinned.namespace}.svc.{self._config.cluster_domain}"
         port = pinned.port or (pod.port if pod else self._config.pod_port)

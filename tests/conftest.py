@@ -6,6 +6,7 @@ import dataclasses
 import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,6 +22,7 @@ from router.server import ServerThread, bind, server_config
 from router.upstream import Resolver
 from tests.clock import ManualClock
 from tests.fake_kube import FakeKube
+from tests.kube_router import ready
 from tests.rawpod import Behaviour, RawPod
 from tests.sandbox import Pod
 
@@ -177,3 +179,27 @@ def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
     yield start
     for client in clients:
         client.close()
+
+
+@pytest.fixture
+def kube_router(kube: FakeKube, tmp_path: Path, start_router: StartRouter) -> Callable[..., Any]:
+    """`kube_router(pods, **options)` starts a router whose pods come from the fake API,
+    and waits until it is ready (unless `wait=False`)."""
+
+    def start(pods: list[Pod], observer: Any = None, metrics: Metrics | None = None,
+              wait: bool = True, **options: Any) -> httpx.Client:
+        options.setdefault("cache_ttl", 1.0)
+        # The fake API lists pods on 127.0.0.x: listed pods go through the address policy.
+        options.setdefault("allow_loopback_pod_ip", True)
+        config = dataclasses.replace(
+            Config(port=0, metrics_port=0, log_level="warning"),
+            kubeconfig=str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
+            pod_port=pods[0].port,
+            **options,
+        )
+        client = start_router(config, observer=observer, names={}, metrics=metrics)
+        if wait:
+            eventually(lambda: ready(client))
+        return client
+
+    return start

@@ -1,8 +1,9 @@
 """A fake Kubernetes API server for the pod source: a real HTTP/1.1 server on loopback that
 the official client reaches through a generated kubeconfig.
 
-It speaks the wire format the router relies on: `GET /api/v1/namespaces/NS/pods` as a
-PodList with a resourceVersion, label and field selectors; `?watch=true` as a chunked
+It speaks the wire format the router relies on: `GET /api/v1/namespaces/NS/pods` (and
+`/api/v1/pods`, every namespace) as a PodList with a resourceVersion, label selectors
+(equality, existence and set-based) and field selectors; `?watch=true` as a chunked
 stream of newline-delimited JSON events (ADDED, MODIFIED, DELETED, BOOKMARK, ERROR) from a
 resourceVersion, ended by the server after `timeoutSeconds`; an object leaving a watch's
 selector is sent as DELETED, as the real API server does. Tests drive it: add, change and
@@ -14,6 +15,7 @@ from `tokens` (a token and the audiences it was minted for), counted as "tokenre
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 import urllib.parse
@@ -24,6 +26,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+from router.kube import SANDBOX_LABEL, fnv1a_32
+
 TOKEN = "fake-token"
 POOL_LABELS = {"agents.x-k8s.io/warm-pool-sandbox": "p"}
 Obj = dict[str, Any]
@@ -32,8 +36,13 @@ Obj = dict[str, Any]
 @dataclass(frozen=True)
 class Call:
     verb: str  # "list", "watch" or "tokenreview"
-    namespace: str
+    namespace: str  # "" for every namespace
     query: Mapping[str, str]
+
+
+def sandbox_labels(name: str) -> dict[str, str]:
+    """The label the controller stamps on the pod of sandbox `name`, pooled or not."""
+    return {SANDBOX_LABEL: fnv1a_32(name)}
 
 
 @dataclass(frozen=True)
@@ -54,12 +63,13 @@ def pod_object(
     ready: bool = True,
     deleting: bool = False,
 ) -> Obj:
-    """A Pod as the API serves it, with the fields the router reads."""
+    """A Pod as the API serves it, with the fields the router reads; by default a warm
+    pool's sandbox pod (the pool label and the sandbox label)."""
     meta: Obj = {
         "name": name,
         "namespace": namespace,
         "uid": f"uid-{namespace}-{name}",
-        "labels": dict(POOL_LABELS if labels is None else labels),
+        "labels": {**POOL_LABELS, **sandbox_labels(name)} if labels is None else dict(labels),
     }
     if deleting:
         meta["deletionTimestamp"] = "2026-11-25T00:00:00Z"
@@ -79,21 +89,32 @@ def _lookup(obj: Obj, path: str) -> str:
     return str(value)
 
 
+_TERM = re.compile(
+    r"\s*(?P<absent>!)?\s*(?P<key>[^\s!=(),]+)\s*"
+    r"(?:(?P<op>==|=|!=)\s*(?P<value>[^\s,()]*)|(?P<set>in|notin)\s*\((?P<values>[^()]*)\))?"
+    r"\s*(?:,|$)")
+
+
 def _matches(selector: str, value_of: Any) -> bool:
-    """Equality-based selectors: `k`, `!k`, `k=v`, `k==v`, `k!=v`, comma-separated."""
-    for term in filter(None, (t.strip() for t in selector.split(","))):
-        if "!=" in term:
-            key, want = term.split("!=", 1)
-            if value_of(key) == want:
-                return False
-        elif "=" in term:
-            key, want = term.replace("==", "=").split("=", 1)
-            if value_of(key) != want:
-                return False
-        elif term.startswith("!"):
-            if value_of(term[1:]) is not None:
-                return False
-        elif value_of(term) is None:
+    """The API server's selector forms: `k`, `!k`, `k=v`, `k==v`, `k!=v`, `k in (a,b)`,
+    `k notin (a,b)`, comma-separated, all of them required."""
+    position = 0
+    while position < len(selector):
+        term = _TERM.match(selector, position)
+        if term is None or term.end() == position:
+            raise ValueError(f"bad selector {selector!r}")
+        position = term.end()
+        value = value_of(term["key"])
+        if term["absent"]:
+            ok = value is None
+        elif term["op"]:
+            ok = (value != term["value"]) if term["op"] == "!=" else value == term["value"]
+        elif term["set"]:
+            allowed = {v.strip() for v in term["values"].split(",")}
+            ok = value in allowed if term["set"] == "in" else value not in allowed
+        else:
+            ok = value is not None
+        if not ok:
             return False
     return True
 
@@ -186,9 +207,11 @@ class FakeKube:
         finally:
             self.released.set()
 
-    def count(self, verb: str) -> int:
+    def count(self, verb: str, selector: str | None = None) -> int:
+        """Calls of `verb` (with this label selector, if given)."""
         with self.changed:
-            return sum(1 for call in self.calls if call.verb == verb)
+            return sum(1 for call in self.calls if call.verb == verb and selector in (
+                None, call.query.get("labelSelector")))
 
     def wait_for(self, predicate: Any, timeout: float = 10.0) -> None:
         """Block until `predicate()` holds, re-checked whenever a call arrives."""
@@ -274,9 +297,10 @@ class FakeKube:
                 "metadata": {}, "spec": spec, "status": status}
 
     def list_pods(self, namespace: str, query: Mapping[str, str]) -> Obj:
+        """`namespace` "" lists every namespace."""
         with self.changed:
             items = [obj for (ns, _), obj in sorted(self.objects.items())
-                     if ns == namespace and selected(obj, query)]
+                     if namespace in ("", ns) and selected(obj, query)]
             return {"kind": "PodList", "apiVersion": "v1",
                     "metadata": {"resourceVersion": str(self.version)}, "items": items}
 
@@ -306,7 +330,7 @@ class FakeKube:
                     return
                 event = self.history[position]
                 position += 1
-            if event.object["metadata"].get("namespace", namespace) != namespace:
+            if namespace and event.object["metadata"].get("namespace", namespace) != namespace:
                 continue
             sent = _as_seen(event, query, bookmarks)
             if sent is not None:
@@ -341,9 +365,12 @@ class _Handler(BaseHTTPRequestHandler):
         parts = url.path.strip("/").split("/")
         if self.headers.get("Authorization") != f"Bearer {TOKEN}":
             return self._json(401, status(401, "Unauthorized", "Unauthorized"))
-        if len(parts) != 5 or parts[:3] != ["api", "v1", "namespaces"] or parts[4] != "pods":
+        if parts == ["api", "v1", "pods"]:
+            namespace = ""
+        elif len(parts) == 5 and parts[:3] == ["api", "v1", "namespaces"] and parts[4] == "pods":
+            namespace = parts[3]
+        else:
             return self._json(404, status(404, "NotFound", f"no route {url.path}"))
-        namespace = parts[3]
         watch = query.get("watch") in ("true", "1")
         kube = self.kube
         if not self._admit(Call("watch" if watch else "list", namespace, query)):

@@ -4,26 +4,24 @@ through the official client, and routes to pods that are real servers on 127.0.0
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import math
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-from router.config import DEFAULT_SELECTOR, Config
-from router.kube import Schedule, fnv1a_32
+from router.config import DEFAULT_SELECTOR
+from router.kube import SANDBOX_LABEL, Schedule, fnv1a_32
 from router.metrics import Metrics
 from router.observe import NullObserver, Refresh
-from tests.conftest import StartPods, StartRouter, eventually
+from tests.conftest import StartPods, eventually
 from tests.fake_kube import FakeKube
+from tests.kube_router import pool_names, ready, served_by
 from tests.process import RouterProcess, run_router
-from tests.sandbox import Pod
 
 
 class RefreshLog(NullObserver):
@@ -32,44 +30,6 @@ class RefreshLog(NullObserver):
 
     def pod_list_refreshed(self, outcome: Refresh) -> None:
         self.refreshes[outcome] += 1
-
-
-@pytest.fixture
-def kube_router(kube: FakeKube, tmp_path: Path, start_router: StartRouter) -> Callable[..., Any]:
-    """`kube_router(pods, **options)` starts a router whose pods come from the fake API,
-    and waits until it is ready (unless `wait=False`)."""
-
-    def start(pods: list[Pod], observer: Any = None, metrics: Metrics | None = None,
-              wait: bool = True, **options: Any) -> httpx.Client:
-        options.setdefault("cache_ttl", 1.0)
-        # The fake API lists pods on 127.0.0.x: listed pods go through the address policy.
-        options.setdefault("allow_loopback_pod_ip", True)
-        config = dataclasses.replace(
-            Config(port=0, metrics_port=0, log_level="warning"),
-            kubeconfig=str(kube.write_kubeconfig(tmp_path / "kubeconfig")),
-            pod_port=pods[0].port,
-            **options,
-        )
-        client = start_router(config, observer=observer, names={}, metrics=metrics)
-        if wait:
-            eventually(lambda: ready(client))
-        return client
-
-    return start
-
-
-def ready(client: httpx.Client) -> bool:
-    return client.get("/ready").status_code == 200
-
-
-def served_by(client: httpx.Client, count: int) -> collections.Counter[str]:
-    answers = (client.get("/") for _ in range(count))
-    return collections.Counter(a.headers["x-sandbox-id"] for a in answers if a.status_code == 200)
-
-
-def pool_names(client: httpx.Client) -> set[str]:
-    snapshot = client.app.source.snapshot()  # type: ignore[attr-defined]
-    return {pod.name for pod in snapshot.pods} if snapshot else set()
 
 
 def test_fnv1a_matches_the_controller_hash() -> None:
@@ -152,14 +112,20 @@ def test_traffic_does_not_add_api_calls(
     kube.add_pods(pods)
     client = kube_router(pods, cache_ttl=2.0)
     started = time.monotonic()
-    watches_before = kube.count("watch")
+    watches_before = {s: kube.count("watch", s) for s in (DEFAULT_SELECTOR, SANDBOX_LABEL)}
 
     assert sum(served_by(client, 1500).values()) == 1500
+    for _ in range(100):  # pinned requests read the index, never the API
+        assert client.get("/", headers={"X-Sandbox-ID": "pod-1"}).status_code == 200
 
     elapsed = time.monotonic() - started
-    # The schedule: one list, then one watch per 2 s window (plus the one open at each end).
-    assert kube.count("list") == 1
-    assert kube.count("watch") - watches_before <= elapsed / 2 + 2
+    # The schedule, for the pool and for the index: one list, then one watch per 2 s
+    # window (plus the one open at each end).
+    for selector, before in watches_before.items():
+        assert kube.count("list", selector) == 1
+        assert kube.count("watch", selector) - before <= elapsed / 2 + 2
+    assert len(kube.calls) == sum(kube.count(verb, s) for verb in ("list", "watch")
+                                  for s in watches_before)
 
 
 def test_an_outage_keeps_the_router_ready_over_its_last_good_list(
@@ -186,7 +152,7 @@ def test_an_outage_keeps_the_router_ready_over_its_last_good_list(
     assert body["stale_seconds"] >= 0
     kube.wait_for(lambda: kube.count("list") >= 3)  # failed again, and again
     age = metrics.registry.get_sample_value("warmpool_router_pod_list_age_seconds")
-    assert age is not None and age >= body["stale_seconds"]
+    assert age is not None and age >= body["stale_seconds"] - 0.05  # /ready rounds to 0.1 s
     assert ready(client)
     assert served_by(client, 10) == {"pod-0": 5, "pod-1": 5}
     stale_lines = [r for r in caplog.records if "pod list is stale" in r.getMessage()]
@@ -308,7 +274,9 @@ def test_warm_pool_selects_by_the_hash_label(
     client = kube_router(pods, warm_pool="pool-a")
 
     assert served_by(client, 10) == {"pod-0": 5, "pod-2": 5}
-    assert kube.calls[0].query["labelSelector"] == f"{DEFAULT_SELECTOR}={fnv1a_32('pool-a')}"
+    # The pool's own watch (the sandbox index watches the name-hash label beside it).
+    selectors = {call.query.get("labelSelector") for call in kube.calls}
+    assert f"{DEFAULT_SELECTOR}={fnv1a_32('pool-a')}" in selectors
 
 
 def test_namespace_selects_where_pods_are_listed(
@@ -352,10 +320,11 @@ def test_a_hanging_api_never_holds_up_requests(
     client = kube_router(pods)
 
     with kube.hang():
-        kube.wait_for(lambda: kube.hanging == 1)
+        kube.wait_for(lambda: kube.hanging == 2)  # the pool's call and the index's
         assert served_by(client, 200) == {"pod-0": 100, "pod-1": 100}
+        assert client.get("/", headers={"X-Sandbox-ID": "pod-1"}).status_code == 200
         assert ready(client)
-        assert kube.hanging == 1  # the API call was pending the whole time
+        assert kube.hanging == 2  # both API calls were pending the whole time
     eventually(lambda: kube.hanging == 0)
 
 
@@ -421,7 +390,7 @@ def test_refreshes_pods_and_age_are_reported_as_metrics(
     sample = metrics.registry.get_sample_value
     with kube.hang():
         client = kube_router(pods, metrics=metrics, wait=False)
-        kube.wait_for(lambda: kube.hanging == 1)
+        kube.wait_for(lambda: kube.hanging == 2)  # the pool's list and the index's
         assert sample("warmpool_router_pod_list_age_seconds") == math.inf  # never synced
         assert sample("warmpool_router_pool_pods") == 0
     eventually(lambda: ready(client))
@@ -448,4 +417,5 @@ def test_the_command_finds_the_api_through_kubeconfig(
             assert served_by(client, 4) == {"pod-0": 2, "pod-1": 2}
     finally:
         assert router.stop() == 0
-    assert kube.calls[0].query["labelSelector"] == DEFAULT_SELECTOR
+    assert {call.query["labelSelector"] for call in kube.calls} == {DEFAULT_SELECTOR,
+                                                                   SANDBOX_LABEL}

@@ -4,61 +4,26 @@ schemas, and compared with `kubectl kustomize` of an overlay where kubectl exist
 
 from __future__ import annotations
 
-import copy
-import os
 import shutil
-import subprocess
 from pathlib import Path
-from typing import Any
 
 import kubernetes_validate
 import pytest
-import yaml
 
 from router import config
-from tests.test_manifests import K8S, KUBERNETES_VERSIONS, Manifest, kustomization, render
+from tests import components
+from tests.components import COMPONENTS, kubectl_build, only
+from tests.test_manifests import KUBERNETES_VERSIONS, Manifest, kustomization
 
-COMPONENT = K8S / "components" / "tokenreview"
+COMPONENT = COMPONENTS / "tokenreview"
 
 
 def component() -> Manifest:
-    loaded: Manifest = yaml.safe_load((COMPONENT / "kustomization.yaml").read_text())
-    return loaded
-
-
-def _append(document: Any, path: str, value: Any) -> None:
-    """JSON patch `add` at `path`, for the paths the component uses (`.../-` appends)."""
-    *parents, last = path.strip("/").split("/")
-    for part in parents:
-        document = document[int(part)] if isinstance(document, list) else document[part]
-    if last == "-":
-        document.append(value)
-    else:
-        document[last] = value
+    return components.component("tokenreview")
 
 
 def rendered() -> list[Manifest]:
-    """The base with the component, as an overlay naming the base's namespace builds it."""
-    objects = render()
-    for name in component()["resources"]:
-        for doc in yaml.safe_load_all((COMPONENT / name).read_text()):
-            for subject in doc.get("subjects", []):
-                subject["namespace"] = kustomization()["namespace"]
-            objects.append(doc)
-    for patch in component()["patches"]:
-        target = patch["target"]
-        for obj in objects:
-            if (obj["kind"], obj["metadata"]["name"]) == (target["kind"], target["name"]):
-                for op in yaml.safe_load(patch["patch"]):
-                    assert op["op"] == "add"
-                    _append(obj, op["path"], copy.deepcopy(op["value"]))
-    return objects
-
-
-def only(objects: list[Manifest], kind: str) -> Manifest:
-    matches = [obj for obj in objects if obj["kind"] == kind]
-    assert len(matches) == 1, f"expected one {kind}, found {len(matches)}"
-    return matches[0]
+    return components.rendered("tokenreview")
 
 
 def test_component_uses_only_what_this_test_renders() -> None:
@@ -94,18 +59,7 @@ def test_the_deployment_runs_the_router_in_tokenreview_mode() -> None:
 
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="no kubectl to compare with")
 def test_kubectl_builds_an_overlay_with_the_component(tmp_path: Path) -> None:
-    overlay = tmp_path / "overlay"
-    overlay.mkdir()
-    (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "namespace": "sandboxes",
-        "resources": [os.path.relpath(K8S, overlay)],
-        "components": [os.path.relpath(COMPONENT, overlay)],
-    }))
-    built = subprocess.run(["kubectl", "kustomize", str(overlay)], capture_output=True,
-                           text=True, timeout=30, check=False)
-    assert built.returncode == 0, built.stderr
-    objects = [doc for doc in yaml.safe_load_all(built.stdout) if doc]
+    objects = kubectl_build(tmp_path, "sandboxes", "tokenreview")
     binding = only(objects, "ClusterRoleBinding")
     assert binding["subjects"][0]["namespace"] == "sandboxes"  # follows the overlay
     assert "namespace" not in binding["metadata"]  # cluster-scoped

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from router.config import cidrs
 from router.pods import StaticPodSource
 from tests.conftest import StartPods, StartRouter, static_config
 
@@ -32,8 +33,10 @@ def test_pinned_busy_answer_is_relayed_not_retried(
 
 
 def test_pod_ip_header_targets_that_address(start_pods: StartPods, start_router: StartRouter):
+    """For a sandbox the router does not know, inside --pod-cidr."""
     pods = start_pods(2)
-    client = start_router(static_config(pods, allow_loopback_pod_ip=True))
+    client = start_router(static_config(pods[:1], allow_loopback_pod_ip=True,
+                                        pod_cidr=cidrs("127.0.0.0/8")))
     headers = {
         "X-Sandbox-ID": "elsewhere",
         "X-Sandbox-Pod-IP": pods[1].ip,

@@ -88,14 +88,20 @@ def test_a_zone_id_is_not_an_address(start_pods: StartPods, observed_router: Sta
     assert pods[0].app.hits == 0
 
 
-def test_a_known_pods_address_in_any_form_is_used(
+def test_a_known_sandbox_goes_to_its_own_pod_and_a_known_address_serves_no_other(
     start_pods: StartPods, observed_router: StartRouter
 ) -> None:
+    """The index is the one address of a sandbox it holds: another known pod's address,
+    in any form, neither redirects that sandbox nor reaches the pod for a name the router
+    does not know (the hint may be stale: the API gave that IP to another sandbox)."""
     pods = start_pods(2)
-    client = observed_router(static_config(pods, allow_loopback_pod_ip=True))
+    config = static_config(pods, allow_loopback_pod_ip=True, pod_cidr=cidrs("127.0.0.0/8"))
+    client = observed_router(config, names={})
     headers = {"X-Sandbox-ID": "pod-0", "X-Sandbox-Pod-IP": f"::ffff:{pods[1].ip}"}
-    assert client.get("/", headers=headers).json()["pod"] == "pod-1"
-    assert [p.app.hits for p in pods] == [0, 1]
+    assert client.get("/", headers=headers).json()["pod"] == "pod-0"
+    headers["X-Sandbox-ID"] = "elsewhere"
+    assert client.get("/", headers=headers).status_code == 502  # no DNS name either
+    assert [p.app.hits for p in pods] == [1, 0]
 
 
 @pytest.mark.parametrize("pod_ip", ["10.96.0.1", "::ffff:10.96.0.1", "192.0.2.7"])
@@ -122,15 +128,19 @@ def test_an_ignored_address_falls_back_to_the_dns_name(
     assert ports_reached(connects, pods[0].port) == [pods[0].ip]
 
 
-@pytest.mark.parametrize(("pod_cidr", "served"), [("127.0.0.0/24", "pod-1"), ("", "pod-0")])
+@pytest.mark.parametrize(("pod_cidr", "status"), [("127.0.0.0/24", 200), ("", 502)])
 def test_pod_cidr_admits_an_address_the_router_does_not_list(
-    start_pods: StartPods, observed_router: StartRouter, pod_cidr: str, served: str
+    start_pods: StartPods, observed_router: StartRouter, pod_cidr: str, status: int
 ) -> None:
     listed_pod, unlisted = start_pods(2)
     config = static_config([listed_pod], allow_loopback_pod_ip=True, pod_cidr=cidrs(pod_cidr))
-    client = observed_router(config)
-    headers = {"X-Sandbox-ID": "pod-0", "X-Sandbox-Pod-IP": unlisted.ip}
-    assert client.get("/", headers=headers).json()["pod"] == served
+    client = observed_router(config, names={})
+    headers = {"X-Sandbox-ID": "unlisted", "X-Sandbox-Pod-IP": unlisted.ip,
+               "X-Sandbox-Port": str(unlisted.port)}
+    assert client.get("/", headers=headers).status_code == status
+    assert unlisted.app.hits == (status == 200)
+    headers["X-Sandbox-ID"] = "pod-0"  # a known sandbox: its own pod, the hint unused
+    assert client.get("/", headers=headers).json()["pod"] == "pod-0"
 
 
 @pytest.mark.parametrize(("answer", "options"), [
