@@ -2,8 +2,9 @@
 the pool in lockstep and collide on busy pods? Four capacity-1 pods (each works 0.1 s on one
 request and answers 503 to any other meanwhile, `bench/cooldown.py`), in front of them the
 real command, `python -m router --pods ...`, as three router processes with clients spread
-over them, then as one router with `--workers 3`; 2, 3 and 4 clients (50%, 75% and 100% of
-the pool's capacity), each sending one request after another. For each: the clients' 200s
+over them, then as one router with `--workers 3` and the clients spread over its workers;
+2, 3 and 4 clients (50%, 75% and 100% of the pool's capacity), each sending one request
+after another on a keep-alive connection. For each: the clients' 200s
 and 503s, and the attempts wasted on busy pods per request (the pods' own 503 count).
 
 `--router-src DIR` runs the routers from another checkout (its `router` package first on
@@ -13,7 +14,6 @@ PYTHONPATH), for the figures before a change.
 from __future__ import annotations
 
 import argparse
-import http.client
 import os
 import sys
 import tempfile
@@ -21,58 +21,96 @@ import threading
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
+from http.client import HTTPConnection
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from bench.cooldown import CapacityOnePods
 from bench.procs import ServerChild, free_port
 
 WORK_SECONDS = 0.1
 PODS = 4
-# name: (routers, workers each). The workers of one router share its listening socket, and
-# the kernel hands each new connection to one of them: so there, every request comes on a
-# new connection, or all three clients could stay with the worker that accepted them.
+# name: (routers, workers each)
 SET_UPS = {"three routers": (3, 1), "one router, --workers 3": (1, 3)}
+PLACING_TRIES = 200
 
 
 def start_routers(pods: CapacityOnePods, routers: int, workers: int,
-                  logs: Path, stack: ExitStack) -> list[int]:
-    """`routers` router commands over the pods, started together; their ports."""
+                  logs: Path, stack: ExitStack) -> list[ServerChild]:
+    """`routers` router commands over the pods, started together."""
     listed = ",".join(f"pod-{i}={ip}:{port}" for i, (ip, port) in enumerate(pods.ports))
-    ports = []
+    children = []
     for index in range(routers):
         port = free_port()
         argv = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(port),
                 "--pods", listed, "--metrics-port", "0", "--no-access-log",
                 "--log-level", "warning", "--drain-grace", "0", "--workers", str(workers)]
-        stack.enter_context(ServerChild(f"router-{index}", argv, logs / f"router-{index}.log",
-                                        port, "/ready"))
-        ports.append(port)
-    return ports
+        children.append(stack.enter_context(
+            ServerChild(f"router-{index}", argv, logs / f"router-{index}.log", port, "/ready")))
+    return children
 
 
-def measure(ports: list[int], clients: int, seconds: float, reconnect: bool) -> list[int]:
-    """`clients` clients, client i on `ports[i % len(ports)]`, each sending one GET after
-    another until `seconds` are up, on one keep-alive connection or (`reconnect`) each on
-    a new one; every status they saw."""
+def connect(routers: list[ServerChild], clients: int, workers: int) -> list[HTTPConnection]:
+    """One keep-alive connection per client: client i's to router i % routers, or with
+    `--workers`, held by worker i % workers. The workers share the listening socket and
+    the kernel hands each new connection to whichever accepts first (often one worker
+    takes them all), so connections are opened, their worker found by its socket, and
+    those that landed on the wrong worker closed, until each client has its own."""
+    if workers == 1:
+        return [_open(routers[i % len(routers)].port)[0] for i in range(clients)]
+    router = routers[0]
+    owners = sorted((child for child in psutil.Process(router.pid).children()
+                     if _sockets(child, router.port)), key=lambda child: child.pid)
+    placed: list[HTTPConnection] = []
+    for _ in range(PLACING_TRIES):
+        if len(placed) == clients:
+            return placed
+        connection, local = _open(router.port)
+        if (owners[len(placed) % workers].pid, local) in _held(owners, router.port):
+            placed.append(connection)
+        else:
+            connection.close()
+    raise RuntimeError(f"could not place {clients} connections on {workers} workers")
+
+
+def _open(port: int) -> tuple[HTTPConnection, int]:
+    """A connection the router has accepted (a probe answered on it), and its local port."""
+    connection = HTTPConnection("127.0.0.1", port, timeout=30)
+    connection.request("GET", "/healthz")
+    connection.getresponse().read()
+    assert connection.sock is not None
+    return connection, connection.sock.getsockname()[1]
+
+
+def _sockets(process: psutil.Process, port: int) -> list[Any]:
+    return [c for c in process.net_connections("tcp") if c.laddr.port == port]
+
+
+def _held(owners: list[psutil.Process], port: int) -> set[tuple[int, int]]:
+    """(worker PID, client port) of every connection the workers hold."""
+    return {(owner.pid, c.raddr.port) for owner in owners for c in _sockets(owner, port)
+            if c.raddr}
+
+
+def measure(connections: list[HTTPConnection], seconds: float) -> list[int]:
+    """Each client sends one GET after another on its connection until `seconds` are up;
+    every status they saw."""
     statuses: list[int] = []
     deadline = time.monotonic() + seconds
 
-    def client(port: int) -> None:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    def client(connection: HTTPConnection) -> None:
         try:
             while time.monotonic() < deadline:
-                connection.request("GET", "/", headers={"Connection": "close"} if reconnect
-                                   else {})
+                connection.request("GET", "/")
                 response = connection.getresponse()
                 response.read()
                 statuses.append(response.status)
-                if reconnect:
-                    connection.close()
         finally:
             connection.close()
 
-    threads = [threading.Thread(target=client, args=(ports[i % len(ports)],))
-               for i in range(clients)]
+    threads = [threading.Thread(target=client, args=(c,)) for c in connections]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -97,9 +135,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, (routers, workers) in SET_UPS.items():
             for clients in (int(c) for c in args.clients.split(",")):
                 with ExitStack() as stack, tempfile.TemporaryDirectory() as logs:
-                    ports = start_routers(pods, routers, workers, Path(logs), stack)
+                    routed = start_routers(pods, routers, workers, Path(logs), stack)
+                    connections = connect(routed, clients, workers)
                     busy_before = pods.busy
-                    statuses = measure(ports, clients, args.seconds, reconnect=workers > 1)
+                    statuses = measure(connections, args.seconds)
                     wasted = pods.busy - busy_before
                 ok, busy = statuses.count(200), statuses.count(503)
                 print(f"| {name} | {clients} ({clients * 100 // PODS}%) | {ok} | {busy} | "

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from urllib.parse import quote
 
 from router import replay, upstream
 from router.asgi import Receive, Scope, Send
 from router.authz import Gate
-from router.balancer import RoundRobin
+from router.balancer import FirstIndex, RoundRobin
 from router.body import ClientGone, RequestBody
 from router.config import Config
 from router.connection import DRAIN_LIMIT, Response
@@ -65,6 +66,7 @@ class Proxy:
         targets: TargetPolicy,
         gate: Gate | None = None,
         clock: Clock = time.monotonic,
+        first: FirstIndex = random.randrange,
     ) -> None:
         self._config = config
         self._source = source
@@ -73,7 +75,7 @@ class Proxy:
         self._targets = targets
         self._gate = gate  # None: --authz-mode allow-all
         self._health = Health(observer, clock)
-        self._balancer = RoundRobin(config.max_attempts, self._health)
+        self._balancer = RoundRobin(config.max_attempts, self._health, first)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
         self._loop = asyncio.get_running_loop()  # made at start-up, in the serving loop
 
@@ -169,6 +171,8 @@ class Proxy:
                 await _discard(response)
                 continue
             self._observer.attempt("busy" if response.status == 503 else "ok")
+            if exchange.attempts > 1:
+                self._balancer.served(pod)
             return response, pod
         if saw_busy:
             raise busy()
