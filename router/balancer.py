@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import itertools
+import math
 import random
+import time
+from collections import Counter
 from collections.abc import Callable
 
-from router.health import Health
+from router.health import Clock, Health
 from router.pods import Pod
 
 # Where the round robin over a new pod list of this many pods starts.
 FirstIndex = Callable[[int], int]
+
+# How long after its last sign that other processes send to the same pods (below) a
+# process keeps to the pods it has just used.
+SHARED_FOR = 10.0
 
 
 class RoundRobin:
@@ -25,61 +32,84 @@ class RoundRobin:
     its index would hand its turns to the pod after it, doubling that one's load.
 
     Many processes over one pool (replicas, `--workers`) each run this rule with a counter
-    of their own and no shared state, so two things keep them apart:
+    of their own and no shared state, which is what makes them collide:
 
-    - The start over each new pod list is `first(n)`, by default random per process
-      (Envoy's round robin starts at a random host too): processes started together do
-      not all send their first request to the first pod and walk the list in lockstep.
-    - After a request met a busy (or failed) pod and was served by a later one, the next
-      request starts right after the pod that served (`served`), not at the counter:
-      the pod skipped is taken by another process, which is likely to be there again
-      next time, while the ones after the server were just free. Without this, two
-      processes whose counters meet keep colliding, each one 503 round trip per request.
-      A process that never meets a busy pod (one router alone) is not moved at all.
+    - Processes started together would all send their first request to the first pod
+      and walk the list in lockstep. So the counter of each new pod list starts at
+      `first(n)`, by default random per process, as Envoy's round robin does.
+    - Even spread out, they collide: each moves one pod on per request, so two processes
+      one pod apart race for the same pod every turn, and which one frees it first is
+      down to timing. With three processes on four pods at least two such pairs exist,
+      and about one request in three met a busy pod (`python -m bench.spread`). So when
+      a pod that served this process within `SHARED_FOR` seconds answers busy (it is
+      shared with other processes, not busy for good), the process keeps, for the next
+      `SHARED_FOR` seconds, to the pods it just used: a request starts at the pod that
+      most recently finished one of its requests and has none of its requests in flight
+      (they free up for it, not for the others, whose requests keep to their own pods),
+      else at the counter. Pods spread out between the processes by themselves, each
+      process's requests stay apart, and a lone router, which no pod it uses ever
+      answers busy unless something else shares that pod, keeps its exact round robin.
     """
 
     def __init__(self, max_attempts: int = 0, health: Health | None = None,
-                 first: FirstIndex = random.randrange) -> None:
+                 first: FirstIndex = random.randrange, clock: Clock = time.monotonic) -> None:
         self._counter = itertools.count()
         self._max_attempts = max_attempts
         self._health = health
         self._first = first
-        self._offset = 0  # added to the counter: the random start, and each move
+        self._clock = clock
+        self._offset = 0  # added to the counter: `first` of the current list
         self._listed: tuple[Pod, ...] = ()
-        self._places: dict[Pod, int] = {}  # index in the pod list
-        self._after: Pod | None = None  # start after this pod next time (`served`)
+        self._in_flight: Counter[Pod] = Counter()
+        self._served: dict[Pod, float] = {}  # when each pod last served this process
+        self._freed: dict[Pod, None] = {}  # pods in the order they last finished a request
+        self._shared_until = -math.inf
 
     def order(self, pods: tuple[Pod, ...]) -> list[Pod]:
         count = next(self._counter)
         if pods is not self._listed:
             self._relist(pods, count)
-        count += self._offset
         healthy, resting = self._health.split(pods) if self._health is not None else (pods, [])
         n = len(healthy)
-        start = count % n if n else 0
-        if self._after is not None and n:
-            start = self._following(self._after, healthy)
-            self._offset += start - count % n  # and the requests after it go on from there
-            self._after = None
+        start = (count + self._offset) % n if n else 0
+        if n and self._shared_until > self._clock():
+            start = self._last_freed(healthy, start)
         order = [*healthy[start:], *healthy[:start], *resting]
         return order[:self._max_attempts] if self._max_attempts else order
 
     def served(self, pod: Pod) -> None:
-        """`pod` served a request after the pods before it in its order were busy or
-        failed: the next request starts after it."""
-        self._after = pod
+        """`pod` answers one of this process's requests; `finished` follows."""
+        self._in_flight[pod] += 1
+        self._served[pod] = self._clock()
 
-    def _following(self, pod: Pod, healthy: tuple[Pod, ...]) -> int:
-        """The index in `healthy` of the first pod after `pod` in the list, wrapping round
-        (0 if `pod` left the list, or none of `healthy` comes after it)."""
-        place = self._places.get(pod, len(self._listed))
-        return next((i for i, other in enumerate(healthy) if self._places[other] > place), 0)
+    def finished(self, pod: Pod) -> None:
+        """The request `pod` served has ended."""
+        self._in_flight[pod] -= 1
+        if self._in_flight[pod] <= 0:
+            del self._in_flight[pod]
+        self._freed.pop(pod, None)
+        self._freed[pod] = None
+
+    def busy(self, pod: Pod) -> None:
+        """`pod` answered busy; if it served this process lately, it is shared."""
+        now = self._clock()
+        if now - self._served.get(pod, -math.inf) < SHARED_FOR:
+            self._shared_until = now + SHARED_FOR
+
+    def _last_freed(self, healthy: tuple[Pod, ...], start: int) -> int:
+        """The index in `healthy` of the pod that most recently finished a request of
+        this process and has none in flight; `start` if there is none."""
+        for pod in reversed(self._freed):
+            if not self._in_flight[pod] and pod in healthy:
+                return healthy.index(pod)
+        return start
 
     def _relist(self, pods: tuple[Pod, ...], count: int) -> None:
         """A new pod list starts at `first`; the same pods listed again (a refresh) change
         nothing, so one router's shares stay exactly even."""
         if pods != self._listed and pods:
             self._offset = self._first(len(pods)) - count
-            self._places = {pod: index for index, pod in enumerate(pods)}
-            self._after = None
+            members = set(pods)
+            self._served = {pod: at for pod, at in self._served.items() if pod in members}
+            self._freed = {pod: None for pod in self._freed if pod in members}
         self._listed = pods

@@ -75,7 +75,7 @@ class Proxy:
         self._targets = targets
         self._gate = gate  # None: --authz-mode allow-all
         self._health = Health(observer, clock)
-        self._balancer = RoundRobin(config.max_attempts, self._health, first)
+        self._balancer = RoundRobin(config.max_attempts, self._health, first, clock)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
         self._loop = asyncio.get_running_loop()  # made at start-up, in the serving loop
 
@@ -97,6 +97,7 @@ class Proxy:
         self._observer.request_started(exchange.route)
         own_headers = [(b"x-request-id", incoming.request_id.encode("latin-1"))]
         body: RequestBody | None = None
+        served: Pod | None = None  # the pool pod whose answer this is
         try:
             pinned = None
             if incoming.refused is not None:
@@ -110,6 +111,7 @@ class Proxy:
             )
             if pinned is None:
                 response, pod = await self._pool(scope, incoming, body, exchange)
+                served = pod
                 own_headers.append((b"x-sandbox-id", pod.name.encode()))
                 own_headers.append((b"x-sandbox-namespace", pod.namespace.encode()))
             else:
@@ -135,6 +137,8 @@ class Proxy:
                 watch.task = None
                 if watch.gone:  # however the request ended, nobody got the answer
                     exchange.status = CLIENT_CLOSED
+            if served is not None:
+                self._balancer.finished(served)
             exchange.bytes_in = body.size if body is not None else 0
             exchange.duration = time.perf_counter() - exchange.started
             self._observer.request_finished(exchange)
@@ -167,12 +171,12 @@ class Proxy:
                 self._health.succeeded(pod)
             if replay.to_next_pod(response.status, body.replayable):
                 self._observer.attempt("busy")
+                self._balancer.busy(pod)
                 saw_busy = True
                 await _discard(response)
                 continue
             self._observer.attempt("busy" if response.status == 503 else "ok")
-            if exchange.attempts > 1:
-                self._balancer.served(pod)
+            self._balancer.served(pod)
             return response, pod
         if saw_busy:
             raise busy()
