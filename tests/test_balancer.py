@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from router.balancer import RoundRobin
 from router.pods import Pod
+from tests.conftest import first_pod
 
 
 def pods(count: int) -> tuple[Pod, ...]:
@@ -15,7 +16,7 @@ def names(order: list[Pod]) -> list[str]:
 
 
 def test_each_request_starts_one_further_and_wraps_around():
-    balancer = RoundRobin()
+    balancer = RoundRobin(first=first_pod)
     pool = pods(3)
     assert [names(balancer.order(pool)) for _ in range(4)] == [
         ["p0", "p1", "p2"],
@@ -26,7 +27,7 @@ def test_each_request_starts_one_further_and_wraps_around():
 
 
 def test_max_attempts_limits_the_order():
-    balancer = RoundRobin(max_attempts=2)
+    balancer = RoundRobin(first=first_pod, max_attempts=2)
     pool = pods(4)
     assert [names(balancer.order(pool)) for _ in range(4)] == [
         ["p0", "p1"], ["p1", "p2"], ["p2", "p3"], ["p3", "p0"],
@@ -34,8 +35,8 @@ def test_max_attempts_limits_the_order():
 
 
 def test_max_attempts_above_the_pool_size_tries_each_pod_once():
-    assert names(RoundRobin(max_attempts=9).order(pods(2))) == ["p0", "p1"]
+    assert names(RoundRobin(first=first_pod, max_attempts=9).order(pods(2))) == ["p0", "p1"]
 
 
 def test_empty_pool_has_no_attempts():
-    assert RoundRobin().order(()) == []
+    assert RoundRobin(first=first_pod).order(()) == []
