@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +29,22 @@ def test_round_robin_stays_even_under_concurrency(
         statuses = list(workers.map(lambda _: client.get("/").status_code, range(300)))
     assert statuses == [200] * 300
     assert [p.app.hits for p in pods] == [100, 100, 100]
+
+
+def test_routers_started_together_spread_their_first_requests_and_each_stays_even(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(4)
+    # A router starts its round robin at random (router/balancer.py); seeded here, as
+    # three processes would draw: 1, 0 and 2, not all pod-0.
+    seeds = (1, 2, 5)
+    clients = [start_router(static_config(pods), first=random.Random(seed).randrange)
+               for seed in seeds]
+    first = [client.get("/").json()["pod"] for client in clients]
+    assert first == ["pod-1", "pod-0", "pod-2"]
+    for client in clients:
+        served = Counter(client.get("/").json()["pod"] for _ in range(40))
+        assert served == {"pod-0": 10, "pod-1": 10, "pod-2": 10, "pod-3": 10}
 
 
 def test_response_names_the_pod_that_served_it(start_pods: StartPods, start_router: StartRouter):
