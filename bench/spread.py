@@ -7,14 +7,13 @@ over them, then as one router with `--workers 3` and the clients spread over its
 after another on a keep-alive connection. For each: the clients' 200s
 and 503s, and the attempts wasted on busy pods per request (the pods' own 503 count).
 
-`--router-src DIR` runs the routers from another checkout (its `router` package first on
-PYTHONPATH), for the figures before a change.
+`--router-src DIR` runs the routers from another checkout (its `router` package), for the
+figures before a change.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import threading
@@ -37,14 +36,23 @@ SET_UPS = {"three routers": (3, 1), "one router, --workers 3": (1, 3)}
 PLACING_TRIES = 200
 
 
-def start_routers(pods: CapacityOnePods, routers: int, workers: int,
+def router_command(source: Path | None) -> list[str]:
+    """`python -m router`, or the same from the checkout `source`: put first on sys.path
+    (the worker processes inherit it), since `-m` would put the working directory first."""
+    if source is None:
+        return [sys.executable, "-m", "router"]
+    return [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(source)!r}); "
+            "from router.__main__ import main; main()"]
+
+
+def start_routers(command: list[str], pods: CapacityOnePods, routers: int, workers: int,
                   logs: Path, stack: ExitStack) -> list[ServerChild]:
     """`routers` router commands over the pods, started together."""
     listed = ",".join(f"pod-{i}={ip}:{port}" for i, (ip, port) in enumerate(pods.ports))
     children = []
     for index in range(routers):
         port = free_port()
-        argv = [sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(port),
+        argv = [*command, "--host", "127.0.0.1", "--port", str(port),
                 "--pods", listed, "--metrics-port", "0", "--no-access-log",
                 "--log-level", "warning", "--drain-grace", "0", "--workers", str(workers)]
         children.append(stack.enter_context(
@@ -125,8 +133,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--router-src", type=Path, metavar="DIR",
                         help="run the routers from this checkout instead")
     args = parser.parse_args(argv)
-    if args.router_src is not None:  # children only: this process has imported its own
-        os.environ["PYTHONPATH"] = str(args.router_src.resolve())
+    command = router_command(args.router_src.resolve() if args.router_src else None)
     pods = CapacityOnePods(PODS, (WORK_SECONDS, WORK_SECONDS))
     print("| set-up | clients (load) | client 200s | client 503s "
           "| wasted attempts / request |")
@@ -135,7 +142,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         for name, (routers, workers) in SET_UPS.items():
             for clients in (int(c) for c in args.clients.split(",")):
                 with ExitStack() as stack, tempfile.TemporaryDirectory() as logs:
-                    routed = start_routers(pods, routers, workers, Path(logs), stack)
+                    routed = start_routers(command, pods, routers, workers, Path(logs),
+                                           stack)
                     connections = connect(routed, clients, workers)
                     busy_before = pods.busy
                     statuses = measure(connections, args.seconds)

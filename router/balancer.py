@@ -62,6 +62,7 @@ class RoundRobin:
         self._listed: tuple[Pod, ...] = ()
         self._in_flight: Counter[Pod] = Counter()
         self._served: dict[Pod, float] = {}  # when each pod last served this process
+        self._busy: dict[Pod, float] = {}  # and last answered it busy
         self._freed: dict[Pod, None] = {}  # pods in the order they last finished a request
         self._shared_until = -math.inf
 
@@ -80,7 +81,8 @@ class RoundRobin:
     def served(self, pod: Pod) -> None:
         """`pod` answers one of this process's requests; `finished` follows."""
         self._in_flight[pod] += 1
-        self._served[pod] = self._clock()
+        self._served[pod] = now = self._clock()
+        self._shared(pod, self._busy, now)
 
     def finished(self, pod: Pod) -> None:
         """The request `pod` served has ended."""
@@ -91,17 +93,23 @@ class RoundRobin:
         self._freed[pod] = None
 
     def busy(self, pod: Pod) -> None:
-        """`pod` answered busy; if it served this process lately, it is shared."""
-        now = self._clock()
-        if now - self._served.get(pod, -math.inf) < SHARED_FOR:
+        """`pod` answered busy."""
+        self._busy[pod] = now = self._clock()
+        self._shared(pod, self._served, now)
+
+    def _shared(self, pod: Pod, then: dict[Pod, float], now: float) -> None:
+        """A pod both busy and free for this process within `SHARED_FOR` seconds is
+        shared with others (an always-busy pod is not): keep to our pods from now."""
+        if now - then.get(pod, -math.inf) < SHARED_FOR:
             self._shared_until = now + SHARED_FOR
 
     def _last_freed(self, healthy: tuple[Pod, ...], start: int) -> int:
         """The index in `healthy` of the pod that most recently finished a request of
         this process and has none in flight; `start` if there is none."""
+        places = {pod: index for index, pod in enumerate(healthy)}
         for pod in reversed(self._freed):
-            if not self._in_flight[pod] and pod in healthy:
-                return healthy.index(pod)
+            if not self._in_flight[pod] and pod in places:
+                return places[pod]
         return start
 
     def _relist(self, pods: tuple[Pod, ...], count: int) -> None:
@@ -111,5 +119,6 @@ class RoundRobin:
             self._offset = self._first(len(pods)) - count
             members = set(pods)
             self._served = {pod: at for pod, at in self._served.items() if pod in members}
+            self._busy = {pod: at for pod, at in self._busy.items() if pod in members}
             self._freed = {pod: None for pod in self._freed if pod in members}
         self._listed = pods

@@ -74,3 +74,16 @@ def test_a_shared_pod_answering_busy_makes_requests_keep_to_the_pods_just_used()
     assert names(balancer.order(pool))[0] == "p1"
     clock.advance(SHARED_FOR)  # no busy answer for that long: round robin again, its
     assert names(balancer.order(pool))[0] == "p3"  # counter having gone on (8th request)
+
+
+def test_a_pod_busy_and_later_free_is_shared_too():
+    balancer = RoundRobin(first=first_pod, clock=ManualClock())
+    pool = pods(3)
+    assert names(balancer.order(pool))[0] == "p0"
+    balancer.busy(pool[0])
+    balancer.served(pool[1])
+    balancer.finished(pool[1])
+    assert names(balancer.order(pool))[0] == "p1"  # one busy answer proves nothing
+    balancer.served(pool[0])  # the pod that was busy serves us: others use it too
+    balancer.finished(pool[0])
+    assert names(balancer.order(pool))[0] == "p0"  # the last freed, not the counter's p2
