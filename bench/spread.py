@@ -54,7 +54,8 @@ def start_routers(command: list[str], pods: CapacityOnePods, routers: int, worke
         port = free_port()
         argv = [*command, "--host", "127.0.0.1", "--port", str(port),
                 "--pods", listed, "--metrics-port", "0", "--no-access-log",
-                "--log-level", "warning", "--drain-grace", "0", "--workers", str(workers)]
+                "--log-level", "warning", "--drain-grace", "0", "--workers", str(workers),
+                "--timeout-keep-alive", "60"]  # the first connection waits while placing
         children.append(stack.enter_context(
             ServerChild(f"router-{index}", argv, logs / f"router-{index}.log", port, "/ready")))
     return children
