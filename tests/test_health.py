@@ -126,10 +126,11 @@ def test_a_success_ends_the_cooldown_and_its_doubling(
     clock.advance(BUSY_COOLDOWN)
     busy.mode = "ok"
     served = [client.get("/").json()["pod"] for _ in range(3)]
-    assert served.count("pod-1") == 1
+    assert "pod-1" in served  # back in the rotation
     busy.mode = "busy"
+    hits = busy.hits
     assert statuses(client, 3) == [200] * 3
-    assert busy.hits == 3
+    assert busy.hits == hits + 1  # one 503, then it cools down again
     # Without the reset this would be the second failure in a row: a 0.2 s cooldown.
     clock.advance(BUSY_COOLDOWN)
     skips.causes.clear()
