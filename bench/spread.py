@@ -4,8 +4,8 @@ request and answers 503 to any other meanwhile, `bench/cooldown.py`), in front o
 real command, `python -m router --pods ...`, as three router processes with clients spread
 over them, then as one router with `--workers 3` and the clients spread over its workers;
 2, 3 and 4 clients (50%, 75% and 100% of the pool's capacity), each sending one request
-after another on a keep-alive connection. For each: the clients' 200s
-and 503s, and the attempts wasted on busy pods per request (the pods' own 503 count).
+after another on a keep-alive connection. For each: the clients' 200s and 503s, and the
+attempts wasted on busy pods per request (the pods' own 503 count).
 
 `--router-src DIR` runs the routers from another checkout (its `router` package), for the
 figures before a change.
@@ -47,7 +47,7 @@ def router_command(source: Path | None) -> list[str]:
 
 def start_routers(command: list[str], pods: CapacityOnePods, routers: int, workers: int,
                   logs: Path, stack: ExitStack) -> list[ServerChild]:
-    """`routers` router commands over the pods, started together."""
+    """`routers` router commands over the pods, all up before any request."""
     listed = ",".join(f"pod-{i}={ip}:{port}" for i, (ip, port) in enumerate(pods.ports))
     children = []
     for index in range(routers):
