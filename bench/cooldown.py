@@ -26,10 +26,12 @@ WORK_SECONDS = (0.02, 0.3)
 
 
 class CapacityOnePods:
-    """Four raw HTTP pods on 127.0.0.2-5 in one event loop thread; counts what they did."""
+    """Four raw HTTP pods on 127.0.0.2-5 in one event loop thread, each working `work`
+    seconds (drawn uniformly from the range) on one request; counts what they did."""
 
-    def __init__(self, count: int = 4) -> None:
+    def __init__(self, count: int = 4, work: tuple[float, float] = WORK_SECONDS) -> None:
         self.ok = self.busy = 0
+        self._work = work
         self.ports: list[tuple[str, int]] = []
         self._loop = asyncio.new_event_loop()
         self._working: set[int] = set()
@@ -56,7 +58,7 @@ class CapacityOnePods:
                     writer.write(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 0\r\n\r\n")
                     continue
                 self._working.add(index)
-                await asyncio.sleep(self._random.uniform(*WORK_SECONDS))
+                await asyncio.sleep(self._random.uniform(*self._work))
                 self._working.discard(index)
                 self.ok += 1
                 writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import socket
 import time
 from collections.abc import Awaitable, Callable
@@ -24,6 +25,7 @@ from router.authz import (
     pool_name,
     read_secret,
 )
+from router.balancer import FirstIndex
 from router.config import Config, ConfigError
 from router.errors import send_json
 from router.health import Clock
@@ -81,9 +83,10 @@ class Router:
 
     Metrics (`--metrics-port`) and the access log (`--access-log`) are built from the
     config; `metrics` may be passed in already serving (tests bind it to a free port),
-    `observer` adds one more subscriber, and `clock` times the pods' cooldowns (tests
-    move it by hand). The metrics listener answers the probes too, from its own thread
-    (`router/probes.py`), for Kubernetes.
+    `observer` adds one more subscriber, `clock` times the pods' cooldowns (tests
+    move it by hand), and `first` picks where the round robin starts (tests: the first
+    pod; router/balancer.py). The metrics listener answers the probes too, from its own
+    thread (`router/probes.py`), for Kubernetes.
     """
 
     def __init__(
@@ -94,10 +97,12 @@ class Router:
         resolver: upstream.Resolver | None = None,
         metrics: Metrics | None = None,
         clock: Clock = time.monotonic,
+        first: FirstIndex = random.randrange,
     ) -> None:
         self.config = config
         self._resolver = resolver
         self._clock = clock
+        self._first = first
         if metrics is None and config.metrics_port:
             metrics = Metrics(config.proxy_timeout)
         self.metrics = metrics
@@ -185,7 +190,7 @@ class Router:
         self._client = upstream.Client(self._resolver, targets.permits,
                                        self.config.max_response_head)
         self._proxy = Proxy(self.config, self.source, self._client, self.observer, targets,
-                            self._gate, self._clock)
+                            self._gate, self._clock, self._first)
 
     async def shutdown(self) -> None:
         if self._proxy is not None:

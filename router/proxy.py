@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from urllib.parse import quote
 
 from router import replay, upstream
 from router.asgi import Receive, Scope, Send
 from router.authz import Gate
-from router.balancer import RoundRobin
+from router.balancer import FirstIndex, RoundRobin
 from router.body import ClientGone, RequestBody
 from router.clients import client_address
 from router.config import Config
@@ -74,6 +75,7 @@ class Proxy:
         targets: TargetPolicy,
         gate: Gate | None = None,
         clock: Clock = time.monotonic,
+        first: FirstIndex = random.randrange,
     ) -> None:
         self._config = config
         self._source = source
@@ -82,7 +84,7 @@ class Proxy:
         self._targets = targets
         self._gate = gate  # None: --authz-mode allow-all
         self._health = Health(observer, clock)
-        self._balancer = RoundRobin(config.max_attempts, self._health)
+        self._balancer = RoundRobin(config.max_attempts, self._health, first, clock)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
         self._loop = asyncio.get_running_loop()  # made at start-up, in the serving loop
         self.tunnels = Tunnels(config.upgrade_max_per_client)
@@ -107,6 +109,7 @@ class Proxy:
         body: RequestBody | None = None
         upgrade = self._upgrade(scope, incoming, extensions)
         reserved = False
+        served: Pod | None = None  # the pool pod whose answer this is
         try:
             pinned = None
             if incoming.refused is not None:
@@ -125,6 +128,7 @@ class Proxy:
             if pinned is None:
                 response, pod = await self._pool(scope, incoming, body, exchange,
                                                  upgrade is not None)
+                served = pod
                 own_headers.append((b"x-sandbox-id", pod.name.encode()))
                 own_headers.append((b"x-sandbox-namespace", pod.namespace.encode()))
             else:
@@ -155,6 +159,8 @@ class Proxy:
                 watch.task = None
                 if watch.gone:  # however the request ended, nobody got the answer
                     exchange.status = CLIENT_CLOSED
+            if served is not None:
+                self._balancer.finished(served)
             exchange.bytes_in += body.size if body is not None else 0
             exchange.duration = time.perf_counter() - exchange.started
             if reserved:
@@ -208,10 +214,12 @@ class Proxy:
                 self._health.succeeded(pod)
             if replay.to_next_pod(response.status, body.replayable):
                 self._observer.attempt("busy")
+                self._balancer.busy(pod)
                 saw_busy = True
                 await _discard(response)
                 continue
             self._observer.attempt("busy" if response.status == 503 else "ok")
+            self._balancer.served(pod)
             return response, pod
         if saw_busy:
             raise busy()

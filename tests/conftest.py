@@ -14,6 +14,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from router.app import Router
+from router.balancer import FirstIndex
 from router.config import Config, StaticPod
 from router.metrics import Metrics
 from router.observe import Observer
@@ -146,13 +147,20 @@ def static_config(pods: list[Pod] | list[RawPod], **options: Any) -> Config:
     return dataclasses.replace(Config(port=0, pods=static), **options)
 
 
+def first_pod(size: int) -> int:
+    """Where the round robin of a router under test starts: the first pod, as if it were
+    the only router (a real one starts at random, router/balancer.py)."""
+    return 0
+
+
 @pytest.fixture
 def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
     """`start_router(config)` serves the router in a thread on 127.0.0.1 and returns an
     httpx client for it; the server and the client are closed after the test.
     `loop="asyncio"` serves on the standard event loop, whose connects the audit hook of
     `tests/connects.py` sees (uvloop, the default, connects in C). The pods' cooldowns run
-    on `clock`, by default one that stands still (see tests/clock.py)."""
+    on `clock`, by default one that stands still (see tests/clock.py); the round robin
+    starts at `first`, by default the first pod."""
     clients: list[httpx.Client] = []
 
     def start(
@@ -163,10 +171,11 @@ def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
         metrics: Metrics | None = None,
         loop: str = "auto",
         clock: ManualClock | None = None,
+        first: FirstIndex = first_pod,
     ) -> httpx.Client:
         resolver = names_resolver(names) if names is not None else None
         app = Router(config, source=source, observer=observer, resolver=resolver,
-                     metrics=metrics, clock=clock or ManualClock())
+                     metrics=metrics, clock=clock or ManualClock(), first=first)
         serving = server_config(config, app)
         serving.loop = loop
         thread = ServerThread(serving, bind("127.0.0.1")).start()

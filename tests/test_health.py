@@ -20,7 +20,7 @@ from router.metrics import Metrics
 from router.observe import Cause, NullObserver
 from router.pods import Pod
 from tests.clock import ManualClock
-from tests.conftest import StartPods, StartRouter, scrape, static_config, value
+from tests.conftest import StartPods, StartRouter, first_pod, scrape, static_config, value
 from tests.raw_pod import ResettingPod
 
 
@@ -109,21 +109,24 @@ def test_a_success_ends_the_cooldown_and_its_doubling(
     busy = pods[1].app
     busy.mode = "busy"
     clock = ManualClock()
-    client = start_router(static_config(pods), clock=clock)
+    skips = Skips()
+    client = start_router(static_config(pods), clock=clock, observer=skips)
 
     assert statuses(client, 3) == [200] * 3
     assert busy.hits == 1
     clock.advance(BUSY_COOLDOWN)
     busy.mode = "ok"
     served = [client.get("/").json()["pod"] for _ in range(3)]
-    assert served.count("pod-1") == 1
+    assert "pod-1" in served  # back in the rotation
     busy.mode = "busy"
+    hits = busy.hits
     assert statuses(client, 3) == [200] * 3
-    assert busy.hits == 3
+    assert busy.hits == hits + 1  # one 503, then it cools down again
     # Without the reset this would be the second failure in a row: a 0.2 s cooldown.
     clock.advance(BUSY_COOLDOWN)
+    skips.causes.clear()
     assert statuses(client, 3) == [200] * 3
-    assert busy.hits == 4
+    assert skips.causes == []  # pod-1 cools down no more: no request passed it over
 
 
 def test_when_every_pod_cools_down_each_is_still_tried(
@@ -255,7 +258,7 @@ def test_cooling_pods_go_last_soonest_to_recover_first() -> None:
     clock = ManualClock()
     skips = Skips()
     health = Health(skips, clock)
-    balancer = RoundRobin(health=health)
+    balancer = RoundRobin(first=first_pod, health=health)
     pods = pool(4)
     assert names(balancer.order(pods)) == ["p0", "p1", "p2", "p3"]
     health.failed(pods[0], "failed")  # until +1 s

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
@@ -28,6 +29,35 @@ def test_round_robin_stays_even_under_concurrency(
         statuses = list(workers.map(lambda _: client.get("/").status_code, range(300)))
     assert statuses == [200] * 300
     assert [p.app.hits for p in pods] == [100, 100, 100]
+
+
+def test_routers_started_together_spread_their_first_requests_and_each_stays_even(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(4)
+    # A router starts its round robin at random (router/balancer.py); seeded here, as
+    # three processes would draw: 1, 0 and 2, not all pod-0.
+    seeds = (1, 2, 5)
+    clients = [start_router(static_config(pods), first=random.Random(seed).randrange)
+               for seed in seeds]
+    first = [client.get("/").json()["pod"] for client in clients]
+    assert first == ["pod-1", "pod-0", "pod-2"]
+    for client in clients:
+        served = Counter(client.get("/").json()["pod"] for _ in range(40))
+        assert served == {"pod-0": 10, "pod-1": 10, "pod-2": 10, "pod-3": 10}
+
+
+def test_a_pod_busy_after_serving_makes_the_router_keep_to_the_pods_it_just_used(
+    start_pods: StartPods, start_router: StartRouter
+):
+    pods = start_pods(3)
+    client = start_router(static_config(pods))  # the cooldowns' clock stands still
+    assert [client.get("/").json()["pod"] for _ in range(3)] == ["pod-0", "pod-1", "pod-2"]
+    pods[0].app.mode = "busy"  # someone else, another router say, uses pod-0 now
+    assert client.get("/").json()["pod"] == "pod-1"
+    # pod-0 was free, then busy: shared. pod-1 finished our last request and has none of
+    # ours in flight, so the next requests start there, not at the counter's pod-2.
+    assert [client.get("/").json()["pod"] for _ in range(3)] == ["pod-1"] * 3
 
 
 def test_response_names_the_pod_that_served_it(start_pods: StartPods, start_router: StartRouter):
