@@ -141,6 +141,12 @@ def answering(*answers: bytes) -> Behaviour:
     return behaviour
 
 
+def resetting(connection: PodConnection) -> None:
+    """The pod dies with each request: it reads it, then resets the connection."""
+    if connection.read_request() is not None:
+        connection.reset()
+
+
 class RawPod:
     """A listening raw pod on `ip`; `behaviour` runs for each connection in its own thread.
     `name`, `ip` and `port` make it a static pool entry (`static_config`)."""

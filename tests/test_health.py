@@ -21,12 +21,13 @@ from router.observe import Cause, NullObserver
 from router.pods import Pod
 from tests.clock import ManualClock
 from tests.conftest import StartPods, StartRouter, first_pod, scrape, static_config, value
-from tests.raw_pod import ResettingPod
+from tests.rawpod import RawPod
+from tests.rawpod import resetting as reset_each_request
 
 
 @pytest.fixture
-def resetting() -> Iterator[ResettingPod]:
-    pod = ResettingPod("pod-r", "127.0.0.9")
+def resetting() -> Iterator[RawPod]:
+    pod = RawPod("pod-r", "127.0.0.9", reset_each_request)
     yield pod
     pod.stop()
 
@@ -36,23 +37,23 @@ def statuses(client: httpx.Client, count: int) -> list[int]:
 
 
 def test_a_pod_that_fails_mid_request_gets_nothing_until_its_cooldown_ends(
-    start_pods: StartPods, start_router: StartRouter, resetting: ResettingPod
+    start_pods: StartPods, start_router: StartRouter, resetting: RawPod
 ) -> None:
     clock = ManualClock()
     client = start_router(static_config([*start_pods(2), resetting]), clock=clock)
 
     # The third request starts at pod-r, which takes it and resets: final (it may have acted).
     assert statuses(client, 30).count(502) == 1
-    assert resetting.accepted == 1
+    assert resetting.connections == 1
     clock.advance(FAILED_COOLDOWN)  # over: its turn comes round once in three requests
     assert statuses(client, 3).count(502) == 1
-    assert resetting.accepted == 2
+    assert resetting.connections == 2
     clock.advance(FAILED_COOLDOWN)  # half of the doubled cooldown
     assert statuses(client, 3) == [200] * 3
-    assert resetting.accepted == 2
+    assert resetting.connections == 2
     clock.advance(FAILED_COOLDOWN)
     assert statuses(client, 3).count(502) == 1
-    assert resetting.accepted == 3
+    assert resetting.connections == 3
 
 
 def test_a_pod_that_refuses_connections_costs_one_connect_per_cooldown(
@@ -183,7 +184,7 @@ def test_one_router_stays_exactly_even_around_a_dead_pod(
 
 
 def test_a_failed_pool_request_names_the_last_pod_tried(
-    start_pods: StartPods, start_router: StartRouter, resetting: ResettingPod
+    start_pods: StartPods, start_router: StartRouter, resetting: RawPod
 ) -> None:
     busy, dead = start_pods(2)
     busy.app.mode = "busy"
