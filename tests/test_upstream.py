@@ -229,6 +229,32 @@ def test_a_silent_pod_times_out() -> None:
     run(scenario, lambda server: silent)
 
 
+def test_a_shorter_read_timeout_holds_on_a_pooled_connection() -> None:
+    """The connection's read timer, armed for a long wait by the first request, ends a
+    shorter one of the next in time (`limits.Deadline` re-arms earlier)."""
+    async def scenario(server: Scripted, client: Client) -> None:
+        response = await client.request("GET", "127.0.0.2", server.port, "/", [], None,
+                                         Timeout(read=60, connect=1))
+        assert await response.read() == b"ok"
+        response.release()
+        async with asyncio.timeout(10):  # not the first request's 60 s
+            with pytest.raises(UpstreamTimeout):
+                await client.request("GET", "127.0.0.2", server.port, "/", [], None,
+                                     Timeout(read=0.2, connect=1))
+        assert server.connections == 1
+
+    def answer_once_then_silent(server: Scripted) -> Script:
+        async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await server.read_request(reader)
+            writer.write(OK)
+            await writer.drain()
+            await reader.read()
+
+        return script
+
+    run(scenario, answer_once_then_silent)
+
+
 def test_refused_connections_fail_before_anything_is_sent() -> None:
     async def scenario(server: Scripted, client: Client) -> None:
         with pytest.raises(ConnectFailed):
