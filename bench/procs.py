@@ -11,7 +11,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Self
 
@@ -52,12 +52,14 @@ class Child:
     """A process the bench started: SIGTERM then SIGKILL by its PID when stopped, and its
     stderr kept in a file so a failed start can say why."""
 
-    def __init__(self, name: str, argv: Sequence[str], log: Path) -> None:
+    def __init__(self, name: str, argv: Sequence[str], log: Path,
+                 env: Mapping[str, str] | None = None) -> None:
         self.name = name
         self.log = log
         with log.open("wb") as stderr:
             self.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
+                env=env,
             )
 
     @property
@@ -99,9 +101,9 @@ class ServerChild(Child):
     `ready_path` answers 200; stopped again if it never does."""
 
     def __init__(self, name: str, argv: Sequence[str], log: Path, port: int,
-                 ready_path: str) -> None:
+                 ready_path: str, env: Mapping[str, str] | None = None) -> None:
         self.port = port
-        super().__init__(name, argv, log)
+        super().__init__(name, argv, log, env)
         try:
             self.wait_ready(self.url + ready_path)
         except BaseException:

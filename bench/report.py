@@ -26,6 +26,8 @@ class Row:
     errors: int = 0  # socket errors and failed transfers
     non_2xx: int = 0
     cpu_seconds: float | None = None
+    cpu_us_per_request: float | None = None  # wrk cells: the proxy's CPU ÷ requests answered
+    cpu_cores: float | None = None  # wrk cells: CPU seconds ÷ the cell's seconds
     peak_rss_mib: float | None = None
     upstream_conns_per_1k: float | None = None  # while the load is steady
     upstream_conns_per_1k_cell: float | None = None  # over the whole cell, its edges included
@@ -43,8 +45,8 @@ class Check:
 
 
 _COLUMNS = (
-    "cell", "target", "c", "req/s · MiB/s", "p50 ms", "p99 ms", "err / non-2xx",
-    "÷nginx", "÷direct", "÷base", "CPU s", "peak RSS MiB",
+    "cell", "target", "c", "req/s · MiB/s", "CPU µs/req", "CPU cores", "p50 ms", "p99 ms",
+    "err / non-2xx", "÷nginx", "÷direct", "÷base", "CPU s", "peak RSS MiB",
     "new upstream conns / 1k req, steady (whole cell)",
 )
 
@@ -62,7 +64,8 @@ def table(rows: Sequence[Row]) -> str:
     for r in rows:
         cells = [
             r.cell, r.target, str(r.connections or "–"),
-            f"{_num(r.throughput, 1)} {r.unit}", _num(r.p50_ms), _num(r.p99_ms),
+            f"{_num(r.throughput, 1)} {r.unit}", _num(r.cpu_us_per_request, 1),
+            _num(r.cpu_cores), _num(r.p50_ms), _num(r.p99_ms),
             f"{r.errors} / {r.non_2xx}", _num(r.vs_nginx), _num(r.vs_direct), _num(r.vs_base),
             _num(r.cpu_seconds), _num(r.peak_rss_mib, 1),
             f"{_num(r.upstream_conns_per_1k)} ({_num(r.upstream_conns_per_1k_cell)})",

@@ -3,6 +3,7 @@ form) over a static pool, on a port picked for it."""
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,10 +17,12 @@ from bench.procs import ServerChild, fetch, free_port
 class RouterProcess(ServerChild):
     """`observability=True` is the operator default: `/metrics` served and one access-log
     line per request (to /dev/null); off, both are disabled to show the bare proxy. `extra`
-    are more router flags (bench/probes.py: `--limit-concurrency`)."""
+    are more router flags (bench/probes.py: `--limit-concurrency`; `--workers`). `source`
+    is another source tree whose `router` package runs instead of this one (on the same
+    interpreter and installed packages): an earlier commit, measured in the same run."""
 
     def __init__(self, name: str, workdir: Path, pods: Sequence[Pod], observability: bool,
-                 extra: Sequence[str] = ()):
+                 extra: Sequence[str] = (), source: Path | None = None):
         port = free_port()
         self.metrics_port = free_port() if observability else 0
         argv = [
@@ -31,7 +34,10 @@ class RouterProcess(ServerChild):
             "--access-log" if observability else "--no-access-log",
             *extra,
         ]
-        super().__init__(name, argv, workdir / f"{name}.log", port, "/ready")
+        env = None
+        if source is not None:
+            env = {**os.environ, "PYTHONPATH": str(source)}  # ahead of the installed package
+        super().__init__(name, argv, workdir / f"{name}.log", port, "/ready", env)
 
     def metrics_served(self) -> bool:
         """Whether `/metrics` answers with the router's counters (it is built in parallel

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import io
 import itertools
 import platform
 import signal
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,7 @@ FLOORS = (
 )
 # The 64 MiB transfers' floor: relays with no HTTP (bench/relay.py).
 RELAY_FLOORS = (("byte relay: uvloop", "relay"), ("byte relay: splice(2)", "splice"))
+PAIRED_CELL = "GET 100 B, router c=16 then c=256"
 BUSY_CELL = "GET 100 B, pool of 3 + 1 always-503"
 DEAD_CELL = "GET 100 B, pool of 3 + 1 refusing connections"
 # The parts of a run, for --only.
@@ -63,13 +66,17 @@ PARTS = ("small", "transfers", "busy", "dead")
 
 @dataclass(frozen=True)
 class Settings:
-    duration: int  # wrk takes whole seconds
+    duration: int  # the small GET's cells; wrk takes whole seconds
     warmup: int
     threads: int
     concurrency: tuple[int, ...]
     busy_connections: int
     reps: int
     parts: tuple[str, ...] = PARTS
+    degraded_duration: int = 5  # the busy-pool and dead-pod cells
+    workers: int = 2  # also measure `--workers N` on the small GET (below 2: not)
+    compare: str = ""  # also measure the router of this commit or source tree ("": not)
+    pairs: int = 2  # router cells at c=16 then c=256, back to back, for the goal's ratio
 
 
 @dataclass(frozen=True)
@@ -84,14 +91,15 @@ class Target:
     pods: tuple[Pod, ...]
 
 
-def measure(target: Target, path: str, cell: str, c: int, s: Settings) -> Row:
+def measure(target: Target, path: str, cell: str, c: int, s: Settings,
+            duration: int) -> Row:
     url = target.url + path
     if s.warmup:
         wrk.run(url, c, s.warmup, s.threads)
     pods = target.pods
     before = nginx.tally(pods)
-    with Usage(target.pid) as usage, wrk.Load(url, c, s.duration, s.threads) as load:
-        first, last = _steady_window(pods, s.duration) if pods else (before, before)
+    with Usage(target.pid) as usage, wrk.Load(url, c, duration, s.threads) as load:
+        first, last = _steady_window(pods, duration) if pods else (before, before)
         result = load.wait()
     steady = whole = None
     if pods and result.requests:
@@ -105,11 +113,15 @@ def measure(target: Target, path: str, cell: str, c: int, s: Settings) -> Row:
         requests=result.requests, p50_ms=result.p50_ms, p99_ms=result.p99_ms,
         errors=result.socket_errors, non_2xx=result.non_2xx,
         cpu_seconds=usage.cpu_seconds if target.pid else None,
+        cpu_us_per_request=(usage.cpu_seconds / result.requests * 1e6
+                            if target.pid and result.requests else None),
+        cpu_cores=usage.cpu_seconds / result.seconds if target.pid and result.seconds else None,
         peak_rss_mib=usage.peak_rss_mib if target.pid else None,
         upstream_conns_per_1k=steady, upstream_conns_per_1k_cell=whole,
     )
-    print(f"  {cell} c={c} {target.name}: {result.rps:,.0f} req/s, p99 {result.p99_ms:.2f} ms",
-          file=sys.stderr, flush=True)
+    cpu = f", {row.cpu_us_per_request:.1f} µs CPU/req" if row.cpu_us_per_request else ""
+    print(f"  {cell} c={c} {target.name}: {result.rps:,.0f} req/s{cpu}, "
+          f"p99 {result.p99_ms:.2f} ms", file=sys.stderr, flush=True)
     return row
 
 
@@ -124,6 +136,15 @@ def _steady_window(pods: Sequence[Pod], duration: int) -> tuple[nginx.Tally, ngi
     return first, nginx.tally(pods)
 
 
+def workers_name(workers: int) -> str:
+    return f"{ROUTER} --workers {workers}"
+
+
+def base_name(compare: str) -> str:
+    """Not starting with `ROUTER`: this branch's checks do not hold an earlier one."""
+    return f"base router @{Path(compare).name if Path(compare).is_dir() else compare}"
+
+
 def _ratio(value: float, reference: float) -> float | None:
     return value / reference if reference else None
 
@@ -132,18 +153,36 @@ def small_gets(targets: Sequence[Target], floors: Sequence[tuple[Target, Sequenc
                s: Settings) -> list[Row]:
     """The 100-byte GET at every concurrency, each uvicorn reference in turn with the rest
     at its own concurrencies only; ratios against nginx and the direct path of the same
-    cell, and observability's cost as router+obs ÷ router."""
+    cell, and ÷base against the router: observability's cost (router+obs), what more
+    workers give, and what an earlier commit's router did (`--compare`)."""
     rows: list[Row] = []
     for c in s.concurrency:
         measured = [*targets, *(floor for floor, cs in floors if c in cs)]
-        cell = {t.name: measure(t, "/", "GET 100 B", c, s) for t in measured}
+        cell = {t.name: measure(t, "/", "GET 100 B", c, s, s.duration) for t in measured}
         for row in cell.values():
             if row.target not in (NGINX, DIRECT):
                 row.vs_nginx = _ratio(row.throughput, cell[NGINX].throughput)
             if row.target != DIRECT:
                 row.vs_direct = _ratio(row.throughput, cell[DIRECT].throughput)
-        cell[ROUTER_OBS].vs_base = _ratio(cell[ROUTER_OBS].throughput, cell[ROUTER].throughput)
+        for target in targets:
+            if target.kind == ROUTER and target.name != ROUTER:
+                row = cell[target.name]
+                row.vs_base = _ratio(row.throughput, cell[ROUTER].throughput)
         rows.extend(cell.values())
+    return rows
+
+
+def paired(router: Target, s: Settings) -> list[Row]:
+    """The router at c=16 then at c=256, back to back, `--pairs` times; each c=256 row's
+    ÷base is against the c=16 row just before. The goals' c=256 ÷ c=16 ratios are taken
+    from these pairs: the table's cells of the two concurrencies are minutes apart, and
+    on a shared machine the load of others changes in minutes."""
+    rows: list[Row] = []
+    for _ in range(s.pairs):
+        low = measure(router, "/", PAIRED_CELL, 16, s, s.duration)
+        high = measure(router, "/", PAIRED_CELL, 256, s, s.duration)
+        high.vs_base = _ratio(high.throughput, low.throughput)
+        rows += [low, high]
     return rows
 
 
@@ -210,11 +249,11 @@ def degraded_pool(cell: str, plain: Sequence[Target], degraded: Sequence[Target]
     first; it runs with metrics and access log on (router+obs, on both pools), so its own
     counters tell how many pod attempts a request cost."""
     c = s.busy_connections
-    base = {t.kind: measure(t, "/", cell, c, s) for t in plain}
+    base = {t.kind: measure(t, "/", cell, c, s, s.degraded_duration) for t in plain}
     rows = list(base.values())
     first: dict[str, Row] = {}
     for target in degraded:
-        row = measure(target, "/", cell, c, s)
+        row = measure(target, "/", cell, c, s, s.degraded_duration)
         row.vs_base = _ratio(row.throughput, base[target.kind].throughput)
         first.setdefault(target.kind, row)
         rows.append(row)
@@ -230,20 +269,58 @@ def _find(rows: Sequence[Row], cell: str, target: str, c: int | None = None) -> 
     return None
 
 
-def checks(rows: Sequence[Row]) -> list[Check]:
-    """The targets the router is held to, each from this run's own numbers."""
+def _listed(values: Sequence[float]) -> str:
+    return ", ".join(f"{value:.2f}" for value in values)
+
+
+def _of_nginx(low: Row | None, high: Row | None, of: Callable[[Row], float | None]) -> str:
+    """nginx's c=256 ÷ c=16 in the table's cells, as "; nginx: 0.97", or nothing."""
+    a, b = (of(low) if low else None), (of(high) if high else None)
+    return f"; nginx: {b / a:.2f}" if a and b else ""
+
+
+def checks(rows: Sequence[Row], base: str | None = None) -> list[Check]:
+    """The targets the router is held to, each from this run's own numbers. `base`:
+    the row name of an earlier commit's router (`--compare`), held to the 5% budget."""
     found: list[Check] = []
     r64, r16, r256 = (_find(rows, "GET 100 B", ROUTER, c) for c in (64, 16, 256))
-    n64 = _find(rows, "GET 100 B", NGINX, 64)
+    n64, n256 = (_find(rows, "GET 100 B", NGINX, c) for c in (64, 256))
     if r64 and r64.vs_nginx is not None:
-        found.append(Check("router ÷ nginx req/s, c=64", r64.vs_nginx, ">= 0.20",
-                           r64.vs_nginx >= 0.20))
-    if r16 and r256 and r16.throughput:
-        ratio = r256.throughput / r16.throughput
-        found.append(Check("router req/s c=256 ÷ c=16", ratio, ">= 0.70", ratio >= 0.70))
-    if r64 and n64 and r64.p99_ms is not None and n64.p99_ms:
-        ratio = r64.p99_ms / n64.p99_ms
-        found.append(Check("router p99 ÷ nginx p99, c=64", ratio, "<= 10", ratio <= 10))
+        found.append(Check("router ÷ nginx req/s, c=64", r64.vs_nginx, ">= 0.25",
+                           r64.vs_nginx >= 0.25))
+    lows = [r for r in rows if r.cell == PAIRED_CELL and r.connections == 16]
+    highs = [r for r in rows if r.cell == PAIRED_CELL and r.connections == 256]
+    pairs = list(zip(lows, highs, strict=True))
+    where = f"median of {len(pairs)} back-to-back pairs" if pairs else "the table's cells"
+    if not pairs and r16 and r256:
+        pairs = [(r16, r256)]
+    speed = [high.throughput / low.throughput for low, high in pairs if low.throughput]
+    cpu = [high.cpu_us_per_request / low.cpu_us_per_request for low, high in pairs
+           if high.cpu_us_per_request and low.cpu_us_per_request]
+    # nginx's own ratios, from the table's cells, say what the machine did to any proxy.
+    n16 = _find(rows, "GET 100 B", NGINX, 16)
+    if speed:
+        ratio = statistics.median(speed)
+        nginx_said = _of_nginx(n16, n256, lambda r: r.throughput)
+        found.append(Check(f"router req/s c=256 ÷ c=16 ({where}: {_listed(speed)}{nginx_said})",
+                           ratio, ">= 0.85", ratio >= 0.85))
+    if cpu:
+        ratio = statistics.median(cpu)
+        nginx_said = _of_nginx(n16, n256, lambda r: r.cpu_us_per_request)
+        found.append(Check(f"router CPU per request c=256 ÷ c=16 ({where}: {_listed(cpu)}"
+                           f"{nginx_said})", ratio, "<= 1.15", ratio <= 1.15))
+    for r, n, c, goal in ((r64, n64, 64, 10.0), (r256, n256, 256, 3.0)):
+        if r and n and r.p99_ms is not None and n.p99_ms:
+            ratio = r.p99_ms / n.p99_ms
+            found.append(Check(f"router p99 ÷ nginx p99, c={c}", ratio, f"<= {goal:g}",
+                               ratio <= goal))
+    for c in (64, 256):
+        r = _find(rows, "GET 100 B", ROUTER, c)
+        b = _find(rows, "GET 100 B", base, c) if base is not None else None
+        if r and b and b.throughput:
+            ratio = r.throughput / b.throughput
+            found.append(Check(f"router ÷ {b.target} req/s, c={c} (the 5% budget)", ratio,
+                               ">= 0.95", ratio >= 0.95))
     routers = [r for r in rows if r.target.startswith(ROUTER)]
     conns = [r.upstream_conns_per_1k for r in routers if r.upstream_conns_per_1k is not None]
     if conns:
@@ -275,7 +352,21 @@ def _version(argv: list[str]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--duration", type=int, default=5, help="seconds per wrk cell")
+    parser.add_argument("--duration", type=int, default=10,
+                        help="seconds per cell of the small GET (the goals' cells)")
+    parser.add_argument("--pairs", type=int, default=2,
+                        help="after the small GET, the router at c=16 then c=256 this many "
+                             "times, back to back: the goals' c=256 ÷ c=16 ratios (0: from "
+                             "the table's cells)")
+    parser.add_argument("--degraded-duration", type=int, default=5,
+                        help="seconds per cell of the busy-pool and dead-pod parts")
+    parser.add_argument("--workers", type=int, default=2,
+                        help="also measure the router with --workers N on the small GET "
+                             "(0 or 1: not)")
+    parser.add_argument("--compare", default="", metavar="COMMIT|DIR",
+                        help="also measure the router of this git commit (its router/ "
+                             "extracted into the run's temp directory) or source tree, on "
+                             "the small GET, against this one: the cost of what changed since")
     parser.add_argument("--warmup", type=int, default=2,
                         help="uncounted seconds before each wrk cell (0 = none)")
     parser.add_argument("--quick", action="store_true",
@@ -333,12 +424,24 @@ class Lab:
             nginx.start_proxy(directory, self._workdir, pool, port, max_fails, fail_timeout))
         return Target(name, NGINX, f"http://127.0.0.1:{port}", child.pid, pool)
 
-    def router(self, name: str, pool: tuple[Pod, ...],
-               observability: bool = False) -> tuple[Target, RouterProcess]:
+    def router(self, name: str, pool: tuple[Pod, ...], observability: bool = False,
+               extra: Sequence[str] = (), source: Path | None = None,
+               ) -> tuple[Target, RouterProcess]:
         directory = f"router-{next(self._started)}"
         child = self._stack.enter_context(
-            RouterProcess(directory, self._workdir, pool, observability))
+            RouterProcess(directory, self._workdir, pool, observability, extra, source))
         return Target(name, ROUTER, child.url, child.pid, pool), child
+
+    def source(self, compare: str) -> Path:
+        """A source tree as given, or a commit's `router/` extracted from git."""
+        if Path(compare).is_dir():
+            return Path(compare).resolve()
+        tree = self._workdir / f"source-{compare}"
+        archive = subprocess.run(["git", "archive", "--format=tar", compare, "router"],
+                                 capture_output=True, check=True).stdout
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(tree, filter="data")
+        return tree
 
     def floor(self, name: str, kind: str, forwards: bool) -> Target:
         """A uvicorn reference (bench/floor.py); the proxies forward to the plain pool."""
@@ -362,7 +465,16 @@ def run(s: Settings, profile: Path | None) -> tuple[list[Row], bool, list[Check]
         if "small" in s.parts:
             floors = [(lab.floor(name, kind, forwards), cs)
                       for name, kind, forwards, cs in FLOORS]
-            rows += small_gets([direct, proxy, router, observed], floors, s)
+            more = []
+            if s.workers > 1:
+                more.append(lab.router(workers_name(s.workers), lab.pods,
+                                       extra=("--workers", str(s.workers)))[0])
+            if s.compare:
+                more.append(lab.router(base_name(s.compare), lab.pods,
+                                       source=lab.source(s.compare))[0])
+            rows += small_gets([direct, proxy, router, observed, *more], floors, s)
+            if 16 in s.concurrency and 256 in s.concurrency:
+                rows += paired(router, s)
         if "transfers" in s.parts:
             relays = [lab.floor(name, kind, forwards=True) for name, kind in RELAY_FLOORS]
             rows += transfers([direct, proxy, router], relays, lab.big, s.reps)
@@ -394,6 +506,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     s = Settings(
         duration=2 if args.quick else max(1, args.duration),
+        degraded_duration=2 if args.quick else max(1, args.degraded_duration),
+        workers=args.workers,
+        pairs=1 if args.quick else max(0, args.pairs),
+        compare=args.compare,
         warmup=1 if args.quick else args.warmup,
         threads=args.threads,
         concurrency=tuple(int(c) for c in args.concurrency.split(",")),
@@ -404,7 +520,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     started = datetime.datetime.now(datetime.UTC)
     rows, metrics_served, wasted = run(s, args.profile)
-    found = checks(rows) + wasted
+    found = checks(rows, base_name(s.compare) if s.compare else None) + wasted
     meta = {
         "started": started.isoformat(timespec="seconds"),
         "settings": s.__dict__,
@@ -420,11 +536,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(report.table(rows))
     print()
     print(f"nginx: one worker (`master_process off`), keepalive 64 to the pods; wrk -t"
-          f"{s.threads}, {s.duration:g} s cells after {s.warmup:g} s warm-ups; "
-          f"{psutil.cpu_count()} CPUs shared by everything.")
-    print("÷base: router+obs ÷ router; a pool with a busy or dead pod ÷ the same proxy "
-          "without that pod. "
-          f"router+obs /metrics served: {'yes' if metrics_served else 'no'}.")
+          f"{s.threads}, {s.duration:g} s cells ({s.degraded_duration:g} s with a busy or "
+          f"dead pod) after {s.warmup:g} s warm-ups; {psutil.cpu_count()} CPUs shared by "
+          "everything.")
+    print("CPU µs/req: the proxy's CPU time (user + system, its workers included, from "
+          "/proc/PID/stat) over the cell ÷ the requests wrk counted; CPU cores: that CPU "
+          "time ÷ the cell's seconds (1.00 = one core saturated).")
+    print("÷base: router+obs, router --workers N and the base router (an earlier commit, "
+          "--compare) ÷ router; a pool with a busy or dead pod ÷ the same proxy without "
+          f"that pod. router+obs /metrics served: {'yes' if metrics_served else 'no'}.")
     print("References (GET 100 B; httpx at c=64 only): uvicorn answering 100 B itself is the "
           "ceiling of any uvicorn server here; the bare proxies forward round robin with one "
           "shared aiohttp or httpx client (unbounded pool) and nothing else: the least a "

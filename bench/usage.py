@@ -1,5 +1,7 @@
-"""What a proxy process costs over one cell: peak RSS and CPU seconds. RSS is sampled in a
-thread every 20 ms, so the peak of a short transfer is seen, not just its end."""
+"""What a proxy costs over one cell: peak RSS and CPU seconds of its process and its
+children (`--workers N`: the supervisor and its workers, as they are when the cell starts),
+read from /proc/PID/stat and statm by psutil. RSS is sampled in a thread every 20 ms, so
+the peak of a short transfer is seen, not just its end."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ class Usage:
 
     def __init__(self, pid: int | None, interval: float = 0.02) -> None:
         self._process = psutil.Process(pid) if pid is not None else None
+        self._tree: list[psutil.Process] = []
         self._interval = interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -28,19 +31,21 @@ class Usage:
         return self.peak_rss / MIB
 
     def _cpu(self) -> float:
-        assert self._process is not None
-        times = self._process.cpu_times()
-        return float(times.user + times.system)
+        total = 0.0
+        for process in self._tree:
+            times = process.cpu_times()
+            total += times.user + times.system
+        return total
 
     def _sample(self) -> None:
-        assert self._process is not None
         while True:
-            self.peak_rss = max(self.peak_rss, self._process.memory_info().rss)
+            self.peak_rss = max(self.peak_rss, sum(p.memory_info().rss for p in self._tree))
             if self._stop.wait(self._interval):
                 return
 
     def __enter__(self) -> Usage:
         if self._process is not None:
+            self._tree = [self._process, *self._process.children(recursive=True)]
             self._cpu_start = self._cpu()
             self._thread.start()
         return self
@@ -50,3 +55,4 @@ class Usage:
             self._stop.set()
             self._thread.join()
             self.cpu_seconds = self._cpu() - self._cpu_start
+

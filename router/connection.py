@@ -22,6 +22,7 @@ import httptools
 from router import replay
 from router.body import ClientGone
 from router.errors import ProxyError, UpstreamFailed, UpstreamTimeout
+from router.limits import Deadline
 
 HIGH_WATER = 512 * 1024
 """Response bytes buffered before reading from the pod pauses (the client is slower)."""
@@ -70,6 +71,7 @@ class Connection(asyncio.Protocol):
         self._write_paused = False
         self._drained: asyncio.Future[None] | None = None
         self._aborted = False
+        self.reading: Deadline | None = None  # bounds each wait for the pod, once connected
 
     async def send(
         self, method: str, head: bytes, body: Body, length: int | None, read_timeout: float,
@@ -165,6 +167,11 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        self.reading = Deadline(self.loop, self._read_expired)
+
+    def _read_expired(self) -> None:
+        if self.response is not None:
+            self.response.timed_out()
 
     def data_received(self, data: bytes) -> None:
         if self.response is not None:
@@ -178,6 +185,8 @@ class Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._pool.forget(self)
+        if self.reading is not None:
+            self.reading.close()
         if self.response is not None:
             # Our own abort ends the connection without an error, but never cleanly.
             self.response.lost(exc or (ConnectionAbortedError() if self._aborted else None))
@@ -435,6 +444,11 @@ class Response:
             self.writer.cancel()
             self.body_sent = False
         self._connection.release()
+        # The parser holds this answer (its callbacks are bound methods) and the answer the
+        # parser: a cycle, which only the cyclic collector would free. Under load that is
+        # a collection every few dozen requests, each costing more the more requests are in
+        # flight; broken here, both go by reference counting. Nothing feeds it any more.
+        del self._parser
 
     def close(self) -> None:
         """Give up on the answer: its connection is closed, never pooled."""
@@ -479,17 +493,22 @@ class Response:
         return self._buffered > DRAIN_LIMIT or (self.content_length or 0) > DRAIN_LIMIT
 
     async def _wait(self) -> None:
-        loop = self._connection.loop
-        waiter = self._waiter = loop.create_future()
-        timer = loop.call_later(self._read_timeout, self._timed_out, waiter)
+        """Until the pod sends more, for at most the read timeout: timed by the connection's
+        `Deadline`, which moves without a new timer per wait."""
+        connection = self._connection
+        waiter = self._waiter = connection.loop.create_future()
+        reading = connection.reading
+        assert reading is not None  # a response exists only on a connected connection
+        reading.start(self._read_timeout)
         try:
             await waiter
         finally:
-            timer.cancel()
+            reading.stop()
             self._waiter = None
 
-    def _timed_out(self, waiter: asyncio.Future[None]) -> None:
-        if not waiter.done():
+    def timed_out(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
             self._error = UpstreamTimeout()
             waiter.set_exception(self._error)
             self._connection.close()

@@ -221,6 +221,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._line_open = True  # no line end seen yet in the current head
         self._exact = False  # the head began inside a read: `_head_bytes` missed part of it
         self._deadline = Deadline(self.loop, self._expired)
+        self._keep_alive = Deadline(self.loop, self.timeout_keep_alive_handler)
         self._send_timer: asyncio.TimerHandle | None = None
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
         self.flow = ReadingFlow(self.transport, self._reading_resumed)
@@ -310,11 +311,23 @@ class HttpProtocol(HttpToolsProtocol):
         self._deadline.stop()
 
     def on_response_complete(self) -> None:
-        """uvicorn's; then, with no request left in flight, the next head is timed."""
-        super().on_response_complete()
+        """uvicorn's, with its keep-alive timer (a new timer per request, cancelled by the
+        next request's first read) kept in a `Deadline` that moves without one; then, with
+        no request left in flight, the next head is timed."""
+        self.server_state.total_requests += 1
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            else:
+                self._keep_alive.start(self.timeout_keep_alive)
         serving = self.serving
         if self.reading is not Reading.BODY and (serving is None or serving.response_complete):
             self._deadline.start(self.options.header_timeout)
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._keep_alive.stop()
 
     def _in_flight(self) -> bool:
         return self.serving is not None and not self.serving.response_complete
@@ -428,6 +441,7 @@ class HttpProtocol(HttpToolsProtocol):
         # Nothing left holding the protocol in a cycle: freed now, not by the collector.
         self.watch.release()
         self._deadline.close()
+        self._keep_alive.close()
         cast(ReadingFlow, self.flow).resumed = _nothing
         if self._send_timer is not None:
             self._send_timer.cancel()

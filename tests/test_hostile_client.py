@@ -194,6 +194,26 @@ def test_next_head_is_timed_from_the_end_of_the_previous_answer(
     serves_next(client, pod)
 
 
+# -- --timeout-keep-alive --
+
+
+def test_kept_alive_connection_is_closed_once_idle_for_the_keep_alive_timeout(
+    start_pods: StartPods, start_router: StartRouter
+):
+    """Between requests the keep-alive timeout applies (here far shorter than the head's),
+    each request moving it on."""
+    (pod,) = start_pods(1)
+    client = start_router(static_config([pod], header_timeout=30.0, timeout_keep_alive=1.0))
+    raw = RawClient(port_of(client))
+    for _ in range(3):
+        raw.send(HEAD + b"\r\n")
+        answer = raw.answer()
+        assert answer is not None and answer.status == 200
+    assert raw.closed()  # by the router, well within the client's 10 s
+    assert pod.app.hits == 3
+    serves_next(client, pod)
+
+
 # -- --body-timeout --
 
 
