@@ -37,8 +37,10 @@ from router.errors import (
     send_error,
 )
 from router.headers import (
+    UPGRADE_WITH_BODY,
     Incoming,
     Pinned,
+    declares_body,
     parse_pinned,
     read_request,
     response_headers,
@@ -116,6 +118,8 @@ class Proxy:
             if self._gate is not None:  # also before the body is read; takes Authorization
                 await self._gate.check(incoming, pinned, exchange)
             if upgrade is not None:
+                if declares_body(scope["headers"]):
+                    raise UPGRADE_WITH_BODY
                 reserved = self.tunnels.reserve(upgrade[1])
                 if not reserved:
                     raise TOO_MANY_UPGRADES
