@@ -42,6 +42,11 @@ class Deadline:
         if self._handle is None or self._armed > at:
             self._arm(at)
 
+    @property
+    def due(self) -> float | None:
+        """When the current wait runs out (loop time), None if nothing is timed."""
+        return self._at
+
     def stop(self) -> None:
         """No deadline until the next `start` (the timer, if armed, fires for nothing)."""
         self._at = None

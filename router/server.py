@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import signal
 import socket
 import threading
@@ -359,21 +360,32 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _drain(self, count: int) -> None:
         """Descriptors nearly exhausted: close the `count` oldest client connections that
-        have not sent a complete request, so this one and the next are served (nginx's
-        `ngx_drain_connections`)."""
-        idle = sorted(
-            (c for c in self.connections
-             if isinstance(c, HttpProtocol) and c is not self and c._waiting()),
-            key=lambda c: c.opened,
-        )
-        for connection in idle[:count]:
+        have not sent a complete request head, so this one and the next are served (nginx's
+        `ngx_drain_connections`). Too few of those: the uploads quiet the longest in their
+        body go too, with the 408 of `--body-timeout` (a slow POST holds a descriptor as an
+        idle client does; an upload that keeps moving is the last to go)."""
+        others = [c for c in self.connections if isinstance(c, HttpProtocol) and c is not self]
+        idle = sorted((c for c in others if c._waiting()), key=lambda c: c.opened)[:count]
+        for connection in idle:
             connection.transport.close()
+        slow = sorted((c for c in others if c._uploading()),
+                      key=lambda c: (c._deadline.due or math.inf, c.opened))[:count - len(idle)]
+        for connection in slow:
+            connection._body_expired()
         if idle:  # else every connection is busy: plain overload, nothing to say per accept
             log.warning("file descriptors nearly exhausted: closed %d idle client connections",
-                        min(count, len(idle)))
+                        len(idle))
+        if slow:
+            log.warning("file descriptors nearly exhausted: closed %d client connections quiet "
+                        "in a request body", len(slow))
 
     def _waiting(self) -> bool:
         return (self.reading is not Reading.BODY and not self._in_flight()
+                and not self.transport.is_closing())
+
+    def _uploading(self) -> bool:
+        """In a request body the router is waiting for (not one it paused reading)."""
+        return (self.reading is Reading.BODY and not self.flow.read_paused
                 and not self.transport.is_closing())
 
     def pause_writing(self) -> None:

@@ -417,3 +417,29 @@ def test_idle_clients_are_closed_so_a_new_one_is_served_when_descriptors_run_out
         for raw in idle:
             raw.close()
         router.kill()
+
+
+def test_stalled_uploads_are_closed_too_when_descriptors_run_out(start_pods: StartPods):
+    """A slow POST holds a descriptor as an idle client does: with only uploads stalled in
+    their bodies, a new client used to get an empty reply."""
+    (pod,) = start_pods(1)
+    router = RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}",
+                            "--body-timeout", "0"],
+                           preexec=_low_fd_limit)
+    stalled: list[RawClient] = []
+    try:
+        process = psutil.Process(router.process.pid)
+        for _ in range(300):
+            stalled.append(RawClient(router.port))
+            stalled[-1].send(b"POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 1000\r\n\r\nab")
+        eventually(lambda: process.num_fds() >= 200)
+        response = httpx.get(router.url + "/", timeout=10)
+        assert response.status_code == 200
+        assert pod.app.hits == 1  # no stalled upload reached the pod, even cut short
+        answer = stalled[0].answer()  # the quietest (here: the oldest) went first
+        assert answer is not None and answer.status == 408
+        assert any("quiet in a request body" in line for line in router.lines)
+    finally:
+        for raw in stalled:
+            raw.close()
+        router.kill()
