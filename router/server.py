@@ -505,7 +505,9 @@ def server_config(
         log_level=config.log_level,
         limit_concurrency=config.limit_concurrency or None,
         backlog=config.backlog,
-        timeout_keep_alive=int(config.timeout_keep_alive),
+        # uvicorn hands this to `call_later`, which takes fractions; int() made 0.5 a 0,
+        # closing every connection after its first answer.
+        timeout_keep_alive=config.timeout_keep_alive,  # type: ignore[arg-type]
         timeout_graceful_shutdown=max(1, int(config.shutdown_timeout)),
     )
 
