@@ -204,7 +204,11 @@ class Proxy:
                 self._observer.attempt("connect_error")
                 continue
             except (UpstreamTimeout, UpstreamFailed) as error:
-                self._health.failed(pod, "failed", error)
+                # A timeout the client shortened (`X-Sandbox-Timeout`) is its deadline, not
+                # the pod's failure: else any client could cool every pod down at will.
+                if not (isinstance(error, UpstreamTimeout)
+                        and limits.read < self._config.proxy_timeout):
+                    self._health.failed(pod, "failed", error)
                 raise
             if response.status == 503:
                 self._health.failed(pod, "busy")
