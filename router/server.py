@@ -274,9 +274,12 @@ class HttpProtocol(HttpToolsProtocol):
                     self._refuse(431, "The request headers are too large.")
 
     def _bad_request(self) -> None:
+        """uvicorn's 400 went out at once, even behind a pipelined request in flight: the
+        client took it for that request's answer. `_refuse` keeps the order (and answers
+        in JSON, as every status of the router's own)."""
         message = "Invalid HTTP request received."
         self.logger.warning(message)
-        self.send_400_response(message)
+        self._refuse(400, message)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()

@@ -443,3 +443,27 @@ def test_stalled_uploads_are_closed_too_when_descriptors_run_out(start_pods: Sta
         for raw in stalled:
             raw.close()
         router.kill()
+
+
+def test_a_malformed_request_pipelined_behind_one_in_flight_gets_no_answer_of_its_own(
+    router: tuple[httpx.Client, Pod],
+):
+    """The pod runs the first request; the client used to get the parser's 400 as the
+    first (only) answer on the connection, so it took the 400 for the request the pod ran.
+    Now, as for every head refused behind an answer under way, the connection just ends."""
+    client, pod = router
+    raw = RawClient(port_of(client))
+    raw.send(b"GET /slow?seconds=2 HTTP/1.1\r\nHost: r\r\n\r\n")
+    eventually(lambda: pod.app.hits == 1)  # the pod has it, and answers in 2 s
+    raw.send(b"GET / HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: gzip\r\n\r\n")
+    assert raw.answer() is None
+    raw.close()
+    serves_next(client, pod)
+
+
+def test_a_malformed_request_is_answered_in_json(router: tuple[httpx.Client, Pod]):
+    client, pod = router
+    answer = refused(request(port_of(client), HEAD + b"X: a\x00b\r\n\r\n"), 400)
+    assert answer.detail() == "Invalid HTTP request received."
+    assert pod.app.hits == 0
+    serves_next(client, pod)
