@@ -10,6 +10,7 @@ import logging
 import threading
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from tests.conftest import StartRawPods, StartRouter, static_config
@@ -148,3 +149,34 @@ def test_interim_heads_count_towards_the_limit(
     pods = start_raw_pods(answering(interim * count + OK))
     client = start_router(static_config(pods, max_response_head=HEAD_LIMIT))
     assert client.get("/").json() == TOO_BIG
+
+
+CHUNKED = STATUS + b"transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+
+
+@pytest.mark.usefixtures("no_errors_logged")
+def test_a_flood_of_trailer_is_cut_with_memory_flat(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """The head limit stopped at the head: an endless trailer value was buffered whole by
+    the parser (300 MiB of it took the router from 33 to 331 MB). Now what the parser is
+    fed between two pieces of body is bounded like a head; the answer, begun, is cut."""
+    hostile = Hostile(CHUNKED + b"x-trailer: ", b"a" * 65536)
+    pods = start_raw_pods(hostile)
+    client = start_router(static_config(pods, proxy_timeout=120))
+    with pytest.raises(httpx.RemoteProtocolError):  # the head was out: cut short
+        client.get("/")
+    assert client.get("/").content == b"ok"
+    assert hostile.done.wait(WAIT) and hostile.router_closed
+    assert 64 * 1024 < hostile.sent < HELD
+
+
+def test_trailers_are_not_merged_into_the_head(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """RFC 9110 6.5.1: they used to become headers when the whole answer came in one read."""
+    pods = start_raw_pods(answering(CHUNKED + b"content-encoding: gzip\r\n\r\n"))
+    client = start_router(static_config(pods))
+    response = client.get("/")
+    assert response.content == b"ok"
+    assert "content-encoding" not in response.headers
