@@ -152,6 +152,7 @@ class Reading(enum.Enum):
 
 HEAD_TIMEOUT = "The request head did not arrive in time."
 BODY_TIMEOUT = ProxyError(408, "The request body did not arrive in time.")
+TRAILERS_TOO_LARGE = ProxyError(431, "The request trailers are too large.")
 
 
 class HeadRefused(Exception):
@@ -221,6 +222,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # read since the current head began (whole reads: an upper bound)
         self._line_open = True  # no line end seen yet in the current head
         self._exact = False  # the head began inside a read: `_head_bytes` missed part of it
+        self._framing = 0  # read in a body since its last piece: trailers, chunk lines
         self._deadline = Deadline(self.loop, self._expired)
         self._send_timer: asyncio.TimerHandle | None = None
         super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
@@ -239,6 +241,8 @@ class HttpProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._line_open and b"\n" in data:
                 self._line_open = False
+        else:  # bounded like a head: httptools keeps a trailer value whole until it ends
+            self._framing += len(data)
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -260,7 +264,10 @@ class HttpProtocol(HttpToolsProtocol):
             return
         reading = self.reading
         if reading is Reading.BODY:
-            if not self.flow.read_paused:
+            if self._framing > self.options.max_request_head:
+                self.transport.pause_reading()
+                self._body_expired(TRAILERS_TOO_LARGE)
+            elif not self.flow.read_paused:
                 self._deadline.start(self.options.body_timeout)
         elif reading is Reading.IDLE:
             self._exact = False  # the read ended with a request: the next one is counted whole
@@ -291,6 +298,7 @@ class HttpProtocol(HttpToolsProtocol):
                 or len(self.headers) > MAX_HEADERS):
             self._check_head()  # the head came in large reads, or after another: count exactly
         self.reading = Reading.BODY
+        self._framing = 0
         self._exact = False
         self._head_bytes = 0
         self._line_open = True
@@ -341,14 +349,14 @@ class HttpProtocol(HttpToolsProtocol):
             else:
                 self.transport.close()
 
-    def _body_expired(self) -> None:
-        """408 if nothing was answered yet, through the request, which closes its pod
-        connection on the way out; else the connection ends (an answer under way ends
-        short, as when the client leaves)."""
+    def _body_expired(self, error: ProxyError = BODY_TIMEOUT) -> None:
+        """408 (or `error`) if nothing was answered yet, through the request, which closes
+        its pod connection on the way out; else the connection ends (an answer under way
+        ends short, as when the client leaves)."""
         cycle = self.cycle
         if self.serving is cycle and not cycle.response_started and self.watch.task is not None:
             cycle.keep_alive = False
-            self.watch.expire(BODY_TIMEOUT)
+            self.watch.expire(error)
         else:
             self.cut()
 
@@ -416,6 +424,7 @@ class HttpProtocol(HttpToolsProtocol):
         finds the buffer empty is handed over as the parser made it (`bytes()` of it, in
         uvicorn's `receive`, is the same object); one that finds it holding such a piece
         turns it back into a bytearray, so many small pieces in one read stay linear."""
+        self._framing = 0
         cycle = self.cycle
         if cycle.body or cycle.response_complete or self.parser.should_upgrade():
             if isinstance(cycle.body, bytes):  # a piece stored whole, below

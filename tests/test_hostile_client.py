@@ -234,6 +234,26 @@ def test_stalled_streamed_body_gets_408_and_the_pod_a_closed_connection(
     serves_next(client, pod)
 
 
+def test_endless_request_trailer_is_refused_and_the_pod_gets_no_whole_request(
+    start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
+):
+    """The head limit stopped at the head: a chunked body's endless trailer value was
+    buffered whole by the parser (200 MiB took the router from 33 to 417 MB)."""
+    silent = raw_pods()
+    client, pod = over_raw_pod(start_pods, start_router, silent)
+    raw = RawClient(port_of(client))
+    sent = raw.send_until_refused(
+        b"POST /up HTTP/1.1\r\nHost: r\r\nX-Sandbox-ID: raw-0\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-trailer: ",
+        b"a" * 65536, 128 * MiB)
+    assert refused(raw.answer(), 431).detail() == "The request trailers are too large."
+    assert sent < 16 * MiB
+    assert silent.ended.wait(10)
+    (received,) = silent.received
+    assert not bytes(received).endswith(b"0\r\n\r\n")  # never a whole (shorter) request
+    serves_next(client, pod)
+
+
 def test_body_time_the_router_spends_not_reading_is_not_the_clients(
     start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
 ):
