@@ -304,6 +304,10 @@ class HttpProtocol(HttpToolsProtocol):
         self._line_open = True
         self._deadline.stop()
         super().on_headers_complete()
+        # The request's scope holds the list of its head; a chunked body's trailers, which
+        # uvicorn's `on_header` appends too, go to a list nobody reads: never merged into
+        # the headers (RFC 9110 6.5.1), else one in the head's read would route the request.
+        self.headers = []
 
     def _check_head(self) -> None:
         limit = self.options.max_request_head

@@ -254,6 +254,21 @@ def test_endless_request_trailer_is_refused_and_the_pod_gets_no_whole_request(
     serves_next(client, pod)
 
 
+def test_request_trailers_neither_route_nor_reach_the_pod(router: tuple[httpx.Client, Pod]):
+    """A trailer that came in the same read as the head used to be added to the request's
+    headers (RFC 9110 6.5.1 says not to merge them): `X-Sandbox-ID` there pinned the
+    request, past any proxy in front that vets only the head."""
+    client, pod = router
+    answer = request(port_of(client),
+                     b"POST / HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\nok\r\n0\r\nX-Sandbox-ID: elsewhere\r\nX-Trailer: 1\r\n\r\n")
+    assert answer is not None and answer.status == 200
+    assert answer.headers["x-sandbox-id"] == pod.name  # a pool request, as its head said
+    (seen,) = pod.app.seen
+    assert seen.header("x-trailer") is None
+    assert seen.body_bytes == 2
+
+
 def test_body_time_the_router_spends_not_reading_is_not_the_clients(
     start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
 ):
