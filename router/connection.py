@@ -26,6 +26,10 @@ from router.errors import ProxyError, UpstreamFailed, UpstreamTimeout
 HIGH_WATER = 512 * 1024
 """Response bytes buffered before reading from the pod pauses (the client is slower)."""
 LOW_WATER = 128 * 1024
+MAX_PIECES = 1024
+"""Pieces of body buffered before reading pauses, whatever their size: a pod sending
+1-byte chunks to a client that reads slowly made each stalled request hold 512 Ki
+objects (about 20 MB), not 512 KiB."""
 JOIN_LIMIT = 64 * 1024
 """Small pieces that gathered are joined into one message; larger ones pass uncopied."""
 DRAIN_LIMIT = 64 * 1024
@@ -309,7 +313,7 @@ class Response:
         self._buffered += len(body)
         if self._remaining is not None:
             self._remaining -= len(body)
-        if self._buffered > HIGH_WATER and not self._paused:
+        if (self._buffered > HIGH_WATER or len(self._chunks) > MAX_PIECES) and not self._paused:
             self._paused = True
             self._connection.pause_reading()
         self._wake()
@@ -398,7 +402,7 @@ class Response:
                     data = b"".join(chunks)
                     chunks.clear()
                     self._buffered = 0
-                if self._paused and self._buffered <= LOW_WATER:
+                if self._paused and self._buffered <= LOW_WATER and len(chunks) <= MAX_PIECES:
                     self._paused = False
                     self._connection.resume_reading()
                 yield data

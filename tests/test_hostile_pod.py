@@ -11,9 +11,12 @@ import threading
 from collections.abc import Iterator
 
 import httpx
+import psutil
 import pytest
 
 from tests.conftest import StartRawPods, StartRouter, static_config
+from tests.process import RouterProcess
+from tests.rawclient import RawClient
 from tests.rawpod import OK, WAIT, PodConnection, answering
 
 INVALID = {"detail": "The backend sandbox sent an invalid HTTP response."}
@@ -180,3 +183,35 @@ def test_trailers_are_not_merged_into_the_head(
     response = client.get("/")
     assert response.content == b"ok"
     assert "content-encoding" not in response.headers
+
+
+def test_tiny_chunks_to_a_client_that_does_not_read_hold_little_memory(
+    start_raw_pods: StartRawPods
+) -> None:
+    """Reading from the pod paused at 512 KiB of body, whatever the pieces: 1-byte chunks
+    made each stalled request hold 512 Ki objects (10 such requests: 33 to 138 MB)."""
+    stalled = threading.Semaphore(0)
+
+    def tiny_chunks(connection: PodConnection) -> None:
+        if connection.read_request() is not None:
+            connection.send(CHUNKED[:-len(b"2\r\nok\r\n0\r\n")])
+            while connection.send(b"1\r\na\r\n" * 10_000):  # until the router stops reading
+                pass
+        stalled.release()
+
+    (pod,) = start_raw_pods(tiny_chunks)
+    router = RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}"])
+    clients: list[RawClient] = []
+    try:
+        process = psutil.Process(router.process.pid)
+        rss = process.memory_info().rss
+        for _ in range(10):
+            clients.append(RawClient(router.port, buffer=4096))
+            clients[-1].send(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")  # and never reads
+        for _ in clients:
+            assert stalled.acquire(timeout=60)
+        assert process.memory_info().rss - rss < 24 * 1024 * 1024
+    finally:
+        for client in clients:
+            client.close()
+        router.kill()
