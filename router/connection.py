@@ -27,6 +27,10 @@ from router.limits import Deadline
 HIGH_WATER = 512 * 1024
 """Response bytes buffered before reading from the pod pauses (the client is slower)."""
 LOW_WATER = 128 * 1024
+MAX_PIECES = 1024
+"""Pieces of body buffered before reading pauses, whatever their size: a pod sending
+1-byte chunks to a client that reads slowly made each stalled request hold 512 Ki
+objects (about 20 MB), not 512 KiB."""
 JOIN_LIMIT = 64 * 1024
 """Small pieces that gathered are joined into one message; larger ones pass uncopied."""
 DRAIN_LIMIT = 64 * 1024
@@ -228,6 +232,7 @@ class Response:
         self._max_head = max_head
         self._head_size = 0  # the heads as parsed (1xx included): lines and their CRLFs
         self._head_left = max_head  # raw bytes fed before the head ended (`feed`)
+        self._framing = 0  # raw bytes fed since the last piece of body: trailers, chunk lines
         self._chunks: collections.deque[bytes] = collections.deque()
         self._buffered = 0
         self._paused = False
@@ -260,7 +265,8 @@ class Response:
             self._tainted = True  # a second answer nobody asked for: ignored
             return
         self._grow(len(name) + len(value) + 4)  # ": " and CRLF
-        self.raw_headers.append((name, value))
+        if not self._headers_done:  # a trailer is not merged into the head (RFC 9110 6.5.1)
+            self.raw_headers.append((name, value))
 
     def _grow(self, size: int) -> None:
         self._head_size += size
@@ -311,11 +317,12 @@ class Response:
         if self._complete:  # e.g. a body after the head of a HEAD answer
             self._tainted = True
             return
+        self._framing = 0
         self._chunks.append(body)
         self._buffered += len(body)
         if self._remaining is not None:
             self._remaining -= len(body)
-        if self._buffered > HIGH_WATER and not self._paused:
+        if (self._buffered > HIGH_WATER or len(self._chunks) > MAX_PIECES) and not self._paused:
             self._paused = True
             self._connection.pause_reading()
         self._wake()
@@ -349,6 +356,8 @@ class Response:
             # Bounds what the parser buffers of a header line not yet complete (a 128 MiB
             # header is refused after `max_head` plus one read); `_grow` counts exactly.
             self._head_left -= len(data)
+        else:  # the same for a trailer line, or anything else that is not body
+            self._framing += len(data)
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:  # after a 101: the parser stops there
@@ -358,7 +367,7 @@ class Response:
             self._refuse(refused if isinstance(refused, UpstreamFailed)
                          else UpstreamFailed(INVALID))
             return
-        if not self._headers_done and self._head_left < 0:
+        if (self._head_left < 0 and not self._headers_done) or self._framing > self._max_head:
             self._refuse(UpstreamFailed(TOO_BIG))
 
     def _refuse(self, error: UpstreamFailed) -> None:
@@ -402,7 +411,7 @@ class Response:
                     data = b"".join(chunks)
                     chunks.clear()
                     self._buffered = 0
-                if self._paused and self._buffered <= LOW_WATER:
+                if self._paused and self._buffered <= LOW_WATER and len(chunks) <= MAX_PIECES:
                     self._paused = False
                     self._connection.resume_reading()
                 yield data

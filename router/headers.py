@@ -49,6 +49,7 @@ _CLOSE = ((b"connection", b"close"),)
 MISSING_HOST = ProxyError(400, "Missing Host header.", _CLOSE)
 REPEATED_HOST = ProxyError(400, "Repeated Host header.", _CLOSE)
 UNSUPPORTED_CODING = ProxyError(501, "Unsupported Transfer-Encoding: only chunked is.", _CLOSE)
+UPGRADE_WITH_BODY = ProxyError(400, "An upgrade request cannot carry a body.", _CLOSE)
 
 
 @dataclass(slots=True)
@@ -239,6 +240,17 @@ def upgrade_protocol(raw: Sequence[tuple[bytes, bytes]]) -> str | None:
         return None
     values = [value for name, value in raw if name.lower() == b"upgrade"]
     return b", ".join(values).decode("latin-1") if values else None
+
+
+def declares_body(raw: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether a head announces a body: any `Transfer-Encoding`, or a non-zero
+    `Content-Length`. An upgrade request must not (`UPGRADE_WITH_BODY`): the parser stops
+    at the end of its head, so its body could only reach the pod unframed, as tunnel bytes."""
+    return any(
+        (lowered := name.lower()) == b"transfer-encoding"
+        or (lowered == b"content-length" and value.strip().lstrip(b"0") != b"")
+        for name, value in raw
+    )
 
 
 def upgrade_request(forward: list[tuple[str, str]], protocol: str) -> list[tuple[str, str]]:

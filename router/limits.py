@@ -42,6 +42,11 @@ class Deadline:
         if self._handle is None or self._armed > at:
             self._arm(at)
 
+    @property
+    def due(self) -> float | None:
+        """When the current wait runs out (loop time), None if nothing is timed."""
+        return self._at
+
     def stop(self) -> None:
         """No deadline until the next `start` (the timer, if armed, fires for nothing)."""
         self._at = None
@@ -74,8 +79,8 @@ class Deadline:
 
 def refusal(status: int, detail: str) -> bytes:
     """A whole answer, written by the protocol itself to a request that never reaches the
-    app (its head is too large or too slow), closing the connection."""
-    reason = {408: b"Request Timeout", 414: b"URI Too Long",
+    app (its head is malformed, too large or too slow), closing the connection."""
+    reason = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long",
               431: b"Request Header Fields Too Large"}[status]
     body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
     return b"".join([

@@ -38,8 +38,10 @@ from router.errors import (
     send_error,
 )
 from router.headers import (
+    UPGRADE_WITH_BODY,
     Incoming,
     Pinned,
+    declares_body,
     parse_pinned,
     read_request,
     response_headers,
@@ -119,6 +121,8 @@ class Proxy:
             if self._gate is not None:  # also before the body is read; takes Authorization
                 await self._gate.check(incoming, pinned, exchange)
             if upgrade is not None:
+                if declares_body(scope["headers"]):
+                    raise UPGRADE_WITH_BODY
                 reserved = self.tunnels.reserve(upgrade[1])
                 if not reserved:
                     raise TOO_MANY_UPGRADES
@@ -206,7 +210,11 @@ class Proxy:
                 self._observer.attempt("connect_error")
                 continue
             except (UpstreamTimeout, UpstreamFailed) as error:
-                self._health.failed(pod, "failed", error)
+                # A timeout the client shortened (`X-Sandbox-Timeout`) is its deadline, not
+                # the pod's failure: else any client could cool every pod down at will.
+                if not (isinstance(error, UpstreamTimeout)
+                        and limits.read < self._config.proxy_timeout):
+                    self._health.failed(pod, "failed", error)
                 raise
             if response.status == 503:
                 self._health.failed(pod, "busy")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
+import math
 import signal
 import socket
 import threading
@@ -151,6 +152,7 @@ class Reading(enum.Enum):
 
 HEAD_TIMEOUT = "The request head did not arrive in time."
 BODY_TIMEOUT = ProxyError(408, "The request body did not arrive in time.")
+TRAILERS_TOO_LARGE = ProxyError(431, "The request trailers are too large.")
 
 
 class HeadRefused(Exception):
@@ -220,6 +222,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0  # read since the current head began (whole reads: an upper bound)
         self._line_open = True  # no line end seen yet in the current head
         self._exact = False  # the head began inside a read: `_head_bytes` missed part of it
+        self._framing = 0  # read in a body since its last piece: trailers, chunk lines
         self._deadline = Deadline(self.loop, self._expired)
         self._keep_alive = Deadline(self.loop, self.timeout_keep_alive_handler)
         self._send_timer: asyncio.TimerHandle | None = None
@@ -239,6 +242,8 @@ class HttpProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._line_open and b"\n" in data:
                 self._line_open = False
+        else:  # bounded like a head: httptools keeps a trailer value whole until it ends
+            self._framing += len(data)
         self._unset_keepalive_if_required()
         try:
             self.parser.feed_data(data)
@@ -260,7 +265,10 @@ class HttpProtocol(HttpToolsProtocol):
             return
         reading = self.reading
         if reading is Reading.BODY:
-            if not self.flow.read_paused:
+            if self._framing > self.options.max_request_head:
+                self.transport.pause_reading()
+                self._body_expired(TRAILERS_TOO_LARGE)
+            elif not self.flow.read_paused:
                 self._deadline.start(self.options.body_timeout)
         elif reading is Reading.IDLE:
             self._exact = False  # the read ended with a request: the next one is counted whole
@@ -274,9 +282,12 @@ class HttpProtocol(HttpToolsProtocol):
                     self._refuse(431, "The request headers are too large.")
 
     def _bad_request(self) -> None:
+        """uvicorn's 400 went out at once, even behind a pipelined request in flight: the
+        client took it for that request's answer. `_refuse` keeps the order (and answers
+        in JSON, as every status of the router's own)."""
         message = "Invalid HTTP request received."
         self.logger.warning(message)
-        self.send_400_response(message)
+        self._refuse(400, message)
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -288,11 +299,16 @@ class HttpProtocol(HttpToolsProtocol):
                 or len(self.headers) > MAX_HEADERS):
             self._check_head()  # the head came in large reads, or after another: count exactly
         self.reading = Reading.BODY
+        self._framing = 0
         self._exact = False
         self._head_bytes = 0
         self._line_open = True
         self._deadline.stop()
         super().on_headers_complete()
+        # The request's scope holds the list of its head; a chunked body's trailers, which
+        # uvicorn's `on_header` appends too, go to a list nobody reads: never merged into
+        # the headers (RFC 9110 6.5.1), else one in the head's read would route the request.
+        self.headers = []
 
     def _check_head(self) -> None:
         limit = self.options.max_request_head
@@ -350,14 +366,14 @@ class HttpProtocol(HttpToolsProtocol):
             else:
                 self.transport.close()
 
-    def _body_expired(self) -> None:
-        """408 if nothing was answered yet, through the request, which closes its pod
-        connection on the way out; else the connection ends (an answer under way ends
-        short, as when the client leaves)."""
+    def _body_expired(self, error: ProxyError = BODY_TIMEOUT) -> None:
+        """408 (or `error`) if nothing was answered yet, through the request, which closes
+        its pod connection on the way out; else the connection ends (an answer under way
+        ends short, as when the client leaves)."""
         cycle = self.cycle
         if self.serving is cycle and not cycle.response_started and self.watch.task is not None:
             cycle.keep_alive = False
-            self.watch.expire(BODY_TIMEOUT)
+            self.watch.expire(error)
         else:
             self.cut()
 
@@ -372,21 +388,32 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _drain(self, count: int) -> None:
         """Descriptors nearly exhausted: close the `count` oldest client connections that
-        have not sent a complete request, so this one and the next are served (nginx's
-        `ngx_drain_connections`)."""
-        idle = sorted(
-            (c for c in self.connections
-             if isinstance(c, HttpProtocol) and c is not self and c._waiting()),
-            key=lambda c: c.opened,
-        )
-        for connection in idle[:count]:
+        have not sent a complete request head, so this one and the next are served (nginx's
+        `ngx_drain_connections`). Too few of those: the uploads quiet the longest in their
+        body go too, with the 408 of `--body-timeout` (a slow POST holds a descriptor as an
+        idle client does; an upload that keeps moving is the last to go)."""
+        others = [c for c in self.connections if isinstance(c, HttpProtocol) and c is not self]
+        idle = sorted((c for c in others if c._waiting()), key=lambda c: c.opened)[:count]
+        for connection in idle:
             connection.transport.close()
+        slow = sorted((c for c in others if c._uploading()),
+                      key=lambda c: (c._deadline.due or math.inf, c.opened))[:count - len(idle)]
+        for connection in slow:
+            connection._body_expired()
         if idle:  # else every connection is busy: plain overload, nothing to say per accept
             log.warning("file descriptors nearly exhausted: closed %d idle client connections",
-                        min(count, len(idle)))
+                        len(idle))
+        if slow:
+            log.warning("file descriptors nearly exhausted: closed %d client connections quiet "
+                        "in a request body", len(slow))
 
     def _waiting(self) -> bool:
         return (self.reading is not Reading.BODY and not self._in_flight()
+                and not self.transport.is_closing())
+
+    def _uploading(self) -> bool:
+        """In a request body the router is waiting for (not one it paused reading)."""
+        return (self.reading is Reading.BODY and not self.flow.read_paused
                 and not self.transport.is_closing())
 
     def pause_writing(self) -> None:
@@ -414,6 +441,7 @@ class HttpProtocol(HttpToolsProtocol):
         finds the buffer empty is handed over as the parser made it (`bytes()` of it, in
         uvicorn's `receive`, is the same object); one that finds it holding such a piece
         turns it back into a bytearray, so many small pieces in one read stay linear."""
+        self._framing = 0
         cycle = self.cycle
         if cycle.body or cycle.response_complete or self.parser.should_upgrade():
             if isinstance(cycle.body, bytes):  # a piece stored whole, below
@@ -507,7 +535,9 @@ def server_config(
         log_level=config.log_level,
         limit_concurrency=config.limit_concurrency or None,
         backlog=config.backlog,
-        timeout_keep_alive=int(config.timeout_keep_alive),
+        # uvicorn hands this to `call_later`, which takes fractions; int() made 0.5 a 0,
+        # closing every connection after its first answer.
+        timeout_keep_alive=config.timeout_keep_alive,  # type: ignore[arg-type]
         timeout_graceful_shutdown=max(1, int(config.shutdown_timeout)),
     )
 

@@ -138,20 +138,22 @@ def _within(ip: Address, networks: Iterable[Network]) -> bool:
 @dataclass(frozen=True, slots=True)
 class _Known:
     """What one pod snapshot vouches for: the canonical addresses of its pods (the pool and
-    the sandbox index), and the hosts (address or name) the operator chose, which are
-    always allowed."""
+    the sandbox index), and the (host, port) pairs the operator chose, which are always
+    allowed."""
 
     snapshot: Snapshot | None
     addresses: frozenset[str]
-    chosen: frozenset[str]
+    chosen: frozenset[tuple[str, int]]
 
 
 class TargetPolicy:
     """The one decision about where the router may connect, for one process.
 
-    `operator_chosen`: the pods come from `--pods`/`--demo`, so their hosts are allowed
-    whatever they are (a sidecar on loopback); pods listed by the Kubernetes API are data a
-    cluster user controls, and go through the class refusal like any other address.
+    `operator_chosen`: the pods come from `--pods`/`--demo`, so their host and port are
+    allowed whatever they are (a sidecar on loopback); another port of that host is judged
+    like any address (else `X-Sandbox-Port` would reach every port of the router's own
+    loopback). Pods listed by the Kubernetes API are data a cluster user controls, and go
+    through the class refusal like any other address.
     """
 
     def __init__(
@@ -178,10 +180,11 @@ class TargetPolicy:
         return (address not in self._current().addresses
                 and self._in_cidr(ipaddress.ip_address(address)))
 
-    def permits(self, host: str, address: str) -> bool:
-        """Whether to connect to `address`, the IP literal `host` is or resolved to."""
+    def permits(self, host: str, address: str, port: int) -> bool:
+        """Whether to connect to `address`, the IP literal `host` is or resolved to, on
+        `port`."""
         known = self._current()
-        if host in known.chosen:
+        if (host, port) in known.chosen:
             return True
         try:
             ip = parse(address)
@@ -211,7 +214,8 @@ class TargetPolicy:
                 for pod in pods
             }
             addresses = frozenset(a for a in self._canonical.values() if a is not None)
-            chosen = frozenset(pod.ip for pod in pods) if self._operator_chosen else frozenset()
+            chosen = (frozenset((pod.ip, pod.port) for pod in pods) if self._operator_chosen
+                      else frozenset())
             self._known = _Known(snapshot, addresses, chosen)
         return self._known
 

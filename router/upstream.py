@@ -44,9 +44,9 @@ DNS_CACHE_SECONDS = 10.0
 Resolver = Callable[[str], Awaitable[str]]
 """A host name to one IP address; raises OSError when there is none."""
 
-Permit = Callable[[str, str], bool]
+Permit = Callable[[str, str, int], bool]
 """Whether to connect to an address: (the host asked for, the IP literal it is or resolved
-to). `router.targets.TargetPolicy.permits` in the router."""
+to, the port). `router.targets.TargetPolicy.permits` in the router."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +118,7 @@ class Client:
         all within the connect timeout. The one place every connection is decided, so a
         header, a cached pod and a DNS answer cannot take different paths around it."""
         address = host if _is_ip(host) else await self._resolve(host)
-        if not self._permit(host, address):
+        if not self._permit(host, address, port):
             log.warning("refused to connect to %s (%s): address not allowed", host, address)
             raise TargetRefused()
         _, connection = await self._loop.create_connection(
@@ -184,7 +184,7 @@ def _authority(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def _any_address(host: str, address: str) -> bool:
+def _any_address(host: str, address: str, port: int) -> bool:
     """No policy: a bare client (tests of the client itself) connects where it is told."""
     return True
 

@@ -210,6 +210,8 @@ def test_an_unreadable_token_file_keeps_the_last_tokens(
     pods = start_pods(1)
     client = start_router(static_config(pods, authz_mode="bearer",
                                         authz_bearer_token_file=str(token_file)))
+    # Served once first: the server thread starts the app (which reads the file) on its own.
+    assert client.get("/", headers=bearer("alpha-token")).status_code == 200
     token_file.unlink()
 
     def checked() -> bool:

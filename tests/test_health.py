@@ -166,6 +166,20 @@ def test_pinned_requests_neither_skip_a_cooling_pod_nor_cool_one_down(
     assert [client.get("/").json()["pod"] for _ in range(2)] == ["pod-1", "pod-1"]
 
 
+def test_a_timeout_the_client_shortened_cools_no_pod_down(
+    start_pods: StartPods, start_router: StartRouter
+) -> None:
+    """`X-Sandbox-Timeout` is the client's deadline, not a sign of the pod's health: two
+    cheap requests with a tiny one used to cool both pods and send all traffic to one."""
+    pods = start_pods(2)
+    client = start_router(static_config(pods))
+    shortened = {"X-Sandbox-Timeout": "0.05"}
+    assert [client.get("/slow?seconds=0.5", headers=shortened).status_code
+            for _ in range(2)] == [504, 504]
+    assert sorted(client.get("/").json()["pod"] for _ in range(4)) == ["pod-0", "pod-0",
+                                                                        "pod-1", "pod-1"]
+
+
 def test_one_router_stays_exactly_even_around_a_dead_pod(
     start_pods: StartPods, start_router: StartRouter
 ) -> None:

@@ -254,6 +254,41 @@ def test_stalled_streamed_body_gets_408_and_the_pod_a_closed_connection(
     serves_next(client, pod)
 
 
+def test_endless_request_trailer_is_refused_and_the_pod_gets_no_whole_request(
+    start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
+):
+    """The head limit stopped at the head: a chunked body's endless trailer value was
+    buffered whole by the parser (200 MiB took the router from 33 to 417 MB)."""
+    silent = raw_pods()
+    client, pod = over_raw_pod(start_pods, start_router, silent)
+    raw = RawClient(port_of(client))
+    sent = raw.send_until_refused(
+        b"POST /up HTTP/1.1\r\nHost: r\r\nX-Sandbox-ID: raw-0\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\nx-trailer: ",
+        b"a" * 65536, 128 * MiB)
+    assert refused(raw.answer(), 431).detail() == "The request trailers are too large."
+    assert sent < 16 * MiB
+    assert silent.ended.wait(10)
+    (received,) = silent.received
+    assert not bytes(received).endswith(b"0\r\n\r\n")  # never a whole (shorter) request
+    serves_next(client, pod)
+
+
+def test_request_trailers_neither_route_nor_reach_the_pod(router: tuple[httpx.Client, Pod]):
+    """A trailer that came in the same read as the head used to be added to the request's
+    headers (RFC 9110 6.5.1 says not to merge them): `X-Sandbox-ID` there pinned the
+    request, past any proxy in front that vets only the head."""
+    client, pod = router
+    answer = request(port_of(client),
+                     b"POST / HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: chunked\r\n\r\n"
+                     b"2\r\nok\r\n0\r\nX-Sandbox-ID: elsewhere\r\nX-Trailer: 1\r\n\r\n")
+    assert answer is not None and answer.status == 200
+    assert answer.headers["x-sandbox-id"] == pod.name  # a pool request, as its head said
+    (seen,) = pod.app.seen
+    assert seen.header("x-trailer") is None
+    assert seen.body_bytes == 2
+
+
 def test_body_time_the_router_spends_not_reading_is_not_the_clients(
     start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
 ):
@@ -437,3 +472,53 @@ def test_idle_clients_are_closed_so_a_new_one_is_served_when_descriptors_run_out
         for raw in idle:
             raw.close()
         router.kill()
+
+
+def test_stalled_uploads_are_closed_too_when_descriptors_run_out(start_pods: StartPods):
+    """A slow POST holds a descriptor as an idle client does: with only uploads stalled in
+    their bodies, a new client used to get an empty reply."""
+    (pod,) = start_pods(1)
+    router = RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}",
+                            "--body-timeout", "0"],
+                           preexec=_low_fd_limit)
+    stalled: list[RawClient] = []
+    try:
+        process = psutil.Process(router.process.pid)
+        for _ in range(300):
+            stalled.append(RawClient(router.port))
+            stalled[-1].send(b"POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 1000\r\n\r\nab")
+        eventually(lambda: process.num_fds() >= 200)
+        response = httpx.get(router.url + "/", timeout=10)
+        assert response.status_code == 200
+        assert pod.app.hits == 1  # no stalled upload reached the pod, even cut short
+        answer = stalled[0].answer()  # the quietest (here: the oldest) went first
+        assert answer is not None and answer.status == 408
+        assert any("quiet in a request body" in line for line in router.lines)
+    finally:
+        for raw in stalled:
+            raw.close()
+        router.kill()
+
+
+def test_a_malformed_request_pipelined_behind_one_in_flight_gets_no_answer_of_its_own(
+    router: tuple[httpx.Client, Pod],
+):
+    """The pod runs the first request; the client used to get the parser's 400 as the
+    first (only) answer on the connection, so it took the 400 for the request the pod ran.
+    Now, as for every head refused behind an answer under way, the connection just ends."""
+    client, pod = router
+    raw = RawClient(port_of(client))
+    raw.send(b"GET /slow?seconds=2 HTTP/1.1\r\nHost: r\r\n\r\n")
+    eventually(lambda: pod.app.hits == 1)  # the pod has it, and answers in 2 s
+    raw.send(b"GET / HTTP/1.1\r\nHost: r\r\nTransfer-Encoding: gzip\r\n\r\n")
+    assert raw.answer() is None
+    raw.close()
+    serves_next(client, pod)
+
+
+def test_a_malformed_request_is_answered_in_json(router: tuple[httpx.Client, Pod]):
+    client, pod = router
+    answer = refused(request(port_of(client), HEAD + b"X: a\x00b\r\n\r\n"), 400)
+    assert answer.detail() == "Invalid HTTP request received."
+    assert pod.app.hits == 0
+    serves_next(client, pod)

@@ -10,9 +10,13 @@ import logging
 import threading
 from collections.abc import Iterator
 
+import httpx
+import psutil
 import pytest
 
 from tests.conftest import StartRawPods, StartRouter, static_config
+from tests.process import RouterProcess
+from tests.rawclient import RawClient
 from tests.rawpod import OK, WAIT, PodConnection, answering
 
 INVALID = {"detail": "The backend sandbox sent an invalid HTTP response."}
@@ -148,3 +152,66 @@ def test_interim_heads_count_towards_the_limit(
     pods = start_raw_pods(answering(interim * count + OK))
     client = start_router(static_config(pods, max_response_head=HEAD_LIMIT))
     assert client.get("/").json() == TOO_BIG
+
+
+CHUNKED = STATUS + b"transfer-encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n"
+
+
+@pytest.mark.usefixtures("no_errors_logged")
+def test_a_flood_of_trailer_is_cut_with_memory_flat(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """The head limit stopped at the head: an endless trailer value was buffered whole by
+    the parser (300 MiB of it took the router from 33 to 331 MB). Now what the parser is
+    fed between two pieces of body is bounded like a head; the answer, begun, is cut."""
+    hostile = Hostile(CHUNKED + b"x-trailer: ", b"a" * 65536)
+    pods = start_raw_pods(hostile)
+    client = start_router(static_config(pods, proxy_timeout=120))
+    with pytest.raises(httpx.RemoteProtocolError):  # the head was out: cut short
+        client.get("/")
+    assert client.get("/").content == b"ok"
+    assert hostile.done.wait(WAIT) and hostile.router_closed
+    assert 64 * 1024 < hostile.sent < HELD
+
+
+def test_trailers_are_not_merged_into_the_head(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """RFC 9110 6.5.1: they used to become headers when the whole answer came in one read."""
+    pods = start_raw_pods(answering(CHUNKED + b"content-encoding: gzip\r\n\r\n"))
+    client = start_router(static_config(pods))
+    response = client.get("/")
+    assert response.content == b"ok"
+    assert "content-encoding" not in response.headers
+
+
+def test_tiny_chunks_to_a_client_that_does_not_read_hold_little_memory(
+    start_raw_pods: StartRawPods
+) -> None:
+    """Reading from the pod paused at 512 KiB of body, whatever the pieces: 1-byte chunks
+    made each stalled request hold 512 Ki objects (10 such requests: 33 to 138 MB)."""
+    stalled = threading.Semaphore(0)
+
+    def tiny_chunks(connection: PodConnection) -> None:
+        if connection.read_request() is not None:
+            connection.send(CHUNKED[:-len(b"2\r\nok\r\n0\r\n")])
+            while connection.send(b"1\r\na\r\n" * 10_000):  # until the router stops reading
+                pass
+        stalled.release()
+
+    (pod,) = start_raw_pods(tiny_chunks)
+    router = RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}"])
+    clients: list[RawClient] = []
+    try:
+        process = psutil.Process(router.process.pid)
+        rss = process.memory_info().rss
+        for _ in range(10):
+            clients.append(RawClient(router.port, buffer=4096))
+            clients[-1].send(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")  # and never reads
+        for _ in clients:
+            assert stalled.acquire(timeout=60)
+        assert process.memory_info().rss - rss < 24 * 1024 * 1024
+    finally:
+        for client in clients:
+            client.close()
+        router.kill()

@@ -15,6 +15,7 @@ from uvicorn.server import ServerState
 from router.server import COALESCE_LIMIT, CoalescingTransport, HttpProtocol, bind
 from tests.conftest import StartPods, StartRouter, eventually, scrape, static_config, value
 from tests.process import RouterProcess
+from tests.rawclient import RawClient
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(start_pods: StartPods) -> None:
@@ -217,3 +218,20 @@ def test_above_limit_concurrency_the_router_answers_503_itself(
     assert answers[0].status_code == 200
     assert pod.app.hits == 1  # the refused request never reached a pod
     assert client.get("/").status_code == 200
+
+
+def test_a_fractional_keep_alive_timeout_is_honoured(
+    start_pods: StartPods, start_router: StartRouter
+) -> None:
+    """`--timeout-keep-alive 0.5` was truncated to 0: every connection closed after its
+    first answer, keep-alive silently off."""
+    pod = start_pods(1)[0]
+    client = start_router(static_config([pod], timeout_keep_alive=0.5))
+    raw = RawClient(client.base_url.port or 0)
+    for _ in range(2):  # the second request rides the same connection
+        raw.send(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")
+        answer = raw.answer()
+        assert answer is not None and answer.status == 200
+    assert pod.app.hits == 2
+    assert raw.closed()  # and the idle connection is still closed in the end
+    raw.close()

@@ -191,6 +191,29 @@ def test_listed_pods_on_a_refused_address_are_never_connected(
     assert [p.app.hits for p in pods] == [0, 0]
 
 
+def test_an_operator_chosen_loopback_host_is_open_on_its_own_port_only(
+    start_pods: StartPods, observed_router: StartRouter
+) -> None:
+    """`--pods` on loopback (a sidecar) used to exempt the whole host from the class
+    refusal: `X-Sandbox-Port` then reached any port of the router's own loopback (its
+    metrics, a mesh proxy's admin port)."""
+    pods = start_pods(1)
+    victim = start_pods(1)[0]  # another server on the same loopback address, its own port
+    assert victim.ip == pods[0].ip and victim.port != pods[0].port
+    client = observed_router(static_config(pods))
+    with recorded_connects() as connects:
+        response = client.get("/", headers={"X-Sandbox-ID": "pod-0",
+                                            "X-Sandbox-Port": str(victim.port)})
+    assert response.status_code == 502
+    assert response.json() == NOT_ALLOWED
+    assert ports_reached(connects, victim.port) == []
+    assert victim.app.hits == 0
+    assert client.get("/", headers={"X-Sandbox-ID": "pod-0"}).json()["pod"] == "pod-0"
+    opened = observed_router(static_config(pods, allow_loopback_pod_ip=True))
+    assert opened.get("/", headers={"X-Sandbox-ID": "pod-0", "X-Sandbox-Port": str(victim.port)}
+                      ).json()["pod"] == victim.name  # the operator opened loopback
+
+
 def test_listed_loopback_pods_are_served_with_the_flag(
     start_pods: StartPods, observed_router: StartRouter
 ) -> None:

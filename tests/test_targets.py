@@ -143,21 +143,21 @@ def test_refused_classes_are_refused_in_every_form(text: str) -> None:
     with pytest.raises(ProxyError) as refusal:
         targets.pod_ip_hint(text, allow_loopback=False)
     assert (refusal.value.status, refusal.value.detail) == (400, targets.INVALID_ADDRESS)
-    assert not policy().permits(text, text)
+    assert not policy().permits(text, text, 8888)
 
 
 @PROPERTY
 @given(st.one_of(refused_text(), REFUSED_V6.map(str)).filter(
     lambda text: targets.parse(text) != V6("::1")))  # ::0.0.0.1 is ::1
 def test_the_loopback_flag_opens_loopback_only(text: str) -> None:
-    assert not policy(allow_loopback=True).permits(text, text)
+    assert not policy(allow_loopback=True).permits(text, text, 8888)
 
 
 @PROPERTY
 @given(refused_text(LOOPBACK_V4, UNAMBIGUOUS))
 def test_loopback_in_every_form_is_allowed_with_the_flag(text: str) -> None:
     assert targets.pod_ip_hint(text, allow_loopback=True)
-    assert policy(allow_loopback=True).permits(text, text)
+    assert policy(allow_loopback=True).permits(text, text, 8888)
 
 
 @PROPERTY
@@ -168,17 +168,17 @@ def test_harmless_addresses_are_judged_by_what_they_carry(address: V4, carrier: 
     used only inside --pod-cidr."""
     text = str(address) if carrier is None else str(CARRIERS[carrier](address))
     assert targets.pod_ip_hint(text, allow_loopback=False) == str(address)
-    assert policy().permits(text, text)
+    assert policy().permits(text, text, 8888)
     inside = cidrs(f"{address}/32")
-    assert policy(pod_cidr=inside).permits(text, text)
-    assert not policy(pod_cidr=cidrs("192.0.2.0/24")).permits(text, text)
+    assert policy(pod_cidr=inside).permits(text, text, 8888)
+    assert not policy(pod_cidr=cidrs("192.0.2.0/24")).permits(text, text, 8888)
 
 
 def test_a_known_pod_is_permitted_outside_pod_cidr_but_never_admitted_as_a_hint() -> None:
     """A known pod is reached through its own name; its address as a hint for another
     sandbox may be stale (the API gave it to a new sandbox), so it is not used."""
     narrow = policy(pod_cidr=cidrs("192.0.2.0/24"))
-    assert narrow.permits("sb.default.svc.cluster.local", "::ffff:10.244.0.5")
+    assert narrow.permits("sb.default.svc.cluster.local", "::ffff:10.244.0.5", 8888)
     assert not narrow.admits_hint("10.244.0.5")
     assert not narrow.admits_hint("10.244.0.6")
     assert narrow.admits_hint("192.0.2.6")
@@ -194,18 +194,20 @@ def test_zone_ids_and_loose_spellings_are_not_addresses(text: str) -> None:
     with pytest.raises(ProxyError) as refusal:
         targets.pod_ip_hint(text, allow_loopback=True)
     assert refusal.value.detail == targets.INVALID_FORMAT
-    assert not policy(allow_loopback=True).permits(text, text)
+    assert not policy(allow_loopback=True).permits(text, text, 8888)
 
 
 def test_operator_chosen_hosts_are_always_permitted() -> None:
-    """`--pods`/`--demo` entries are the operator's choice, a loopback sidecar included."""
+    """`--pods`/`--demo` entries are the operator's choice, a loopback sidecar included,
+    on the port chosen."""
     pods = StaticPodSource([Pod("side", "default", "127.0.0.1", 9000),
                             Pod("named", "default", "localhost", 9000)])
     chosen = targets.TargetPolicy(pods, allow_loopback=False, pod_cidr=(), operator_chosen=True)
-    assert chosen.permits("127.0.0.1", "127.0.0.1")
-    assert chosen.permits("localhost", "::1")
-    assert not chosen.permits("127.0.0.2", "127.0.0.2")
-    assert not chosen.permits("sb.default.svc.cluster.local", "127.0.0.1")
+    assert chosen.permits("127.0.0.1", "127.0.0.1", 9000)
+    assert chosen.permits("localhost", "::1", 9000)
+    assert not chosen.permits("127.0.0.1", "127.0.0.1", 9090)  # not the port it chose
+    assert not chosen.permits("127.0.0.2", "127.0.0.2", 9000)
+    assert not chosen.permits("sb.default.svc.cluster.local", "127.0.0.1", 9000)
 
 
 def test_no_refused_address_reaches_connect_through_a_real_router(

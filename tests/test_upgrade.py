@@ -25,6 +25,7 @@ from router.observe import Exchange
 from router.server import bind
 from tests.conftest import StartRawPods, StartRouter, eventually, scrape, static_config, value
 from tests.process import RouterProcess
+from tests.rawclient import RawClient
 from tests.rawpod import PodConnection, answering
 from tests.wspod import CLOSE_ME, SUBPROTOCOL, WsPod
 
@@ -412,6 +413,32 @@ def test_an_upgrade_that_is_not_websocket_is_tunnelled(
     assert request.header(b"origin") is None
     # The same pod's 101 to a request that did not ask for an upgrade: refused.
     assert client.get("/").status_code == 502
+
+
+@pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n",
+                                     b"Transfer-Encoding: chunked\r\n"])
+def test_an_upgrade_request_with_a_body_is_refused(
+    framing: bytes, start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """The parser stops at the end of an upgrade head, so a body after it cannot be framed:
+    it used to reach the pod as tunnel bytes after a head saying `content-length: 0`."""
+    pod = start_raw_pods(echo_upper)[0]
+    client = start_router(static_config([pod]))
+    port = client.base_url.port or 0
+    raw = RawClient(port)
+    raw.send(b"POST /raw HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: foo\r\n"
+             + framing + b"\r\n")
+    answer = raw.answer()
+    assert answer is not None and answer.status == 400
+    assert answer.detail() == "An upgrade request cannot carry a body."
+    raw.send(b"hello" if framing.startswith(b"Content") else b"5\r\nhello\r\n0\r\n\r\n")
+    assert raw.closed()
+    raw.close()
+    assert pod.requests == []
+    sock, answer_head = raw_upgrade(port, b"foo")  # the router goes on serving upgrades
+    sock.close()
+    assert answer_head.startswith(b"HTTP/1.1 101 ")
+    assert [request.header(b"content-length") for request in pod.requests] == [None]
 
 
 def test_metrics_and_the_access_line_cover_the_whole_life(
