@@ -4,7 +4,9 @@ round robin (router/balancer.py) puts it behind every other pod until it has.
 What counts, from what pool attempts saw (no probes of our own):
 
 - **failed**: the connect was refused or timed out (`ConnectFailed`), or the pod failed
-  or timed out after it was sent the request (`UpstreamFailed`, `UpstreamTimeout`). First
+  or timed out after it was sent the request (`UpstreamFailed`, `UpstreamTimeout` of the
+  router's own `--proxy-timeout`: a timeout the client shortened with `X-Sandbox-Timeout`
+  says nothing about the pod, and counting it would let any client steer the pool). First
   cooldown `FAILED_COOLDOWN` (1 s), doubled by each further failure up to 30 s: a dead pod
   costs one connect attempt per cooldown instead of one per request, and a pod that comes
   back is in use again within one cooldown.
