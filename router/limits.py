@@ -1,6 +1,6 @@
 """What a client can make the router hold, bounded: the per-connection timer behind
 `--header-timeout` and `--body-timeout`, the answers a refused connection gets, and the
-file-descriptor reserve (the protocol in `router.server` applies them)."""
+file-descriptor reserve (the protocol in `router.protocol` applies them)."""
 
 from __future__ import annotations
 

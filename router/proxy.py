@@ -53,7 +53,7 @@ from router.headers import (
 from router.health import Clock, Health
 from router.observe import Exchange, Observer, Outcome
 from router.pods import Pod, PodSource
-from router.server import DISCONNECT, UPGRADE, ClientUpgrade, ClientWatch
+from router.protocol import DISCONNECT, UPGRADE, ClientUpgrade, ClientWatch
 from router.targets import TargetPolicy
 from router.tunnel import Tunnel, Tunnels
 
@@ -174,7 +174,7 @@ class Proxy:
 
     def _upgrade(self, scope: Scope, incoming: Incoming, extensions: dict[str, object] | None
                  ) -> tuple[ClientUpgrade, str] | None:
-        """For a request asking for an upgrade (`router.server.UPGRADE`): its client
+        """For a request asking for an upgrade (`router.protocol.UPGRADE`): its client
         connection and the client's address for `--upgrade-max-per-client`; its headers
         for the pod become a handshake's (`upgrade_request`)."""
         handle = extensions.get(UPGRADE) if extensions else None

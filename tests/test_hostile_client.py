@@ -19,7 +19,8 @@ import pytest
 from router.config import StaticPod
 from router.errors import ProxyError
 from router.headers import Incoming, parse_pinned
-from router.server import HttpProtocol, ServerThread
+from router.protocol import HttpProtocol
+from router.server import ServerThread
 from tests.conftest import StartPods, StartRouter, eventually, static_config
 from tests.process import RouterProcess
 from tests.rawclient import Answer, RawClient, RawPod, request

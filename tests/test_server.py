@@ -12,7 +12,8 @@ import uvicorn
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.server import ServerState
 
-from router.server import COALESCE_LIMIT, CoalescingTransport, HttpProtocol, bind
+from router.protocol import COALESCE_LIMIT, CoalescingTransport, HttpProtocol
+from router.server import bind
 from tests.conftest import StartPods, StartRouter, eventually, scrape, static_config, value
 from tests.process import RouterProcess
 from tests.rawclient import RawClient

@@ -1,0 +1,498 @@
+"""The client side of the HTTP/1.1 hop: uvicorn's httptools protocol, extended with what
+a proxy in front of untrusted clients needs. Its writes are coalesced into one system call
+per loop turn (`CoalescingTransport`); each connection is in a named reading state with one
+deadline (`--header-timeout`, `--body-timeout`), bounded in head size as bytes arrive
+(`--max-request-head`), and in how long its writes may stay unread (`--send-timeout`); it
+tells the request it serves when the client leaves (`ClientWatch`), and hands itself over
+to a tunnel after an upgrade (`ClientUpgrade`). The limits' mechanics are
+`router/limits.py`'s; `router/server.py` runs servers with it."""
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import math
+from collections.abc import Callable
+from typing import Any, ClassVar, cast
+
+import httptools
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+
+from router.config import Config
+from router.errors import ProxyError
+from router.limits import MAX_HEADERS, Deadline, connections_to_drain, refusal
+
+log = logging.getLogger("router.protocol")
+
+
+COALESCE_LIMIT = 16 * 1024
+"""Writes up to this size wait for the end of the loop turn; larger ones go out at once."""
+
+
+class CoalescingTransport:
+    """A client connection's transport whose writes made in one turn of the event loop go
+    out in one system call. uvicorn writes a response's head and its body separately; a
+    proxied answer has both ready at once, and on a small answer the extra system call is
+    a measurable share of the request. Everything else is the real transport's."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if len(data) > COALESCE_LIMIT:  # a large body part: no copy, and flow control sees it
+            self._flush()
+            self._transport.write(data)
+            return
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, []
+        if pending and not self._transport.is_closing():
+            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._pending = []
+        self._transport.abort()
+
+    # Called per request by uvicorn's flow control: spared the `__getattr__` detour.
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def release(self) -> asyncio.Transport:
+        """What was written goes out; the real transport, for a tunnel to take over."""
+        self._flush()
+        return self._transport
+
+
+DISCONNECT = "router.disconnect"
+"""The scope extension through which a request learns that its client has gone."""
+
+
+class ClientWatch:
+    """One per client connection: the request's handle on it. While a request is served,
+    `task` is its task: if the client connection is lost, it is cancelled at once, whatever
+    it waits for (the pod's first byte included), so the pod is not left working for nobody
+    (`Response.abandon` says what becomes of its connection); `gone` tells the request why
+    it was cancelled, and `expired` what to answer when a limit cancelled it."""
+
+    __slots__ = ("task", "gone", "expired", "_protocol")
+
+    def __init__(self, protocol: HttpProtocol) -> None:
+        self.task: asyncio.Task[Any] | None = None
+        self.gone = False
+        self.expired: ProxyError | None = None
+        self._protocol: HttpProtocol | None = protocol
+
+    def lost(self) -> None:
+        if self.task is not None:
+            self.gone = True
+            self.task.cancel()
+            self.task = None
+
+    def expire(self, error: ProxyError) -> None:
+        """End the request with `error` (the client was too slow): cancelled wherever it
+        waits, a pod connection it holds is closed, so no pod gets a silently short body."""
+        if self.task is not None:
+            self.expired = error
+            self.task.cancel()
+            self.task = None
+
+    def release(self) -> None:
+        """At connection close: the protocol and its watch no longer hold each other, so
+        both are freed then, not at the next full garbage collection."""
+        self._protocol = None
+
+    def cut(self) -> None:
+        """End the connection under an answer that cannot be finished (the pod failed
+        mid-body): what is buffered still goes out, then the client sees the connection
+        end short of the declared length or the last chunk, the only signal left once the
+        head is out. The request counts as disconnected, so uvicorn does not also log the
+        app as broken for returning early."""
+        if self._protocol is not None:
+            self._protocol.cut()
+
+
+class Reading(enum.Enum):
+    """Where a client connection is in reading requests."""
+
+    IDLE = "idle"  # between requests: nothing of the next one has come
+    HEAD = "head"  # a request head has begun and is not complete
+    BODY = "body"  # the head is complete, the body is not
+
+
+HEAD_TIMEOUT = "The request head did not arrive in time."
+BODY_TIMEOUT = ProxyError(408, "The request body did not arrive in time.")
+TRAILERS_TOO_LARGE = ProxyError(431, "The request trailers are too large.")
+
+
+class HeadRefused(Exception):
+    """Raised from a parser callback to stop parsing a head that will be refused."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+def _nothing() -> None:
+    pass
+
+
+class ReadingFlow(FlowControl):
+    """uvicorn's flow control, telling the protocol when reading resumes: time the router
+    spent not reading a body (its buffer full, the pod slow) is not the client's."""
+
+    def __init__(self, transport: asyncio.Transport, resumed: Callable[[], None]) -> None:
+        super().__init__(transport)
+        self.resumed = resumed
+
+    def resume_reading(self) -> None:
+        if self.read_paused:
+            super().resume_reading()
+            self.resumed()
+
+
+UPGRADE = "router.upgrade"
+"""The scope extension of a request that asks for an upgrade: a `ClientUpgrade`."""
+
+
+class ClientUpgrade:
+    """The handle on a client connection whose request asks for an upgrade (`Connection:
+    upgrade` plus `Upgrade`, as the parser saw them). The parser stops at the end of that
+    head, so the connection carries no other request: whatever the answer, it closes after
+    it, unless the pod's 101 turns it into a tunnel (`take`)."""
+
+    __slots__ = ("_protocol",)
+
+    def __init__(self, protocol: HttpProtocol) -> None:
+        self._protocol = protocol
+
+    def take(self) -> asyncio.Transport:
+        """The client's transport, for `router.tunnel.Tunnel`; see `become_tunnel`."""
+        return self._protocol.become_tunnel()
+
+
+class HttpProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol over a `CoalescingTransport`, telling the request it
+    serves when the client goes away (the `router.disconnect` scope extension), and
+    bounding what a client can make it hold (`--max-request-head`, `--header-timeout`,
+    `--body-timeout`, `--send-timeout`, idle clients closed when descriptors run short).
+    It relies on uvicorn's internals (`cycle.body`, `_start_asgi_task`, the parser
+    callbacks): hence the pinned version."""
+
+    options: ClassVar[Config] = Config()
+    """The limits; `server_config` gives each server a subclass with its own."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.watch = ClientWatch(self)
+        self._extensions = {DISCONNECT: self.watch}  # the same for every request on it
+        self.serving: RequestResponseCycle | None = None
+        self.reading = Reading.IDLE
+        self.opened = self.loop.time()
+        self._head_bytes = 0  # read since the current head began (whole reads: an upper bound)
+        self._line_open = True  # no line end seen yet in the current head
+        self._exact = False  # the head began inside a read: `_head_bytes` missed part of it
+        self._framing = 0  # read in a body since its last piece: trailers, chunk lines
+        self._deadline = Deadline(self.loop, self._expired)
+        self._keep_alive = Deadline(self.loop, self.timeout_keep_alive_handler)
+        self._send_timer: asyncio.TimerHandle | None = None
+        super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
+        self.flow = ReadingFlow(self.transport, self._reading_resumed)
+        self._deadline.start(self.options.header_timeout)
+        sock = transport.get_extra_info("socket")
+        drain = connections_to_drain(sock.fileno()) if sock is not None else 0
+        if drain:
+            self._drain(drain)
+
+    def data_received(self, data: bytes) -> None:
+        """uvicorn's, with the head counted as it arrives: a head above
+        `--max-request-head` is refused before it is all buffered (httptools keeps a
+        header value whole until it ends)."""
+        if self.reading is not Reading.BODY:
+            self._head_bytes += len(data)
+            if self._line_open and b"\n" in data:
+                self._line_open = False
+        else:  # bounded like a head: httptools keeps a trailer value whole until it ends
+            self._framing += len(data)
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserCallbackError as exc:
+            refused = exc.__context__
+            if isinstance(refused, HeadRefused):
+                self._refuse(refused.status, refused.detail)
+            else:
+                self._bad_request()
+            return
+        except httptools.HttpParserError:
+            self._bad_request()
+            return
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+            return
+        reading = self.reading
+        if reading is Reading.BODY:
+            if self._framing > self.options.max_request_head:
+                self.transport.pause_reading()
+                self._body_expired(TRAILERS_TOO_LARGE)
+            elif not self.flow.read_paused:
+                self._deadline.start(self.options.body_timeout)
+        elif reading is Reading.IDLE:
+            self._exact = False  # the read ended with a request: the next one is counted whole
+        elif reading is Reading.HEAD:
+            if len(self.headers) > MAX_HEADERS:
+                self._refuse(431, "Too many request headers.")
+            elif self._head_bytes > self.options.max_request_head:
+                if self._line_open:
+                    self._refuse(414, "The request line is too long.")
+                else:
+                    self._refuse(431, "The request headers are too large.")
+
+    def _bad_request(self) -> None:
+        """uvicorn's 400 went out at once, even behind a pipelined request in flight: the
+        client took it for that request's answer. `_refuse` keeps the order (and answers
+        in JSON, as every status of the router's own)."""
+        message = "Invalid HTTP request received."
+        self.logger.warning(message)
+        self._refuse(400, message)
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        self.reading = Reading.HEAD
+        self.scope["extensions"] = self._extensions  # type: ignore[typeddict-item]
+
+    def on_headers_complete(self) -> None:
+        if (self._exact or self._head_bytes > self.options.max_request_head
+                or len(self.headers) > MAX_HEADERS):
+            self._check_head()  # the head came in large reads, or after another: count exactly
+        self.reading = Reading.BODY
+        self._framing = 0
+        self._exact = False
+        self._head_bytes = 0
+        self._line_open = True
+        self._deadline.stop()
+        super().on_headers_complete()
+        # The request's scope holds the list of its head; a chunked body's trailers, which
+        # uvicorn's `on_header` appends too, go to a list nobody reads: never merged into
+        # the headers (RFC 9110 6.5.1), else one in the head's read would route the request.
+        self.headers = []
+
+    def _check_head(self) -> None:
+        limit = self.options.max_request_head
+        line = len(self.parser.get_method()) + len(self.url) + len(" HTTP/1.1\r\n") + 1
+        if line > limit:
+            raise HeadRefused(414, "The request line is too long.")
+        if len(self.headers) > MAX_HEADERS:
+            raise HeadRefused(431, "Too many request headers.")
+        if line + sum(len(name) + len(value) + 4 for name, value in self.headers) + 2 > limit:
+            raise HeadRefused(431, "The request headers are too large.")
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        self.reading = Reading.IDLE
+        self._exact = True  # if the next head begins in this read (pipelined)
+        self._deadline.stop()
+
+    def on_response_complete(self) -> None:
+        """uvicorn's, with its keep-alive timer (a new timer per request, cancelled by the
+        next request's first read) kept in a `Deadline` that moves without one; then, with
+        no request left in flight, the next head is timed."""
+        self.server_state.total_requests += 1
+        if not self.transport.is_closing():
+            self.flow.resume_reading()
+            if self.pipeline:
+                cycle, app = self.pipeline.pop()
+                self._start_asgi_task(cycle, app)
+            else:
+                self._keep_alive.start(self.timeout_keep_alive)
+        serving = self.serving
+        if self.reading is not Reading.BODY and (serving is None or serving.response_complete):
+            self._deadline.start(self.options.header_timeout)
+
+    def _unset_keepalive_if_required(self) -> None:
+        self._keep_alive.stop()
+
+    def _in_flight(self) -> bool:
+        return self.serving is not None and not self.serving.response_complete
+
+    def _reading_resumed(self) -> None:
+        if self.reading is Reading.BODY:
+            self._deadline.start(self.options.body_timeout)
+
+    def _expired(self) -> None:
+        """The current wait ran out: a head (408, or a quiet close if nothing of a next
+        request came), or a body (see `_body_expired`)."""
+        if self.transport.is_closing():
+            return
+        if self.reading is Reading.BODY:
+            if not self.flow.read_paused:  # else the router is the one not reading
+                self._body_expired()
+        elif not self._in_flight():
+            if self.reading is Reading.HEAD:
+                self._refuse(408, HEAD_TIMEOUT)
+            else:
+                self.transport.close()
+
+    def _body_expired(self, error: ProxyError = BODY_TIMEOUT) -> None:
+        """408 (or `error`) if nothing was answered yet, through the request, which closes
+        its pod connection on the way out; else the connection ends (an answer under way
+        ends short, as when the client leaves)."""
+        cycle = self.cycle
+        if self.serving is cycle and not cycle.response_started and self.watch.task is not None:
+            cycle.keep_alive = False
+            self.watch.expire(error)
+        else:
+            self.cut()
+
+    def _refuse(self, status: int, detail: str) -> None:
+        """Answer a request the app never sees, and close. With an earlier (pipelined)
+        request's answer still going out, the connection just closes, that answer cut
+        short: a second answer cannot be slipped in before it."""
+        if not self._in_flight():
+            self.transport.write(refusal(status, detail))
+        self._deadline.close()
+        self.transport.close()
+
+    def _drain(self, count: int) -> None:
+        """Descriptors nearly exhausted: close the `count` oldest client connections that
+        have not sent a complete request head, so this one and the next are served (nginx's
+        `ngx_drain_connections`). Too few of those: the uploads quiet the longest in their
+        body go too, with the 408 of `--body-timeout` (a slow POST holds a descriptor as an
+        idle client does; an upload that keeps moving is the last to go)."""
+        others = [c for c in self.connections if isinstance(c, HttpProtocol) and c is not self]
+        idle = sorted((c for c in others if c._waiting()), key=lambda c: c.opened)[:count]
+        for connection in idle:
+            connection.transport.close()
+        slow = sorted((c for c in others if c._uploading()),
+                      key=lambda c: (c._deadline.due or math.inf, c.opened))[:count - len(idle)]
+        for connection in slow:
+            connection._body_expired()
+        if idle:  # else every connection is busy: plain overload, nothing to say per accept
+            log.warning("file descriptors nearly exhausted: closed %d idle client connections",
+                        len(idle))
+        if slow:
+            log.warning("file descriptors nearly exhausted: closed %d client connections quiet "
+                        "in a request body", len(slow))
+
+    def _waiting(self) -> bool:
+        return (self.reading is not Reading.BODY and not self._in_flight()
+                and not self.transport.is_closing())
+
+    def _uploading(self) -> bool:
+        """In a request body the router is waiting for (not one it paused reading)."""
+        return (self.reading is Reading.BODY and not self.flow.read_paused
+                and not self.transport.is_closing())
+
+    def pause_writing(self) -> None:
+        """The client stopped reading what it is sent: `--send-timeout` starts."""
+        super().pause_writing()
+        seconds = self.options.send_timeout
+        if seconds and self._send_timer is None:
+            self._send_timer = self.loop.call_later(seconds, self._send_expired)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_expired(self) -> None:
+        """Both connections close: the client's at once (what it left unread is dropped),
+        then, through the request's cancellation, the pod's."""
+        self._send_timer = None
+        self.transport.abort()
+
+    def on_body(self, body: bytes) -> None:
+        """uvicorn's, less two copies of every piece of a request body: uvicorn appends
+        each piece to a bytearray and hands the request a bytes copy of that. A piece that
+        finds the buffer empty is handed over as the parser made it (`bytes()` of it, in
+        uvicorn's `receive`, is the same object); one that finds it holding such a piece
+        turns it back into a bytearray, so many small pieces in one read stay linear."""
+        self._framing = 0
+        cycle = self.cycle
+        if cycle.body or cycle.response_complete or self.parser.should_upgrade():
+            if isinstance(cycle.body, bytes):  # a piece stored whole, below
+                cycle.body = bytearray(cycle.body)
+            super().on_body(body)
+            return
+        cycle.body = body  # type: ignore[assignment]
+        if len(body) > HIGH_WATER_LIMIT:
+            self.flow.pause_reading()
+        cycle.message_event.set()
+
+    def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        self.serving = cycle  # with pipelining, `self.cycle` may be a later, queued request
+        super()._start_asgi_task(cycle, app)
+
+    def cut(self) -> None:
+        """See `ClientWatch.cut`."""
+        if self.serving is not None:
+            self.serving.disconnected = True
+        self.transport.close()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        self.watch.lost()
+        # Nothing left holding the protocol in a cycle: freed now, not by the collector.
+        self.watch.release()
+        self._deadline.close()
+        self._keep_alive.close()
+        cast(ReadingFlow, self.flow).resumed = _nothing
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        self.pipeline.clear()
+
+    tunnelled = False
+    """True once the connection is a tunnel (`become_tunnel`): no HTTP timeout or limit of
+    this protocol applies to it any more; the tunnel has its own (`router/tunnel.py`)."""
+
+    def _unsupported_upgrade_warning(self) -> None:
+        """uvicorn calls this (its `ws` setting is "none": `server_config`) when the parser
+        stops at the end of a request head asking for an upgrade; that request's task has
+        been started already. Instead of uvicorn's warning: the request gets a
+        `ClientUpgrade`, reading pauses (the parser cannot go on past an upgrade, and
+        bytes must wait for the pod's 101; a WebSocket client sends none before it), and
+        the connection closes after an answer that is not a 101."""
+        if UPGRADE in self._extensions:
+            return
+        self._extensions[UPGRADE] = ClientUpgrade(self)  # type: ignore[assignment]
+        self.cycle.keep_alive = False
+        self.transport.pause_reading()
+
+    def become_tunnel(self) -> asyncio.Transport:
+        """The pod answered 101: this connection leaves uvicorn's books (its connections
+        and tasks, which `--limit-concurrency` and uvicorn's shutdown count: tunnels have
+        their own limit and drain, `router.tunnel.Tunnels`), and the request counts as
+        done for uvicorn, which must not answer when the request's task returns."""
+        self.tunnelled = True
+        self.connections.discard(self)
+        task = asyncio.current_task()
+        if task is not None:
+            self.tasks.discard(task)
+        if self.serving is not None:
+            self.serving.disconnected = True
+        self._unset_keepalive_if_required()
+        return cast(CoalescingTransport, self.transport).release()
