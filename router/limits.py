@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import resource
 from collections.abc import Callable
@@ -99,6 +100,14 @@ def raise_fd_limit() -> None:
     if soft != hard:
         with contextlib.suppress(ValueError, OSError):  # a hard limit the kernel refuses
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    _soft_limit.cache_clear()
+
+
+@functools.cache
+def _soft_limit() -> int:
+    """The soft RLIMIT_NOFILE, read once (it changes only in `raise_fd_limit`), rather
+    than a system call per accepted connection."""
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def fd_reserve(limit: int) -> int:
@@ -111,10 +120,10 @@ def connections_to_drain(fileno: int) -> int:
     """How many idle clients to close now that a socket numbered `fileno` was accepted:
     0 unless the descriptor table is nearly full. The kernel hands out the lowest free
     number, so descriptor N means 0..N-1 are all open: an exact lower bound, for one
-    system call per connection. (Waiting for accept to fail does not work under uvloop:
+    look-up per connection. (Waiting for accept to fail does not work under uvloop:
     libuv's EMFILE trick accepts and closes the waiting clients itself, reporting
     nothing, which is the empty reply a client saw.)"""
-    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    limit = _soft_limit()
     if limit == resource.RLIM_INFINITY:
         return 0
     reserve = fd_reserve(limit)
