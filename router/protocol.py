@@ -457,17 +457,18 @@ class HttpProtocol(HttpToolsProtocol):
         self.watch.lost()
         # Nothing left holding the protocol in a cycle: freed now, not by the collector.
         self.watch.release()
+        self._stop_timers()
+        self.pipeline.clear()
+
+    def _stop_timers(self) -> None:
+        """No HTTP timeout of this protocol applies any more: the connection is gone, or is
+        a tunnel with timers of its own (`router/tunnel.py`)."""
         self._deadline.close()
         self._keep_alive.close()
         cast(ReadingFlow, self.flow).resumed = _nothing
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
-        self.pipeline.clear()
-
-    tunnelled = False
-    """True once the connection is a tunnel (`become_tunnel`): no HTTP timeout or limit of
-    this protocol applies to it any more; the tunnel has its own (`router/tunnel.py`)."""
 
     def _unsupported_upgrade_warning(self) -> None:
         """uvicorn calls this (its `ws` setting is "none": `server_config`) when the parser
@@ -487,12 +488,11 @@ class HttpProtocol(HttpToolsProtocol):
         and tasks, which `--limit-concurrency` and uvicorn's shutdown count: tunnels have
         their own limit and drain, `router.tunnel.Tunnels`), and the request counts as
         done for uvicorn, which must not answer when the request's task returns."""
-        self.tunnelled = True
+        self._stop_timers()  # a send timer armed now would abort the tunnel
         self.connections.discard(self)
         task = asyncio.current_task()
         if task is not None:
             self.tasks.discard(task)
         if self.serving is not None:
             self.serving.disconnected = True
-        self._unset_keepalive_if_required()
         return cast(CoalescingTransport, self.transport).release()
