@@ -220,11 +220,15 @@ def test_a_pinned_busy_pods_503_is_relayed(
     assert client.get("/").status_code != 101  # the router serves the next request
 
 
-def test_silence_longer_than_the_proxy_timeout_does_not_cut(
-    start_ws_pods: StartWsPods, start_router: StartRouter
+@pytest.mark.parametrize("timeout", ["proxy_timeout", "header_timeout", "body_timeout",
+                                     "send_timeout", "timeout_keep_alive"])
+def test_silence_longer_than_an_http_timeout_does_not_cut(
+    timeout: str, start_ws_pods: StartWsPods, start_router: StartRouter
 ) -> None:
+    """Only the tunnel's own timers apply to it: none of the client protocol's (header,
+    body, send, keep-alive) nor the wait for the pod's answer."""
     pod = start_ws_pods(1)[0]
-    url = url_of(start_router(config([pod], proxy_timeout=0.2)))
+    url = url_of(start_router(config([pod], **{timeout: 0.2})))
 
     async def session() -> None:
         async with websocket(url) as ws:
