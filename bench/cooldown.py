@@ -92,6 +92,19 @@ def measure(clients: int, seconds: float, pods: CapacityOnePods) -> tuple[int, i
     return statuses.count(200), statuses.count(503), pods.busy - busy_before
 
 
+def print_header(*columns: str) -> None:
+    """The Markdown table head: `columns` first, then the three results every row ends with."""
+    columns = (*columns, "client 200s", "client 503s", "wasted attempts / request")
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
+def print_row(*cells: object, ok: int, busy: int, wasted: int, requests: int) -> None:
+    """One table row: `cells`, the client's 200s and 503s, and the pods' 503s per request."""
+    results = (*cells, ok, busy, f"{wasted / max(requests, 1):.2f}")
+    print("| " + " | ".join(str(cell) for cell in results) + " |", flush=True)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.cooldown", description=__doc__)
     parser.add_argument("--seconds", type=float, default=5.0)
@@ -100,15 +113,14 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="first busy cooldowns to try (each doubling to 10x, 0 = none)")
     args = parser.parse_args(argv)
     pods = CapacityOnePods()
-    print("| clients | busy cooldown s | client 200s | client 503s | wasted attempts / request |")
-    print("|---|---|---|---|---|")
+    print_header("clients", "busy cooldown s")
     try:
         for clients in (int(c) for c in args.clients.split(",")):
             for first in (float(c) for c in args.cooldowns.split(",")):
                 health.COOLDOWNS["busy"] = (first, first * 10)
                 ok, busy, wasted = measure(clients, args.seconds, pods)
-                print(f"| {clients} | {first:g} | {ok} | {busy} | "
-                      f"{wasted / max(ok + busy, 1):.2f} |", flush=True)
+                print_row(clients, f"{first:g}", ok=ok, busy=busy, wasted=wasted,
+                          requests=ok + busy)
     finally:
         pods.stop()
 

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Mapping, Sequence
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Self
 
@@ -50,16 +51,18 @@ def fetch(url: str, timeout: float = 5.0) -> tuple[int, bytes]:
 
 class Child:
     """A process the bench started: SIGTERM then SIGKILL by its PID when stopped, and its
-    stderr kept in a file so a failed start can say why."""
+    stderr kept in a file so a failed start can say why; its stdout is dropped unless
+    `stdout` names a file to keep it in."""
 
     def __init__(self, name: str, argv: Sequence[str], log: Path,
-                 env: Mapping[str, str] | None = None) -> None:
+                 env: Mapping[str, str] | None = None, stdout: Path | None = None) -> None:
         self.name = name
         self.log = log
-        with log.open("wb") as stderr:
+        with ExitStack() as files:
+            stderr = files.enter_context(log.open("wb"))
+            out = subprocess.DEVNULL if stdout is None else files.enter_context(stdout.open("wb"))
             self.process = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=stderr,
-                env=env,
+                argv, stdin=subprocess.DEVNULL, stdout=out, stderr=stderr, env=env,
             )
 
     @property
@@ -101,9 +104,10 @@ class ServerChild(Child):
     `ready_path` answers 200; stopped again if it never does."""
 
     def __init__(self, name: str, argv: Sequence[str], log: Path, port: int,
-                 ready_path: str, env: Mapping[str, str] | None = None) -> None:
+                 ready_path: str, env: Mapping[str, str] | None = None,
+                 stdout: Path | None = None) -> None:
         self.port = port
-        super().__init__(name, argv, log, env)
+        super().__init__(name, argv, log, env, stdout)
         try:
             self.wait_ready(self.url + ready_path)
         except BaseException:

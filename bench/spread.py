@@ -26,7 +26,7 @@ from typing import Any
 
 import psutil
 
-from bench.cooldown import CapacityOnePods
+from bench.cooldown import CapacityOnePods, print_header, print_row
 from bench.procs import ServerChild, free_port
 
 WORK_SECONDS = 0.1
@@ -136,9 +136,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     command = router_command(args.router_src.resolve() if args.router_src else None)
     pods = CapacityOnePods(PODS, (WORK_SECONDS, WORK_SECONDS))
-    print("| set-up | clients (load) | client 200s | client 503s "
-          "| wasted attempts / request |")
-    print("|---|---|---|---|---|")
+    print_header("set-up", "clients (load)")
     try:
         for name, (routers, workers) in SET_UPS.items():
             for clients in (int(c) for c in args.clients.split(",")):
@@ -149,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                     busy_before = pods.busy
                     statuses = measure(connections, args.seconds)
                     wasted = pods.busy - busy_before
-                ok, busy = statuses.count(200), statuses.count(503)
-                print(f"| {name} | {clients} ({clients * 100 // PODS}%) | {ok} | {busy} | "
-                      f"{wasted / max(len(statuses), 1):.2f} |", flush=True)
+                print_row(name, f"{clients} ({clients * 100 // PODS}%)",
+                          ok=statuses.count(200), busy=statuses.count(503), wasted=wasted,
+                          requests=len(statuses))
     finally:
         pods.stop()
 

@@ -185,7 +185,7 @@ class Router:
             self.source,
             allow_loopback=self.config.allow_loopback_pod_ip,
             pod_cidr=self.config.pod_cidr,
-            operator_chosen=self.config.static or isinstance(self.source, StaticPodSource),
+            operator_chosen=self.config.static or self.source.operator_chosen,
         )
         self._client = upstream.Client(self._resolver, targets.permits,
                                        self.config.max_response_head)

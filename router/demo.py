@@ -50,6 +50,8 @@ def sandbox_app(name: str) -> ASGIApp:
 class DemoPool:
     """A static pod source whose pods it starts itself."""
 
+    operator_chosen = True
+
     def __init__(self, count: int, namespace: str) -> None:
         self._count = count
         self._namespace = namespace

@@ -41,7 +41,13 @@ class Snapshot:
 
 
 class PodSource(Protocol):
-    """Where the pool comes from. `snapshot` is read on every request and must not block."""
+    """Where the pool comes from. `snapshot` is read on every request and must not block.
+
+    `operator_chosen`: whether the pods are the operator's own choice (`--pods`, `--demo`),
+    whose host and port are then allowed whatever they are, or data a cluster user controls
+    (the Kubernetes API), which go through the address policy (router/targets.py)."""
+
+    operator_chosen: bool
 
     def snapshot(self) -> Snapshot | None:
         """The current pods, or None before the first successful sync."""
@@ -67,6 +73,8 @@ class PodSource(Protocol):
 
 class StaticPodSource:
     """A fixed pool (`--pods`, `--demo`, sidecar use): always synced, never stale."""
+
+    operator_chosen = True
 
     def __init__(self, pods: Iterable[Pod]) -> None:
         self._snapshot = Snapshot.of(pods)

@@ -41,6 +41,8 @@ from router.pods import Snapshot
 class KubernetesPodSource:
     """The pool and the sandbox index, each kept by its own list + watch."""
 
+    operator_chosen = False
+
     def __init__(self, config: Config, observer: Observer) -> None:
         self._config = config
         self._observer = observer

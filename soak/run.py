@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import subprocess
 import sys
 import tempfile
 import threading
@@ -21,7 +20,7 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.procs import Child, fetch, free_port
+from bench.procs import ServerChild, fetch, free_port
 from soak import load, pods
 from soak.verdict import Sample, Verdict, judge
 
@@ -37,7 +36,7 @@ class Options:
     hung_after: float = 120.0
 
 
-class Router(Child):
+class Router(ServerChild):
     """`python -m router` over the fault pods: keep-alive long enough that the router
     never closes a client connection between two requests (so a client never has to guess
     whether to send again), metrics on, the access log (stdout) kept in `access.log` so
@@ -45,27 +44,16 @@ class Router(Child):
 
     def __init__(self, workdir: Path, hosts: list[str], port: int, workers: int) -> None:
         self.metrics_port = free_port()
-        self.port = free_port()
+        own_port = free_port()
         argv = [
-            sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(self.port),
+            sys.executable, "-m", "router", "--host", "127.0.0.1", "--port", str(own_port),
             "--pods", ",".join(f"p{i}={host}:{port}" for i, host in enumerate(hosts)),
             "--metrics-port", str(self.metrics_port), "--workers", str(workers),
             "--timeout-keep-alive", "300", "--access-log", "--log-level", "warning",
         ]
-        self.name, self.log = "router", workdir / "router.log"
         self.access_log = workdir / "access.log"
-        with self.log.open("wb") as stderr, self.access_log.open("wb") as stdout:
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=stdout,
-                                            stderr=stderr)
-        try:
-            self.wait_ready(self.url + "/ready")
-        except BaseException:
-            self.stop()
-            raise
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        super().__init__("router", argv, workdir / "router.log", own_port, "/ready",
+                         stdout=self.access_log)
 
     def counters(self) -> dict[tuple[str, str], float]:
         """`requests_total` by method and code, over both routes."""

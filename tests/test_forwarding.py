@@ -193,6 +193,8 @@ def test_probes_never_reach_a_pod(start_pods: StartPods, start_router: StartRout
 
 def test_ready_fails_without_a_snapshot(start_router: StartRouter):
     class NeverSynced:
+        operator_chosen = False
+
         def snapshot(self) -> None:
             return None
 

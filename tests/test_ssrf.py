@@ -4,12 +4,11 @@ name and a listed pod can make the router connect to, seen at the socket layer."
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable
 
 import pytest
 
 from router.config import Config, cidrs
-from router.pods import Pod, Snapshot
+from router.pods import Pod, StaticPodSource
 from tests.conftest import StartPods, StartRouter, static_config
 from tests.connects import recorded_connects
 from tests.sandbox import Pod as Sandbox
@@ -18,27 +17,11 @@ NOT_ALLOWED = {"detail": "The backend sandbox address is not allowed."}
 DNS_NAME = "sb.team.svc.cluster.local"
 
 
-class ListedPods:
+class ListedPods(StaticPodSource):
     """A pod source that is not operator-chosen, as the Kubernetes API is: its pods go
     through the address policy like any other address."""
 
-    def __init__(self, pods: Iterable[Pod]) -> None:
-        self._snapshot = Snapshot.of(pods)
-
-    def snapshot(self) -> Snapshot:
-        return self._snapshot
-
-    def not_ready_reason(self) -> str | None:
-        return None
-
-    def age(self) -> float | None:
-        return 0.0
-
-    async def start(self) -> None:
-        return None
-
-    async def stop(self) -> None:
-        return None
+    operator_chosen = False
 
 
 @pytest.fixture
