@@ -46,6 +46,11 @@ def pinned(pod: Pod, token: str | None = None, **extra: str) -> dict[str, str]:
     return {**headers, **bearer(token)} if token is not None else headers
 
 
+def bearer_config(pods: list[Pod], token_file: Path) -> Config:
+    """The router over `pods` in bearer mode, admitting the tokens of `token_file`."""
+    return static_config(pods, authz_mode="bearer", authz_bearer_token_file=str(token_file))
+
+
 def assert_unauthenticated(response: httpx.Response, detail: str = "Invalid token.") -> None:
     assert response.status_code == 401, response.text
     assert response.headers["www-authenticate"] == "Bearer"
@@ -120,8 +125,7 @@ def test_bearer_admits_only_the_files_tokens_and_the_pod_never_sees_them(
     start_pods: StartPods, start_router: StartRouter, token_file: Path
 ) -> None:
     pods = start_pods(2)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)))
+    client = start_router(bearer_config(pods, token_file))
 
     assert_unauthenticated(client.get("/"), "Missing or invalid Authorization header.")
     assert_unauthenticated(client.get("/", headers={"Authorization": "Basic YWxwaGEtdG9rZW4="}),
@@ -143,8 +147,7 @@ def test_two_authorization_headers_are_refused(
     start_pods: StartPods, start_router: StartRouter, token_file: Path
 ) -> None:
     pods = start_pods(1)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)))
+    client = start_router(bearer_config(pods, token_file))
     twice = [("Authorization", "Bearer alpha-token"), ("Authorization", "Bearer beta-token")]
     assert_unauthenticated(client.get("/", headers=twice),
                            "Missing or invalid Authorization header.")
@@ -157,8 +160,7 @@ def test_the_decision_comes_before_the_body_is_read(
     """A client that announces a gigabyte and sends none of it still gets its 401: nothing
     waits for (or forwards) a body the caller may not send."""
     pods = start_pods(1)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)))
+    client = start_router(bearer_config(pods, token_file))
     host, port = str(client.base_url.host), int(client.base_url.port or 0)
     with socket.create_connection((host, port), timeout=10) as raw:
         raw.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n"
@@ -175,9 +177,7 @@ def test_probes_and_metrics_need_no_credential(
     metrics: Metrics,
 ) -> None:
     pods = start_pods(1)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)),
-                          metrics=metrics)
+    client = start_router(bearer_config(pods, token_file), metrics=metrics)
     for probe in ("/healthz", "/ready", "/readyz"):
         assert client.get(probe).status_code == 200
     assert scrape(metrics.port)  # /metrics answered without a credential
@@ -188,8 +188,7 @@ def test_bearer_file_is_re_read_when_it_changes(
     start_pods: StartPods, start_router: StartRouter, token_file: Path
 ) -> None:
     pods = start_pods(1)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)))
+    client = start_router(bearer_config(pods, token_file))
     assert client.get("/", headers=bearer("alpha-token")).status_code == 200
     assert client.get("/", headers=bearer("rotated-token")).status_code == 401
 
@@ -208,8 +207,7 @@ def test_an_unreadable_token_file_keeps_the_last_tokens(
     monkeypatch.setattr(BearerTokens, "CHECK_EVERY", 0.0)  # every request prompts a check
     caplog.set_level("WARNING", logger="router.authz")
     pods = start_pods(1)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)))
+    client = start_router(bearer_config(pods, token_file))
     # Served once first: the server thread starts the app (which reads the file) on its own.
     assert client.get("/", headers=bearer("alpha-token")).status_code == 200
     token_file.unlink()
@@ -228,8 +226,7 @@ def test_decisions_are_counted_and_logged_without_the_token(
 ) -> None:
     pods = start_pods(1)
     recorder = Recorder()
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)),
+    client = start_router(bearer_config(pods, token_file),
                           observer=recorder, metrics=metrics)
     client.get("/", headers=bearer("alpha-token"))
     client.get("/", headers=bearer("not-a-token"))
