@@ -445,13 +445,18 @@ def _low_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (128, 256))
 
 
+def low_fd_router(pod: Pod, *flags: str) -> RouterProcess:
+    """The router command over `pod` with `flags`, its descriptor limit lowered to 128 soft
+    and 256 hard (the router raises the soft one)."""
+    return RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}", *flags],
+                         preexec=_low_fd_limit)
+
+
 def test_idle_clients_are_closed_so_a_new_one_is_served_when_descriptors_run_out(
     start_pods: StartPods
 ):
     (pod,) = start_pods(1)
-    router = RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}",
-                            "--header-timeout", "0"],
-                           preexec=_low_fd_limit)
+    router = low_fd_router(pod, "--header-timeout", "0")
     idle: list[RawClient] = []
     try:
         process = psutil.Process(router.process.pid)
@@ -474,9 +479,7 @@ def test_stalled_uploads_are_closed_too_when_descriptors_run_out(start_pods: Sta
     """A slow POST holds a descriptor as an idle client does: with only uploads stalled in
     their bodies, a new client used to get an empty reply."""
     (pod,) = start_pods(1)
-    router = RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}",
-                            "--body-timeout", "0"],
-                           preexec=_low_fd_limit)
+    router = low_fd_router(pod, "--body-timeout", "0")
     stalled: list[RawClient] = []
     try:
         process = psutil.Process(router.process.pid)
