@@ -147,6 +147,14 @@ def static_config(pods: list[Pod] | list[RawPod], **options: Any) -> Config:
     return dataclasses.replace(Config(port=0, pods=static), **options)
 
 
+def free_port() -> int:
+    """A port number free on 127.0.0.1 now, for a router process that binds it itself."""
+    probe = bind("127.0.0.1")
+    port: int = probe.getsockname()[1]
+    probe.close()
+    return port
+
+
 def first_pod(size: int) -> int:
     """Where the round robin of a router under test starts: the first pod, as if it were
     the only router (a real one starts at random, router/balancer.py)."""

@@ -19,18 +19,28 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from router.kube import SANDBOX_LABEL, fnv1a_32
 
 TOKEN = "fake-token"
 POOL_LABELS = {"agents.x-k8s.io/warm-pool-sandbox": "p"}
 Obj = dict[str, Any]
+
+
+class Addressed(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def ip(self) -> str: ...
+
+
+P = TypeVar("P", bound=Addressed)  # a pod of a test
 
 
 @dataclass(frozen=True)
@@ -157,10 +167,11 @@ class FakeKube:
     def add_pod(self, name: str, ip: str | None, **fields: Any) -> None:
         self._record("ADDED", pod_object(name, ip, **fields))
 
-    def add_pods(self, pods: Iterable[Any], **fields: Any) -> None:
-        """Each of `pods` (anything with `name` and `ip`) as a ready pool pod."""
+    def add_pods(self, pods: list[P], **fields: Any) -> list[P]:
+        """Each of `pods` (anything with `name` and `ip`) as a ready pool pod; returns them."""
         for pod in pods:
             self.add_pod(pod.name, pod.ip, **fields)
+        return pods
 
     def update_pod(self, name: str, ip: str | None, **fields: Any) -> None:
         self._record("MODIFIED", pod_object(name, ip, **fields))

@@ -10,6 +10,7 @@ import hmac
 import json
 import socket
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,24 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
+BearerRouter = Callable[..., tuple[list[Pod], httpx.Client]]
+
+
+@pytest.fixture
+def bearer_router(start_pods: StartPods, start_router: StartRouter,
+                  token_file: Path) -> BearerRouter:
+    """`pods, client = bearer_router(count, **options)`: `count` pods behind a router in
+    bearer mode admitting the tokens of `token_file` (`options` go to `start_router`)."""
+
+    def start(count: int, **options: Any) -> tuple[list[Pod], httpx.Client]:
+        pods = start_pods(count)
+        config = static_config(pods, authz_mode="bearer",
+                               authz_bearer_token_file=str(token_file))
+        return pods, start_router(config, **options)
+
+    return start
+
+
 # -- allow-all --
 
 
@@ -117,11 +136,9 @@ def test_allow_all_warns_when_listening_beyond_loopback(
 
 
 def test_bearer_admits_only_the_files_tokens_and_the_pod_never_sees_them(
-    start_pods: StartPods, start_router: StartRouter, token_file: Path
+    bearer_router: BearerRouter
 ) -> None:
-    pods = start_pods(2)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)))
+    pods, client = bearer_router(2)
 
     assert_unauthenticated(client.get("/"), "Missing or invalid Authorization header.")
     assert_unauthenticated(client.get("/", headers={"Authorization": "Basic YWxwaGEtdG9rZW4="}),
@@ -140,11 +157,9 @@ def test_bearer_admits_only_the_files_tokens_and_the_pod_never_sees_them(
 
 
 def test_two_authorization_headers_are_refused(
-    start_pods: StartPods, start_router: StartRouter, token_file: Path
+    bearer_router: BearerRouter
 ) -> None:
-    pods = start_pods(1)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)))
+    pods, client = bearer_router(1)
     twice = [("Authorization", "Bearer alpha-token"), ("Authorization", "Bearer beta-token")]
     assert_unauthenticated(client.get("/", headers=twice),
                            "Missing or invalid Authorization header.")
@@ -152,13 +167,11 @@ def test_two_authorization_headers_are_refused(
 
 
 def test_the_decision_comes_before_the_body_is_read(
-    start_pods: StartPods, start_router: StartRouter, token_file: Path
+    bearer_router: BearerRouter
 ) -> None:
     """A client that announces a gigabyte and sends none of it still gets its 401: nothing
     waits for (or forwards) a body the caller may not send."""
-    pods = start_pods(1)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)))
+    pods, client = bearer_router(1)
     host, port = str(client.base_url.host), int(client.base_url.port or 0)
     with socket.create_connection((host, port), timeout=10) as raw:
         raw.sendall(b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n"
@@ -171,13 +184,9 @@ def test_the_decision_comes_before_the_body_is_read(
 
 
 def test_probes_and_metrics_need_no_credential(
-    start_pods: StartPods, start_router: StartRouter, token_file: Path,
-    metrics: Metrics,
+    bearer_router: BearerRouter, metrics: Metrics
 ) -> None:
-    pods = start_pods(1)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)),
-                          metrics=metrics)
+    pods, client = bearer_router(1, metrics=metrics)
     for probe in ("/healthz", "/ready", "/readyz"):
         assert client.get(probe).status_code == 200
     assert scrape(metrics.port)  # /metrics answered without a credential
@@ -185,11 +194,9 @@ def test_probes_and_metrics_need_no_credential(
 
 
 def test_bearer_file_is_re_read_when_it_changes(
-    start_pods: StartPods, start_router: StartRouter, token_file: Path
+    bearer_router: BearerRouter, token_file: Path
 ) -> None:
-    pods = start_pods(1)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)))
+    pods, client = bearer_router(1)
     assert client.get("/", headers=bearer("alpha-token")).status_code == 200
     assert client.get("/", headers=bearer("rotated-token")).status_code == 401
 
@@ -202,14 +209,12 @@ def test_bearer_file_is_re_read_when_it_changes(
 
 
 def test_an_unreadable_token_file_keeps_the_last_tokens(
-    start_pods: StartPods, start_router: StartRouter, token_file: Path,
+    bearer_router: BearerRouter, token_file: Path,
     caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(BearerTokens, "CHECK_EVERY", 0.0)  # every request prompts a check
     caplog.set_level("WARNING", logger="router.authz")
-    pods = start_pods(1)
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)))
+    pods, client = bearer_router(1)
     # Served once first: the server thread starts the app (which reads the file) on its own.
     assert client.get("/", headers=bearer("alpha-token")).status_code == 200
     token_file.unlink()
@@ -223,14 +228,10 @@ def test_an_unreadable_token_file_keeps_the_last_tokens(
 
 
 def test_decisions_are_counted_and_logged_without_the_token(
-    start_pods: StartPods, start_router: StartRouter, token_file: Path,
-    metrics: Metrics,
+    bearer_router: BearerRouter, metrics: Metrics
 ) -> None:
-    pods = start_pods(1)
     recorder = Recorder()
-    client = start_router(static_config(pods, authz_mode="bearer",
-                                        authz_bearer_token_file=str(token_file)),
-                          observer=recorder, metrics=metrics)
+    pods, client = bearer_router(1, observer=recorder, metrics=metrics)
     client.get("/", headers=bearer("alpha-token"))
     client.get("/", headers=bearer("not-a-token"))
     client.get("/")

@@ -37,8 +37,11 @@ def port_of(client: httpx.Client) -> int:
     return port
 
 
-def serves_next(client: httpx.Client, pod: Pod) -> None:
-    """The router still answers a plain request, from the pod."""
+def serves_next(client: httpx.Client, pod: Pod, seen: int | None = None) -> None:
+    """The router still answers a plain request, from the pod; with `seen`, the pod got
+    exactly that many requests before it."""
+    if seen is not None:
+        assert pod.app.hits == seen
     before = pod.app.hits
     assert client.get("/", headers={"X-Sandbox-ID": pod.name}).status_code == 200
     assert pod.app.hits == before + 1
@@ -101,8 +104,7 @@ def test_oversized_head_sent_at_once_is_refused(
     raw.send(data)
     assert refused(raw.answer(), status).detail() == detail
     assert raw.closed()
-    assert pod.app.hits == 0
-    serves_next(client, pod)
+    serves_next(client, pod, seen=0)
 
 
 def test_oversized_head_pipelined_behind_a_request_never_reaches_the_pod(
@@ -135,8 +137,7 @@ def test_endless_head_is_refused_long_before_it_ends(
     # Stopped by the router's close, not by running out: what was taken is the head limit
     # plus what the socket buffers held.
     assert sent < 16 * MiB
-    assert pod.app.hits == 0
-    serves_next(client, pod)
+    serves_next(client, pod, seen=0)
 
 
 # -- --header-timeout --
@@ -155,8 +156,7 @@ def test_partial_head_gets_408(router: tuple[httpx.Client, Pod]):
     raw.send(HEAD)
     assert refused(raw.answer(), 408).detail() == "The request head did not arrive in time."
     assert raw.closed()
-    assert pod.app.hits == 0
-    serves_next(client, pod)
+    serves_next(client, pod, seen=0)
 
 
 def test_slowloris_head_gets_408_though_bytes_keep_coming(router: tuple[httpx.Client, Pod]):
@@ -177,8 +177,7 @@ def test_slowloris_head_gets_408_though_bytes_keep_coming(router: tuple[httpx.Cl
     finally:
         stop.set()
         thread.join()
-    assert pod.app.hits == 0
-    serves_next(client, pod)
+    serves_next(client, pod, seen=0)
 
 
 def test_next_head_is_timed_from_the_end_of_the_previous_answer(
@@ -191,8 +190,7 @@ def test_next_head_is_timed_from_the_end_of_the_previous_answer(
     assert first is not None and first.status == 200
     raw.send(HEAD)  # half of a second request, on the kept-alive connection
     refused(raw.answer(), 408)
-    assert pod.app.hits == 1
-    serves_next(client, pod)
+    serves_next(client, pod, seen=1)
 
 
 # -- --timeout-keep-alive --
@@ -211,8 +209,7 @@ def test_kept_alive_connection_is_closed_once_idle_for_the_keep_alive_timeout(
         answer = raw.answer()
         assert answer is not None and answer.status == 200
     assert raw.closed()  # by the router, well within the client's 10 s
-    assert pod.app.hits == 3
-    serves_next(client, pod)
+    serves_next(client, pod, seen=3)
 
 
 # -- --body-timeout --
@@ -224,8 +221,7 @@ def test_stalled_small_body_gets_408_and_the_pod_nothing(router: tuple[httpx.Cli
     raw.send(b"POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
     assert refused(raw.answer(), 408).detail() == "The request body did not arrive in time."
     assert raw.closed()
-    assert pod.app.hits == 0
-    serves_next(client, pod)
+    serves_next(client, pod, seen=0)
 
 
 @pytest.mark.parametrize(
@@ -350,8 +346,7 @@ def test_malformed_request_is_refused_and_reaches_no_pod(
     answer = request(port_of(client), data)
     assert answer is not None and answer.status == status
     assert answer.detail() == detail
-    assert pod.app.hits == 0
-    serves_next(client, pod)
+    serves_next(client, pod, seen=0)
 
 
 def test_http_10_needs_no_host(router: tuple[httpx.Client, Pod]):
@@ -450,13 +445,18 @@ def _low_fd_limit() -> None:
     resource.setrlimit(resource.RLIMIT_NOFILE, (128, 256))
 
 
+def low_fd_router(pod: Pod, *flags: str) -> RouterProcess:
+    """The router command over `pod` with `flags`, its descriptor limit lowered to 128 soft
+    and 256 hard (the router raises the soft one)."""
+    return RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}", *flags],
+                         preexec=_low_fd_limit)
+
+
 def test_idle_clients_are_closed_so_a_new_one_is_served_when_descriptors_run_out(
     start_pods: StartPods
 ):
     (pod,) = start_pods(1)
-    router = RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}",
-                            "--header-timeout", "0"],
-                           preexec=_low_fd_limit)
+    router = low_fd_router(pod, "--header-timeout", "0")
     idle: list[RawClient] = []
     try:
         process = psutil.Process(router.process.pid)
@@ -479,9 +479,7 @@ def test_stalled_uploads_are_closed_too_when_descriptors_run_out(start_pods: Sta
     """A slow POST holds a descriptor as an idle client does: with only uploads stalled in
     their bodies, a new client used to get an empty reply."""
     (pod,) = start_pods(1)
-    router = RouterProcess(["--pods", f"{pod.name}={pod.ip}:{pod.port}",
-                            "--body-timeout", "0"],
-                           preexec=_low_fd_limit)
+    router = low_fd_router(pod, "--body-timeout", "0")
     stalled: list[RawClient] = []
     try:
         process = psutil.Process(router.process.pid)
@@ -521,5 +519,4 @@ def test_a_malformed_request_is_answered_in_json(router: tuple[httpx.Client, Pod
     client, pod = router
     answer = refused(request(port_of(client), HEAD + b"X: a\x00b\r\n\r\n"), 400)
     assert answer.detail() == "Invalid HTTP request received."
-    assert pod.app.hits == 0
-    serves_next(client, pod)
+    serves_next(client, pod, seen=0)

@@ -47,8 +47,7 @@ def test_schedule_follows_the_cache_ttl() -> None:
 
 def test_round_robin_over_listed_pods(kube: FakeKube, kube_router: Any, start_pods: StartPods
                                       ) -> None:
-    pods = start_pods(3)
-    kube.add_pods(pods)
+    pods = kube.add_pods(start_pods(3))
     client = kube_router(pods)
 
     assert client.get("/ready").json() == {"status": "ready", "pods": 3}
@@ -96,8 +95,7 @@ def test_pods_joining_and_leaving_are_followed(
 def test_a_pod_leaving_the_selector_is_dropped(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
-    pods = start_pods(2)
-    kube.add_pods(pods)
+    pods = kube.add_pods(start_pods(2))
     client = kube_router(pods)
     eventually(lambda: pool_names(client) == {"pod-0", "pod-1"})
 
@@ -108,8 +106,7 @@ def test_a_pod_leaving_the_selector_is_dropped(
 def test_traffic_does_not_add_api_calls(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
-    pods = start_pods(3)
-    kube.add_pods(pods)
+    pods = kube.add_pods(start_pods(3))
     client = kube_router(pods, cache_ttl=2.0)
     started = time.monotonic()
     watches_before = {s: kube.count("watch", s) for s in (DEFAULT_SELECTOR, SANDBOX_LABEL)}
@@ -135,8 +132,7 @@ def test_an_outage_keeps_the_router_ready_over_its_last_good_list(
     take the router out of the Service; it only shows, in `/ready`, the age metric and
     the log."""
     caplog.set_level(logging.INFO, logger="router.kube")
-    pods = start_pods(2)
-    kube.add_pods(pods)
+    pods = kube.add_pods(start_pods(2))
     metrics = Metrics(proxy_timeout=30)
     client = kube_router(pods, metrics=metrics)
     assert client.get("/ready").json() == {"status": "ready", "pods": 2}
@@ -169,8 +165,7 @@ def test_an_outage_keeps_the_router_ready_over_its_last_good_list(
 def test_with_max_stale_an_outage_fails_readiness_then_recovers(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
-    pods = start_pods(2)
-    kube.add_pods(pods)
+    pods = kube.add_pods(start_pods(2))
     refreshes = RefreshLog()
     client = kube_router(pods, observer=refreshes, max_stale=2.0)
 
@@ -315,8 +310,7 @@ def test_pinned_request_reaches_a_pool_pod_by_name_without_dns(
 def test_a_hanging_api_never_holds_up_requests(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
-    pods = start_pods(2)
-    kube.add_pods(pods)
+    pods = kube.add_pods(start_pods(2))
     client = kube_router(pods)
 
     with kube.hang():
@@ -384,8 +378,7 @@ def assert_refused(path: Path, problem: str) -> None:
 def test_refreshes_pods_and_age_are_reported_as_metrics(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
-    pods = start_pods(2)
-    kube.add_pods(pods)
+    pods = kube.add_pods(start_pods(2))
     metrics = Metrics(proxy_timeout=30)
     sample = metrics.registry.get_sample_value
     with kube.hang():
@@ -406,8 +399,7 @@ def test_refreshes_pods_and_age_are_reported_as_metrics(
 def test_the_command_finds_the_api_through_kubeconfig(
     kube: FakeKube, tmp_path: Path, start_pods: StartPods
 ) -> None:
-    pods = start_pods(2)
-    kube.add_pods(pods)
+    pods = kube.add_pods(start_pods(2))
     path = kube.write_kubeconfig(tmp_path / "kubeconfig")
     router = RouterProcess(["--pod-port", str(pods[0].port), "--allow-loopback-pod-ip"],
                            env={"KUBECONFIG": str(path)})

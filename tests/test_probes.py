@@ -18,8 +18,7 @@ from router.app import Router
 from router.metrics import Metrics
 from router.pods import Pod as RouterPod
 from router.pods import StaticPodSource
-from router.server import bind
-from tests.conftest import StartPods, StartRouter, eventually, static_config
+from tests.conftest import StartPods, StartRouter, eventually, free_port, static_config
 from tests.process import RouterProcess
 from tests.sandbox import Pod
 from tests.test_manifests import router_container
@@ -144,9 +143,7 @@ def test_admin_ready_fails_before_start_up_before_the_first_sync_and_on_drain(
 def test_supervisor_probes_ask_every_worker(start_pods: StartPods) -> None:
     pods = start_pods(2)
     listed = ",".join(f"{pod.ip}:{pod.port}" for pod in pods)
-    free = bind("127.0.0.1")  # the supervisor binds it itself: only a free number is needed
-    port = free.getsockname()[1]
-    free.close()
+    port = free_port()  # the supervisor binds it itself
     router = RouterProcess(["--pods", listed, "--workers", "2", "--metrics-port", str(port),
                             "--drain-grace", "5"])
 

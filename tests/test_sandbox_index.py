@@ -29,8 +29,7 @@ def pinned(client: httpx.Client, name: str, namespace: str = "default",
 def test_a_claimed_pod_leaves_the_rotation_and_is_still_reached_by_name(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
-    pods = start_pods(3)
-    kube.add_pods(pods)
+    pods = kube.add_pods(start_pods(3))
     client = kube_router(pods)
     assert pool_names(client) == {"pod-0", "pod-1", "pod-2"}
 

@@ -13,8 +13,15 @@ from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.server import ServerState
 
 from router.protocol import COALESCE_LIMIT, CoalescingTransport, HttpProtocol
-from router.server import bind
-from tests.conftest import StartPods, StartRouter, eventually, scrape, static_config, value
+from tests.conftest import (
+    StartPods,
+    StartRouter,
+    eventually,
+    free_port,
+    scrape,
+    static_config,
+    value,
+)
 from tests.process import RouterProcess
 from tests.rawclient import RawClient
 
@@ -81,9 +88,7 @@ def test_workers_share_the_port_and_drain_together(start_pods: StartPods) -> Non
 def test_workers_metrics_are_gathered_into_one_endpoint(start_pods: StartPods) -> None:
     pods = start_pods(2)
     listed = ",".join(f"{pod.ip}:{pod.port}" for pod in pods)
-    probe = bind("127.0.0.1")  # the supervisor binds it itself: only a free number is needed
-    metrics_port = probe.getsockname()[1]
-    probe.close()
+    metrics_port = free_port()  # the supervisor binds it itself
     router = RouterProcess(["--pods", listed, "--workers", "2",
                             "--metrics-port", str(metrics_port)])
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 
+import httpx
 import pytest
 
 from router.config import Config, cidrs
@@ -42,6 +43,16 @@ def by_name(sandbox_id: str = "sb", **headers: str) -> dict[str, str]:
 
 def ports_reached(connects: list[tuple[str, int]], port: int) -> list[str]:
     return [address for address, reached in connects if reached == port]
+
+
+def assert_not_allowed(response: httpx.Response, connects: list[tuple[str, int]],
+                       pods: list[Sandbox]) -> None:
+    """A 502 that names no address, with no connect to the port of `pods` and no request
+    served by any of them."""
+    assert response.status_code == 502
+    assert response.json() == NOT_ALLOWED
+    assert ports_reached(connects, pods[0].port) == []
+    assert [p.app.hits for p in pods] == [0] * len(pods)
 
 
 @pytest.mark.parametrize("pod_ip", ["::ffff:127.0.0.1", "::ffff:7f00:1", "::127.0.0.1",
@@ -139,10 +150,7 @@ def test_a_name_resolving_to_a_refused_address_is_502_naming_no_address(
     client = observed_router(config, source=listed([]), names={DNS_NAME: answer})
     with recorded_connects() as connects:
         response = client.get("/", headers=by_name())
-    assert response.status_code == 502
-    assert response.json() == NOT_ALLOWED
-    assert ports_reached(connects, pods[0].port) == []
-    assert [p.app.hits for p in pods] == [0, 0]
+    assert_not_allowed(response, connects, pods)
 
 
 def test_a_name_resolving_inside_pod_cidr_is_served(
@@ -168,10 +176,7 @@ def test_listed_pods_on_a_refused_address_are_never_connected(
         pinned = client.get("/", headers={"X-Sandbox-ID": "pod-1"})
     assert pool.status_code == 502
     assert pool.json() == {"detail": "Could not connect to any warm pool pod."}
-    assert pinned.status_code == 502
-    assert pinned.json() == NOT_ALLOWED
-    assert ports_reached(connects, pods[0].port) == []
-    assert [p.app.hits for p in pods] == [0, 0]
+    assert_not_allowed(pinned, connects, pods)
 
 
 def test_an_operator_chosen_loopback_host_is_open_on_its_own_port_only(
@@ -187,10 +192,7 @@ def test_an_operator_chosen_loopback_host_is_open_on_its_own_port_only(
     with recorded_connects() as connects:
         response = client.get("/", headers={"X-Sandbox-ID": "pod-0",
                                             "X-Sandbox-Port": str(victim.port)})
-    assert response.status_code == 502
-    assert response.json() == NOT_ALLOWED
-    assert ports_reached(connects, victim.port) == []
-    assert victim.app.hits == 0
+    assert_not_allowed(response, connects, [victim])
     assert client.get("/", headers={"X-Sandbox-ID": "pod-0"}).json()["pod"] == "pod-0"
     opened = observed_router(static_config(pods, allow_loopback_pod_ip=True))
     assert opened.get("/", headers={"X-Sandbox-ID": "pod-0", "X-Sandbox-Port": str(victim.port)}

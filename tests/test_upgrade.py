@@ -30,6 +30,7 @@ from tests.rawpod import PodConnection, answering
 from tests.wspod import CLOSE_ME, SUBPROTOCOL, WsPod
 
 StartWsPods = Callable[[int], list[WsPod]]
+WsRouter = Callable[..., tuple[WsPod, str]]
 T = TypeVar("T")
 BIG = 8 * 1024 * 1024
 ROUTES = ["pool", "pinned"]
@@ -81,6 +82,18 @@ def config(pods: list[WsPod], **options: Any) -> Config:
     return static_config(pods, **options)  # type: ignore[arg-type]
 
 
+@pytest.fixture
+def ws_router(start_ws_pods: StartWsPods, start_router: StartRouter) -> WsRouter:
+    """`pod, url = ws_router(**options)`: one WebSocket pod and the URL of a router over it
+    (`observer=` goes to the router, the rest to its config)."""
+
+    def start(observer: Any = None, **options: Any) -> tuple[WsPod, str]:
+        pod = start_ws_pods(1)[0]
+        return pod, url_of(start_router(config([pod], **options), observer=observer))
+
+    return start
+
+
 def run(make: Callable[[], Awaitable[T]], timeout: float = 60) -> T:
     async def bounded() -> T:
         async with asyncio.timeout(timeout):
@@ -118,11 +131,8 @@ def pinned_headers(pod: WsPod) -> dict[str, str]:
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_messages_subprotocol_and_close_codes_pass_through(
-    route: str, start_ws_pods: StartWsPods, start_router: StartRouter
-) -> None:
-    pod = start_ws_pods(1)[0]
-    url = url_of(start_router(config([pod])))
+def test_messages_subprotocol_and_close_codes_pass_through(route: str, ws_router: WsRouter) -> None:
+    pod, url = ws_router()
     extra = pinned_headers(pod) if route == "pinned" else {}
     headers = {**extra, "Origin": "https://ide.example", "X-Sandbox-Tag": "x"}
     big_up, big_down = bytes(range(256)) * (BIG // 256), b"\x07" * BIG
@@ -154,11 +164,8 @@ def test_messages_subprotocol_and_close_codes_pass_through(
 
 
 @pytest.mark.parametrize("route", ROUTES)
-def test_a_close_code_from_the_client_reaches_the_sandbox(
-    route: str, start_ws_pods: StartWsPods, start_router: StartRouter
-) -> None:
-    pod = start_ws_pods(1)[0]
-    url = url_of(start_router(config([pod])))
+def test_a_close_code_from_the_client_reaches_the_sandbox(route: str, ws_router: WsRouter) -> None:
+    pod, url = ws_router()
     headers = pinned_headers(pod) if route == "pinned" else {}
 
     async def session() -> None:
@@ -223,12 +230,11 @@ def test_a_pinned_busy_pods_503_is_relayed(
 @pytest.mark.parametrize("timeout", ["proxy_timeout", "header_timeout", "body_timeout",
                                      "send_timeout", "timeout_keep_alive"])
 def test_silence_longer_than_an_http_timeout_does_not_cut(
-    timeout: str, start_ws_pods: StartWsPods, start_router: StartRouter
+    timeout: str, ws_router: WsRouter
 ) -> None:
     """Only the tunnel's own timers apply to it: none of the client protocol's (header,
     body, send, keep-alive) nor the wait for the pod's answer."""
-    pod = start_ws_pods(1)[0]
-    url = url_of(start_router(config([pod], **{timeout: 0.2})))
+    _, url = ws_router(**{timeout: 0.2})
 
     async def session() -> None:
         async with websocket(url) as ws:
@@ -239,12 +245,9 @@ def test_silence_longer_than_an_http_timeout_does_not_cut(
 
 
 @pytest.mark.parametrize("limit", ["upgrade_idle_timeout", "upgrade_max_lifetime"])
-def test_idle_timeout_and_lifetime_close_both_ends(
-    limit: str, start_ws_pods: StartWsPods, start_router: StartRouter
-) -> None:
-    pod = start_ws_pods(1)[0]
+def test_idle_timeout_and_lifetime_close_both_ends(limit: str, ws_router: WsRouter) -> None:
     recorder = Recorder()
-    url = url_of(start_router(config([pod], **{limit: 0.3}), observer=recorder))
+    pod, url = ws_router(observer=recorder, **{limit: 0.3})
 
     async def session() -> aiohttp.WSMsgType:
         async with websocket(url) as ws:
@@ -257,11 +260,8 @@ def test_idle_timeout_and_lifetime_close_both_ends(
     assert recorder.finished[0].status == 101
 
 
-def test_traffic_keeps_an_upgraded_connection_past_the_idle_timeout(
-    start_ws_pods: StartWsPods, start_router: StartRouter
-) -> None:
-    pod = start_ws_pods(1)[0]
-    url = url_of(start_router(config([pod], upgrade_idle_timeout=1.0)))
+def test_traffic_keeps_an_upgraded_connection_past_the_idle_timeout(ws_router: WsRouter) -> None:
+    pod, url = ws_router(upgrade_idle_timeout=1.0)
 
     async def session() -> None:
         async with websocket(url) as ws:
