@@ -159,10 +159,10 @@ class Connection(asyncio.Protocol):
         self.response = None
         return self._transport
 
-    def release(self) -> None:
-        """Back to the pool if the exchange ended cleanly, else closed."""
+    def release(self, keep: bool = True) -> None:
+        """Back to the pool if the exchange ended cleanly (and `keep`), else closed."""
         response, self.response = self.response, None
-        if response is not None and response.reusable and not self.closed:
+        if keep and response is not None and response.reusable and not self.closed:
             self._pool.keep(self)
         else:
             self.close()
@@ -438,32 +438,42 @@ class Response:
     def detach(self) -> tuple[asyncio.Transport, bytes]:
         """After a 101: the pod's connection, and what the pod sent after the 101 head."""
         assert self.status == 101
-        self._released = True
-        return self._connection.detach(), self._early
+        try:
+            return self._connection.detach(), self._early
+        finally:
+            self._let_go()
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.chunks()])
 
     def release(self) -> None:
         """Done with the answer: its connection goes back to the pool if it ended cleanly."""
-        if self._released:
-            return
-        self._released = True
-        if self.writer is not None and not self.writer.done():
-            self.writer.cancel()
-            self.body_sent = False
-        self._connection.release()
-        # The parser holds this answer (its callbacks are bound methods) and the answer the
-        # parser: a cycle, which only the cyclic collector would free. Under load that is
-        # a collection every few dozen requests, each costing more the more requests are in
-        # flight; broken here, both go by reference counting. Nothing feeds it any more.
-        del self._parser
+        self._end(keep=True)
 
     def close(self) -> None:
         """Give up on the answer: its connection is closed, never pooled."""
-        if not self._released:
-            self._connection.close()
-            self.fail(UpstreamFailed("The answer was abandoned."))
+        self._end(keep=False)
+
+    def _end(self, keep: bool) -> None:
+        if self._released:
+            return
+        writer, self.writer = self.writer, None  # its cancellation would hold this answer
+        if writer is not None and not writer.done():
+            writer.cancel()
+            self.body_sent = False
+        self._connection.release(keep)  # which lets go of this answer
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """Nothing feeds or reads the answer any more: let go of what would hold it in a
+        reference cycle, which only the cyclic collector would free (under load a
+        collection every few dozen requests, each costing more the more requests are in
+        flight, #13; on failure paths a pod connection held until then). The parser holds
+        this answer (its callbacks are bound methods) and the answer the parser; an error
+        raised from here holds, through its traceback, the frames whose `self` this is."""
+        self._released = True
+        del self._parser
+        self._error = None
 
     def abandon(self) -> None:
         """Nobody waits for this answer any more, and the request is at the pod. Closing
@@ -516,10 +526,11 @@ class Response:
             self._waiter = None
 
     def timed_out(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            self._error = UpstreamTimeout()
-            waiter.set_exception(self._error)
+        """The wait ran out: the waiter is woken, not failed, and finds the error (an
+        exception set on the waiter would hold, through its traceback, the frame holding
+        the waiter: a reference cycle)."""
+        if self._waiter is not None and not self._waiter.done():
+            self.fail(UpstreamTimeout())
             self._connection.close()
 
     def _wake(self) -> None:

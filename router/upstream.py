@@ -108,10 +108,15 @@ class Client:
         return await self._connect(host, port, connect_timeout)
 
     async def _connect(self, host: str, port: int, connect_timeout: float) -> Connection:
+        """A timeout scope rather than `wait_for`, whose task per connect held each refusal
+        in a reference cycle (the task, its exception, the traceback, the frame holding the
+        task). The refusal's own traceback is dropped for the same reason (uvloop's frame
+        keeps the exceptions it collected); the error itself stays as the cause, for the log."""
         try:
-            return await asyncio.wait_for(self._open(host, port), connect_timeout)
+            async with asyncio.timeout(connect_timeout):
+                return await self._open(host, port)
         except (OSError, TimeoutError) as exc:
-            raise ConnectFailed() from exc
+            raise ConnectFailed() from exc.with_traceback(None)
 
     async def _open(self, host: str, port: int) -> Connection:
         """Look the name up (unless it is an address), ask the address policy, and connect:

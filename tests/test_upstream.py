@@ -5,16 +5,19 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import socket
 import struct
+import types
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
+import uvloop
 
 from router import upstream
 from router.connection import DRAIN_LIMIT, Response
-from router.errors import ConnectFailed, UpstreamFailed, UpstreamTimeout
+from router.errors import ConnectFailed, ProxyError, UpstreamFailed, UpstreamTimeout
 from router.upstream import Client, Timeout
 
 LIMITS = Timeout(read=2.0, connect=2.0)
@@ -112,7 +115,8 @@ OK = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
 
 
 def run(scenario: Callable[[Scripted, Client], Awaitable[None]],
-        script_for: Callable[[Scripted], Script]) -> None:
+        script_for: Callable[[Scripted], Script],
+        loop: Callable[[], asyncio.AbstractEventLoop] = asyncio.new_event_loop) -> None:
     async def main() -> None:
         server = Scripted(lambda r, w: asyncio.sleep(0))
         server.script = script_for(server)
@@ -123,7 +127,8 @@ def run(scenario: Callable[[Scripted, Client], Awaitable[None]],
             finally:
                 await client.close()
 
-    asyncio.run(main())
+    with asyncio.Runner(loop_factory=loop) as runner:
+        runner.run(main())
 
 
 async def get(server: Scripted, client: Client, method: str = "GET",
@@ -165,6 +170,101 @@ def test_a_released_answer_is_freed_without_a_collection() -> None:
         run(scenario, answering(OK))
     finally:
         gc.enable()
+
+
+def misbehaving(server: Scripted) -> Script:
+    """Each request's path says how it fails: `/drop` (closed unanswered), `/invalid`, `/cut`
+    (mid-body), `/early` (answered before the body it reads), else silence. The path goes
+    to `server.heads` when its head is in, and to `server.bodies` once the router has
+    closed the connection."""
+
+    async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        path = (await reader.readuntil(b"\r\n\r\n")).split(b" ")[1]
+        server.heads.append(path)
+        if path == b"/invalid":
+            writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        elif path == b"/cut":
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nonly part")
+        elif path == b"/early":
+            writer.write(OK)
+        await writer.drain()
+        if path not in (b"/drop", b"/cut"):
+            await reader.read()
+        server.bodies.append(path)
+
+    return script
+
+
+@pytest.mark.parametrize("loop", [asyncio.new_event_loop, uvloop.new_event_loop],
+                         ids=["asyncio", "uvloop"])
+def test_failed_exchanges_leave_no_cyclic_garbage(
+    loop: Callable[[], asyncio.AbstractEventLoop],
+) -> None:
+    """Every way an exchange fails frees what it held by reference counting: cycles made on
+    failure paths (an error kept on its answer, a connect task, a cancelled body writer)
+    held their pod connections until a collection, and made collections more frequent."""
+    async def endless() -> AsyncIterator[bytes]:
+        yield b"x"
+        await asyncio.Event().wait()
+
+    async def scenario(server: Scripted, client: Client) -> None:
+        port = server.port
+        failed = []
+        for path, target_port, limits in [
+            ("/drop", port, LIMITS), ("/invalid", port, LIMITS), ("/cut", port, LIMITS),
+            ("/silent", port, Timeout(read=0.1, connect=1)), ("/", 1, LIMITS),
+        ]:
+            try:
+                response = await client.request("GET", "127.0.0.2", target_port, path, [],
+                                                None, limits)
+                try:
+                    await response.read()
+                finally:
+                    response.release()
+            except ProxyError as error:
+                failed.append(type(error))
+        assert failed == [UpstreamFailed, UpstreamFailed, UpstreamFailed, UpstreamTimeout,
+                          ConnectFailed]
+        early = await client.request("POST", "127.0.0.2", port, "/early", [], endless(), LIMITS)
+        assert early.status == 200
+        early.release()  # the body still going out is cancelled
+        abandoned = asyncio.ensure_future(
+            client.request("GET", "127.0.0.2", port, "/abandoned", [], None, LIMITS))
+        for _ in range(500):  # until the pod has the request
+            if len(server.heads) == 6:
+                break
+            await asyncio.sleep(0.01)
+        abandoned.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await abandoned
+        for _ in range(500):  # until the grace has run out and the connection is closed
+            if len(server.bodies) == 6:
+                break
+            await asyncio.sleep(0.01)
+        assert sorted(server.bodies) == sorted(
+            [b"/drop", b"/invalid", b"/cut", b"/silent", b"/early", b"/abandoned"])
+
+    gc.collect()
+    gc.disable()
+    try:
+        run(scenario, misbehaving, loop)
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        held = sorted({_describe(thing) for thing in gc.garbage if _describe(thing)})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert held == [], held
+
+
+def _describe(thing: object) -> str | None:
+    """The router's own part of some cyclic garbage: its objects, its errors, its frames."""
+    if isinstance(thing, types.FrameType):
+        filename = thing.f_code.co_filename
+        return f"frame {thing.f_code.co_name}" if f"{os.sep}router{os.sep}" in filename else None
+    module = type(thing).__module__
+    return type(thing).__qualname__ if module.startswith("router.") else None
 
 
 @pytest.mark.parametrize("method", ["GET", "POST"])
