@@ -238,6 +238,8 @@ class HttpProtocol(HttpToolsProtocol):
             self.parser.feed_data(data)
         except httptools.HttpParserCallbackError as exc:
             refused = exc.__context__
+            if refused is not None:  # kept by the parser: its frames would hold this protocol
+                refused.with_traceback(None)
             if isinstance(refused, HeadRefused):
                 self._refuse(refused.status, refused.detail)
             else:
@@ -454,10 +456,21 @@ class HttpProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        serving = self.serving
+        if serving is not None and not serving.response_complete:
+            # uvicorn marks only `self.cycle`, which with pipelining may be a later request
+            # than the one in flight: else that one, ending unanswered, is logged as an
+            # app that "returned without starting response".
+            serving.disconnected = True
         self.watch.lost()
         # Nothing left holding the protocol in a cycle: freed now, not by the collector.
         self.watch.release()
         self._stop_timers()
+        # Pipelined requests that will never run hold it through their `on_response` (a
+        # request that ran lets go when it ends).
+        for cycle in [self.cycle, *(cycle for cycle, _ in self.pipeline)]:
+            if cycle is not None and cycle is not serving:
+                cycle.on_response = _nothing
         self.pipeline.clear()
 
     def _stop_timers(self) -> None:

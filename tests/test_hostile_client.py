@@ -380,28 +380,45 @@ def test_connection_token_never_strips_the_pin(
 # -- what a closed connection leaves behind --
 
 
+@pytest.mark.parametrize("shape", ["answered", "refused", "left-pipelined"])
 def test_closed_connection_is_freed_without_a_collection(
-    router: tuple[httpx.Client, Pod], servers: list[ServerThread]
+    router: tuple[httpx.Client, Pod], servers: list[ServerThread], shape: str,
+    caplog: pytest.LogCaptureFixture,
 ):
+    """However a connection ends (answered; its head refused, which the parser keeps as an
+    error whose frames hold the protocol; the client gone with a request in flight and
+    another queued behind it), nothing holds it in a reference cycle, and a request left
+    unanswered because its client left is not logged as an app error."""
     client, pod = router
     connections = servers[-1].server.server_state.connections
+    caplog.set_level("ERROR", logger="uvicorn.error")
     gc.collect()
     gc.disable()
     try:
         raw = RawClient(port_of(client))
-        raw.send(HEAD + b"\r\n")
-        answer = raw.answer()
-        assert answer is not None and answer.status == 200
+        eventually(lambda: len(connections) == 1)
         (protocol,) = connections
         assert isinstance(protocol, HttpProtocol)
         freed = weakref.ref(protocol)
         del protocol
+        if shape == "answered":
+            raw.send(HEAD + b"\r\n")
+            answer = raw.answer()
+            assert answer is not None and answer.status == 200
+        elif shape == "refused":
+            raw.send(HEAD + b"a: b\r\n" * 200 + b"\r\n")
+            refused(raw.answer(), 431)
+        else:
+            raw.send(b"GET /gate HTTP/1.1\r\nHost: router\r\n\r\n" + HEAD + b"\r\n")
+            eventually(lambda: pod.app.hits == 1)  # the first is at the pod, the next queued
         raw.close()
         eventually(lambda: not connections)
         eventually(lambda: freed() is None)
     finally:
         gc.enable()
+        pod.app.gate.set()
     serves_next(client, pod)
+    assert "without starting response" not in caplog.text
 
 
 def _hostile_clients(port: int) -> None:
