@@ -463,13 +463,20 @@ class HttpProtocol(HttpToolsProtocol):
             # app that "returned without starting response".
             serving.disconnected = True
         self.watch.lost()
-        # Nothing left holding the protocol in a cycle: freed now, not by the collector.
+        self._let_go()
+
+    def _let_go(self) -> None:
+        """The connection is gone or became a tunnel: nothing may hold this protocol in a
+        reference cycle, so that it is freed now, not at the collector's next run. Its
+        watch, the upgrade handle in its requests' extensions, the parser (whose callbacks
+        are its methods) and pipelined requests that will never run (through their
+        `on_response`; a request that ran lets go when it ends) all held it."""
         self.watch.release()
+        self._extensions.clear()
         self._stop_timers()
-        # Pipelined requests that will never run hold it through their `on_response` (a
-        # request that ran lets go when it ends).
+        self.parser = None  # type: ignore[assignment]
         for cycle in [self.cycle, *(cycle for cycle, _ in self.pipeline)]:
-            if cycle is not None and cycle is not serving:
+            if cycle is not None and cycle is not self.serving:
                 cycle.on_response = _nothing
         self.pipeline.clear()
 
@@ -501,11 +508,11 @@ class HttpProtocol(HttpToolsProtocol):
         and tasks, which `--limit-concurrency` and uvicorn's shutdown count: tunnels have
         their own limit and drain, `router.tunnel.Tunnels`), and the request counts as
         done for uvicorn, which must not answer when the request's task returns."""
-        self._stop_timers()  # a send timer armed now would abort the tunnel
         self.connections.discard(self)
         task = asyncio.current_task()
         if task is not None:
             self.tasks.discard(task)
         if self.serving is not None:
             self.serving.disconnected = True
+        self._let_go()  # its timers stopped too: a send timer armed now would abort the tunnel
         return cast(CoalescingTransport, self.transport).release()

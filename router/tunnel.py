@@ -39,7 +39,9 @@ class _Side(asyncio.Protocol):
         return False  # the transport closes itself; `connection_lost` ends the tunnel
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._tunnel.side_lost(self)
+        tunnel = self._tunnel
+        del self._tunnel  # the tunnel holds this side: no cycle left once both ends are gone
+        tunnel.side_lost(self)
 
     def pause_writing(self) -> None:  # this end cannot take more: stop reading the other
         if not self._peer.is_closing():

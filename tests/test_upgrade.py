@@ -4,6 +4,7 @@ sandbox (`tests/wspod.py`), and raw sockets for an upgrade that is not a WebSock
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import json
 import signal
@@ -22,7 +23,9 @@ from router.config import Config
 from router.logs import access_line
 from router.metrics import Metrics
 from router.observe import Exchange
+from router.protocol import ClientUpgrade, HttpProtocol
 from router.server import bind
+from router.tunnel import Tunnel
 from tests.conftest import StartRawPods, StartRouter, eventually, scrape, static_config, value
 from tests.process import RouterProcess
 from tests.rawclient import RawClient
@@ -380,6 +383,41 @@ def test_the_client_leaving_closes_the_pods_connection(
     assert b"s3pPLMBiTxaQ9kYGzzhZRbK+xOo=" in answer  # the sandbox's accept, relayed
     sock.close()  # no close frame: the client just goes
     eventually(lambda: pod.ended == 1)
+
+
+@pytest.mark.parametrize("ends", ["client", "pod"])
+def test_an_ended_tunnel_is_freed_without_a_collection(
+    ends: str, start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    """Both connections, the tunnel and the client connection's protocol go by reference
+    counting when the tunnel ends, whichever end ends it: the protocol, which the socket no
+    longer reaches, would otherwise wait, with its request, for the collector."""
+    pod = start_ws_pods(1)[0]
+    client = start_router(config([pod]))
+    gc.collect()
+    gc.disable()
+    try:
+        sock, answer = raw_upgrade(client.base_url.port or 0, b"websocket",
+                                   b"Sec-WebSocket-Version: 13\r\n"
+                                   b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n")
+        assert answer.startswith(b"HTTP/1.1 101 ")
+        if ends == "client":
+            sock.close()
+        else:  # a masked close frame: the pod answers it and closes its end
+            sock.sendall(b"\x88\x82\x00\x00\x00\x00\x03\xe8")
+        eventually(lambda: pod.ended == 1)
+        sock.close()
+        eventually(lambda: not _held())
+    finally:
+        gc.enable()
+
+
+def _held() -> list[object]:
+    """What of an upgraded connection is still alive (a client protocol whose connection
+    ended has no parser)."""
+    return [thing for thing in gc.get_objects()
+            if isinstance(thing, (Tunnel, ClientUpgrade))
+            or (isinstance(thing, HttpProtocol) and thing.parser is None)]
 
 
 def echo_upper(connection: PodConnection) -> None:
