@@ -145,6 +145,9 @@ class Proxy:
             else:
                 await self._relay(response, send, own_headers, exchange, watch)
         except ProxyError as error:
+            # Some are shared instances (module constants): the traceback a raise left on
+            # one would keep this request's frames, and all they hold, until the next.
+            error.__traceback__ = None
             exchange.status = error.status
             exchange.bytes_out = await send_error(send, error, tuple(own_headers))
         except ClientGone:

@@ -380,15 +380,17 @@ def test_connection_token_never_strips_the_pin(
 # -- what a closed connection leaves behind --
 
 
-@pytest.mark.parametrize("shape", ["answered", "refused", "left-pipelined"])
+@pytest.mark.parametrize("shape", ["answered", "refused", "refused-upgrade", "left-pipelined"])
 def test_closed_connection_is_freed_without_a_collection(
     router: tuple[httpx.Client, Pod], servers: list[ServerThread], shape: str,
     caplog: pytest.LogCaptureFixture,
 ):
     """However a connection ends (answered; its head refused, which the parser keeps as an
-    error whose frames hold the protocol; the client gone with a request in flight and
-    another queued behind it), nothing holds it in a reference cycle, and a request left
-    unanswered because its client left is not logged as an app error."""
+    error whose frames hold the protocol; refused by the app with an error that is a
+    module constant, which kept the traceback of its last raise; the client gone with a
+    request in flight and another queued behind it), nothing holds it in a reference
+    cycle, and a request left unanswered because its client left is not logged as an app
+    error."""
     client, pod = router
     connections = servers[-1].server.server_state.connections
     caplog.set_level("ERROR", logger="uvicorn.error")
@@ -408,6 +410,10 @@ def test_closed_connection_is_freed_without_a_collection(
         elif shape == "refused":
             raw.send(HEAD + b"a: b\r\n" * 200 + b"\r\n")
             refused(raw.answer(), 431)
+        elif shape == "refused-upgrade":  # by the app, with an error that is a constant
+            raw.send(HEAD + b"Connection: upgrade\r\nUpgrade: websocket\r\n"
+                     b"Content-Length: 1\r\n\r\nx")
+            refused(raw.answer(), 400)
         else:
             raw.send(b"GET /gate HTTP/1.1\r\nHost: router\r\n\r\n" + HEAD + b"\r\n")
             eventually(lambda: pod.app.hits == 1)  # the first is at the pod, the next queued
