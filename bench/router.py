@@ -26,7 +26,9 @@ class RouterProcess(ServerChild):
         port = free_port()
         self.metrics_port = free_port() if observability else 0
         argv = [
-            sys.executable, "-m", "router",
+            # -P: `-m` would put the working directory (this checkout, when run from it)
+            # ahead of PYTHONPATH, and `source` would silently measure this router again.
+            sys.executable, "-P", "-m", "router",
             "--host", "127.0.0.1", "--port", str(port),
             "--pods", ",".join(f"{p.name}={p.host}:{p.port}" for p in pods),
             "--metrics-port", str(self.metrics_port),
