@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import gc
 
 from router.config import StaticPod
 from router.metrics import Metrics, duration_buckets
@@ -80,5 +81,24 @@ def test_no_label_names_a_pod_or_sandbox(
 
     labels = {label for _, pairs in scrape(metrics.port) for label in pairs}
     assert {name for name, _ in labels} <= {"route", "method", "code", "outcome", "reason",
-                                            "version", "le", "decision"}
+                                            "version", "le", "decision", "generation"}
     assert not {value for _, value in labels} & {"pod-0", "pod-1"}
+
+
+def test_garbage_collector_runs_and_what_they_freed_are_counted(metrics: Metrics) -> None:
+    """Read live at each scrape (the router serves in this process here): a collection
+    made between two scrapes shows, and so do the objects of a cycle it freed."""
+    def counts() -> tuple[float, float]:
+        samples = scrape(metrics.port)
+        return (value(samples, "warmpool_router_gc_collections_total", generation="2"),
+                sum(value(samples, "warmpool_router_gc_collected_objects_total",
+                          generation=str(generation)) for generation in range(3)))
+
+    collections, collected = counts()
+    cycle: list[object] = []
+    cycle.append(cycle)
+    del cycle
+    gc.collect()
+    after_collections, after_collected = counts()
+    assert after_collections >= collections + 1
+    assert after_collected >= collected + 1
