@@ -19,6 +19,7 @@ import httptools
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
+from router.accepting import AcceptBurst
 from router.config import Config
 from router.errors import ProxyError
 from router.limits import MAX_HEADERS, Deadline, connections_to_drain, refusal
@@ -201,6 +202,8 @@ class HttpProtocol(HttpToolsProtocol):
 
     options: ClassVar[Config] = Config()
     """The limits; `server_config` gives each server a subclass with its own."""
+    burst: ClassVar[AcceptBurst | None] = None
+    """Its server's accept queue, once it listens (`router.server.AcceptingServer`)."""
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.watch = ClientWatch(self)
@@ -222,6 +225,8 @@ class HttpProtocol(HttpToolsProtocol):
         drain = connections_to_drain(sock.fileno()) if sock is not None else 0
         if drain:
             self._drain(drain)
+        elif self.burst is not None:  # not while descriptors run short: one at a time then
+            self.burst.more()
 
     def data_received(self, data: bytes) -> None:
         """uvicorn's, with the head counted as it arrives: a head above

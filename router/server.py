@@ -5,6 +5,7 @@ thread (the demo pods, and tests)."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import signal
 import socket
@@ -16,6 +17,7 @@ from typing import Any
 
 import uvicorn
 
+from router.accepting import AcceptBurst
 from router.config import Config
 from router.protocol import HttpProtocol
 
@@ -69,7 +71,31 @@ FORCED_EXIT_WAIT = 1.0
 """Seconds the requests cancelled by a second signal get to send their 503 and end."""
 
 
-class DrainingServer(uvicorn.Server):
+class AcceptingServer(uvicorn.Server):
+    """uvicorn's server, whose connections take the rest of the accept queue with them
+    (`router.accepting`)."""
+
+    _burst: AcceptBurst | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        protocol = self.config.http_protocol_class
+        if not self.started or not issubclass(protocol, HttpProtocol):
+            return
+        factory = functools.partial(protocol, config=self.config,
+                                    server_state=self.server_state,
+                                    app_state=self.lifespan.state)
+        listening = [sock.fileno() for server in self.servers for sock in server.sockets]
+        self._burst = protocol.burst = AcceptBurst(asyncio.get_running_loop(), listening,
+                                                   factory)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self._burst is not None:
+            self._burst.close()
+        await super().shutdown(sockets)
+
+
+class DrainingServer(AcceptingServer):
     """uvicorn, with the drain a pod behind a Service needs on SIGTERM.
 
     1. `/ready` fails at once (the app's `draining` flag), while new connections are still
@@ -161,7 +187,7 @@ class ServerThread:
     ) -> None:
         self.sock = sock
         self.host, self.port = sock.getsockname()[:2]
-        self.server = uvicorn.Server(config)
+        self.server = AcceptingServer(config)
         self._thread = threading.Thread(
             target=self.server.run, kwargs={"sockets": [sock]}, daemon=True, name=name
         )
