@@ -18,11 +18,16 @@ import os
 import socket
 from collections.abc import Callable, Iterable
 
+from router.limits import connections_to_drain
+
 log = logging.getLogger("router.accepting")
 
 BURST = 512
 """Connections taken from the queue at most per accepted one; the next readiness (or the
 next connection accepted) takes the rest. Bounds one loop turn's accept work."""
+
+QUIET_SECONDS = 1.0
+"""No bursts for this long once one reached the descriptor reserve."""
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
@@ -41,11 +46,14 @@ class AcceptBurst:
             listener.setblocking(False)
             self._listeners.append(listener)
         self._pending: set[asyncio.Task[object]] = set()
+        self._quiet_until = 0.0
 
     def more(self) -> None:
-        """Accept what is waiting now, up to `BURST`. A failure (no descriptor left, a
-        connection reset while queued) ends the burst: libuv's own accept, at the next
-        readiness, reports it as it always does."""
+        """Accept what is waiting now, up to `BURST`, and not into the descriptor reserve.
+        A failure (no descriptor left, a connection reset while queued) ends the burst:
+        libuv's own accept, at the next readiness, deals with it as it always does."""
+        if self._quiet_until and self._loop.time() < self._quiet_until:
+            return
         for listener in self._listeners:
             for _ in range(BURST):
                 try:
@@ -55,6 +63,13 @@ class AcceptBurst:
                 task = self._loop.create_task(self._serve(sock))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
+                if connections_to_drain(sock.fileno()):
+                    # Descriptors run short: no bursts for a while. Connections come one
+                    # per turn, each closing idle clients first (`HttpProtocol._drain`), so
+                    # the reserve for pod connections and new clients stays free (bursts
+                    # from each of the connections of one turn drained far more).
+                    self._quiet_until = self._loop.time() + QUIET_SECONDS
+                    return
 
     async def _serve(self, sock: socket.socket) -> None:
         try:
