@@ -6,20 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-from collections.abc import Callable, Coroutine
-from typing import Any
 
 import pytest
-import uvloop
 
 from router import accepting
 from router.accepting import AcceptBurst
 from tests.conftest import StartPods, StartRouter, static_config
+from tests.loops import LOOPS, run_on
 from tests.rawclient import RawClient
-
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop,
-}
 
 
 class Echo(asyncio.Protocol):
@@ -34,11 +28,6 @@ class Echo(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         Echo.lost += 1
-
-
-def run_on(loop_name: str, main: Coroutine[Any, Any, None]) -> None:
-    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
-        runner.run(main)
 
 
 @pytest.mark.parametrize("loop_name", LOOPS)

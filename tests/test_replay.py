@@ -7,32 +7,21 @@ from __future__ import annotations
 import asyncio
 import select
 import threading
-from collections.abc import Callable, Coroutine
-from typing import Any
+from collections.abc import Callable
 
 import pytest
-import uvloop
 
 from router.connection import Connection
 from router.errors import ConnectFailed, UpstreamFailed
 from router.metrics import Metrics
 from router.upstream import Client, Timeout
 from tests.conftest import StartRawPods, StartRouter, scrape, static_config, value
+from tests.loops import LOOPS, run_on
 from tests.rawpod import BUSY, OK, WAIT, PodConnection, RawPod, answering
 
 LIMITS = Timeout(read=WAIT, connect=WAIT)
 FAILED = {"detail": "The backend sandbox connection failed."}
 ATTEMPTS = "warmpool_router_upstream_attempts_total"
-LOOPS: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {
-    "asyncio": asyncio.new_event_loop, "uvloop": uvloop.new_event_loop,
-}
-
-
-def run_on(loop_name: str, main: Coroutine[Any, Any, None]) -> None:
-    with asyncio.Runner(loop_factory=LOOPS[loop_name]) as runner:
-        runner.run(main)
-
-
 async def post(client: Client, pod: RawPod, body: bytes) -> tuple[int, bytes]:
     response = await client.request("POST", pod.ip, pod.port, "/", [], body, LIMITS)
     data = await response.read()

@@ -13,12 +13,12 @@ import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
-import uvloop
 
 from router import upstream
 from router.connection import DRAIN_LIMIT, Response
 from router.errors import ConnectFailed, ProxyError, UpstreamFailed, UpstreamTimeout
 from router.upstream import Client, Timeout
+from tests.loops import LOOPS
 
 LIMITS = Timeout(read=2.0, connect=2.0)
 Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
@@ -195,11 +195,8 @@ def misbehaving(server: Scripted) -> Script:
     return script
 
 
-@pytest.mark.parametrize("loop", [asyncio.new_event_loop, uvloop.new_event_loop],
-                         ids=["asyncio", "uvloop"])
-def test_failed_exchanges_leave_no_cyclic_garbage(
-    loop: Callable[[], asyncio.AbstractEventLoop],
-) -> None:
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_failed_exchanges_leave_no_cyclic_garbage(loop_name: str) -> None:
     """Every way an exchange fails frees what it held by reference counting: cycles made on
     failure paths (an error kept on its answer, a connect task, a cancelled body writer)
     held their pod connections until a collection, and made collections more frequent."""
@@ -247,7 +244,7 @@ def test_failed_exchanges_leave_no_cyclic_garbage(
     gc.collect()
     gc.disable()
     try:
-        run(scenario, misbehaving, loop)
+        run(scenario, misbehaving, LOOPS[loop_name])
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
         held = sorted({_describe(thing) for thing in gc.garbage if _describe(thing)})
