@@ -54,10 +54,24 @@ class RouterProcess(ServerChild):
 
     def attempts(self) -> tuple[float, float]:
         """(pod attempts, requests) the router has counted so far, from `/metrics`."""
+        totals = self._totals("warmpool_router_upstream_attempts", "warmpool_router_requests")
+        return totals["warmpool_router_upstream_attempts"], totals["warmpool_router_requests"]
+
+    def collections(self) -> tuple[float, float]:
+        """(young garbage collections, requests) so far, from `/metrics`."""
+        totals = self._totals("warmpool_router_gc_collections", "warmpool_router_requests",
+                              generation="0")
+        return totals["warmpool_router_gc_collections"], totals["warmpool_router_requests"]
+
+    def _totals(self, *families: str, **labels: str) -> dict[str, float]:
+        """Each family's `_total` samples added up (those with `labels`, where they have
+        those label names)."""
         _, body = fetch(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5.0)
-        totals = {"warmpool_router_upstream_attempts": 0.0, "warmpool_router_requests": 0.0}
+        totals = dict.fromkeys(families, 0.0)
         for family in text_string_to_metric_families(body.decode()):
             if family.name in totals:
-                totals[family.name] += sum(sample.value for sample in family.samples
-                                           if sample.name.endswith("_total"))
-        return totals["warmpool_router_upstream_attempts"], totals["warmpool_router_requests"]
+                totals[family.name] += sum(
+                    sample.value for sample in family.samples
+                    if sample.name.endswith("_total")
+                    and all(sample.labels.get(k, v) == v for k, v in labels.items()))
+        return totals

@@ -472,7 +472,13 @@ def run(s: Settings, profile: Path | None) -> tuple[list[Row], bool, list[Check]
             if s.compare:
                 more.append(lab.router(base_name(s.compare), lab.pods,
                                        source=lab.source(s.compare))[0])
+            collections, requests = observed_process.collections()
             rows += small_gets([direct, proxy, router, observed, *more], floors, s)
+            after = observed_process.collections()
+            per_1k = (after[0] - collections) * 1000 / max(after[1] - requests, 1)
+            wasted.append(Check(f"{ROUTER_OBS}: young garbage collections / 1k requests, its "
+                                "small-GET cells (Python's default threshold: ~35 at c=256)",
+                                per_1k, "<= 1", per_1k <= 1))
             if 16 in s.concurrency and 256 in s.concurrency:
                 rows += paired(router, s)
         if "transfers" in s.parts:
