@@ -18,7 +18,7 @@ import os
 import socket
 from collections.abc import Callable, Iterable
 
-from router.limits import connections_to_drain
+from router.limits import descriptors_plentiful
 
 log = logging.getLogger("router.accepting")
 
@@ -27,7 +27,7 @@ BURST = 512
 next connection accepted) takes the rest. Bounds one loop turn's accept work."""
 
 QUIET_SECONDS = 1.0
-"""No bursts for this long once one reached the descriptor reserve."""
+"""No bursts for this long once one reached half the descriptor table."""
 
 ProtocolFactory = Callable[[], asyncio.Protocol]
 
@@ -49,7 +49,7 @@ class AcceptBurst:
         self._quiet_until = 0.0
 
     def more(self) -> None:
-        """Accept what is waiting now, up to `BURST`, and not into the descriptor reserve.
+        """Accept what is waiting now, up to `BURST`, and not past half the descriptors.
         A failure (no descriptor left, a connection reset while queued) ends the burst:
         libuv's own accept, at the next readiness, deals with it as it always does."""
         if self._quiet_until and self._loop.time() < self._quiet_until:
@@ -63,11 +63,13 @@ class AcceptBurst:
                 task = self._loop.create_task(self._serve(sock))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
-                if connections_to_drain(sock.fileno()):
-                    # Descriptors run short: no bursts for a while. Connections come one
-                    # per turn, each closing idle clients first (`HttpProtocol._drain`), so
-                    # the reserve for pod connections and new clients stays free (bursts
-                    # from each of the connections of one turn drained far more).
+                if not descriptors_plentiful(sock.fileno()):
+                    # Half the descriptors are in use: no bursts for a while. Connections
+                    # come one per turn, each with time to send its request before the
+                    # next, and near the limit each closes idle clients first
+                    # (`HttpProtocol._drain`). A burst accepted into the reserve had the
+                    # drain close connections whose requests were not read yet, and end
+                    # uploads whose request had not started, without an answer.
                     self._quiet_until = self._loop.time() + QUIET_SECONDS
                     return
 

@@ -116,6 +116,13 @@ def fd_reserve(limit: int) -> int:
     return max(16, limit // 64)
 
 
+def descriptors_plentiful(fileno: int) -> bool:
+    """Whether a socket numbered `fileno` leaves at least half the descriptor table free
+    (numbers are handed out lowest first, so N means N are open)."""
+    limit = _soft_limit()
+    return limit == resource.RLIM_INFINITY or fileno < limit // 2
+
+
 def connections_to_drain(fileno: int) -> int:
     """How many idle clients to close now that a socket numbered `fileno` was accepted:
     0 unless the descriptor table is nearly full. The kernel hands out the lowest free
