@@ -210,6 +210,7 @@ def test_failed_exchanges_leave_no_cyclic_garbage(loop_name: str) -> None:
         for path, target_port, limits in [
             ("/drop", port, LIMITS), ("/invalid", port, LIMITS), ("/cut", port, LIMITS),
             ("/silent", port, Timeout(read=0.1, connect=1)), ("/", 1, LIMITS),
+            ("/", full.getsockname()[1], Timeout(read=1, connect=0.1)),
         ]:
             try:
                 response = await client.request("GET", "127.0.0.2", target_port, path, [],
@@ -221,7 +222,7 @@ def test_failed_exchanges_leave_no_cyclic_garbage(loop_name: str) -> None:
             except ProxyError as error:
                 failed.append(type(error))
         assert failed == [UpstreamFailed, UpstreamFailed, UpstreamFailed, UpstreamTimeout,
-                          ConnectFailed]
+                          ConnectFailed, ConnectFailed]  # refused, then timed out
         early = await client.request("POST", "127.0.0.2", port, "/early", [], endless(), LIMITS)
         assert early.status == 200
         early.release()  # the body still going out is cancelled
@@ -241,6 +242,7 @@ def test_failed_exchanges_leave_no_cyclic_garbage(loop_name: str) -> None:
         assert sorted(server.bodies) == sorted(
             [b"/drop", b"/invalid", b"/cut", b"/silent", b"/early", b"/abandoned"])
 
+    full, waiting = listener_that_accepts_nothing()
     gc.collect()
     gc.disable()
     try:
@@ -252,7 +254,24 @@ def test_failed_exchanges_leave_no_cyclic_garbage(loop_name: str) -> None:
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+        for sock in [full, *waiting]:
+            sock.close()
     assert held == [], held
+
+
+def listener_that_accepts_nothing() -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket on 127.0.0.2 whose accept queue is full: a connect to it gets no
+    answer (its SYN is dropped), so only the connect timeout ends it."""
+    full = socket.socket()
+    full.bind(("127.0.0.2", 0))
+    full.listen(0)
+    waiting = []
+    for _ in range(4):
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.connect_ex(full.getsockname())
+        waiting.append(sock)
+    return full, waiting
 
 
 def _describe(thing: object) -> str | None:
