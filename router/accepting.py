@@ -38,7 +38,7 @@ class AcceptBurst:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listening: Iterable[int],
                  factory: ProtocolFactory) -> None:
-        self._loop = loop
+        self.loop = loop
         self._factory = factory
         self._listeners: list[socket.socket] = []
         for fileno in listening:
@@ -48,21 +48,24 @@ class AcceptBurst:
         self._pending: set[asyncio.Task[object]] = set()
         self._quiet_until = 0.0
 
-    def more(self) -> None:
+    def more(self) -> int:
         """Accept what is waiting now, up to `BURST`, and not past half the descriptors.
         A failure (no descriptor left, a connection reset while queued) ends the burst:
-        libuv's own accept, at the next readiness, deals with it as it always does."""
-        if self._quiet_until and self._loop.time() < self._quiet_until:
-            return
+        libuv's own accept, at the next readiness, deals with it as it always does.
+        Returns how many it took."""
+        taken = 0
+        if self._quiet_until and self.loop.time() < self._quiet_until:
+            return taken
         for listener in self._listeners:
             for _ in range(BURST):
                 try:
                     sock, _ = listener.accept()
                 except OSError:  # BlockingIOError: nothing waits any more
                     break
-                task = self._loop.create_task(self._serve(sock))
+                task = self.loop.create_task(self._serve(sock))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
+                taken += 1
                 if not descriptors_plentiful(sock.fileno()):
                     # Half the descriptors are in use: no bursts for a while. Connections
                     # come one per turn, each with time to send its request before the
@@ -70,12 +73,13 @@ class AcceptBurst:
                     # (`HttpProtocol._drain`). A burst accepted into the reserve had the
                     # drain close connections whose requests were not read yet, and end
                     # uploads whose request had not started, without an answer.
-                    self._quiet_until = self._loop.time() + QUIET_SECONDS
-                    return
+                    self._quiet_until = self.loop.time() + QUIET_SECONDS
+                    return taken
+        return taken
 
     async def _serve(self, sock: socket.socket) -> None:
         try:
-            await self._loop.connect_accepted_socket(self._factory, sock)
+            await self.loop.connect_accepted_socket(self._factory, sock)
         except OSError as exc:  # the client left in between: as if never accepted
             log.debug("an accepted connection failed before it was served: %r", exc)
             sock.close()

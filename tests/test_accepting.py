@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 
 import pytest
 
 from router import accepting
 from router.accepting import AcceptBurst
+from router.server import ServerThread
 from tests.conftest import StartPods, StartRouter, static_config
 from tests.loops import LOOPS, run_on
 from tests.rawclient import RawClient
@@ -88,13 +90,33 @@ def open_sockets() -> int:
     return count
 
 
-def test_a_router_serves_a_burst_of_new_connections(
-    start_pods: StartPods, start_router: StartRouter
+def test_a_busy_router_takes_a_burst_of_new_connections_in_one_turn(
+    start_pods: StartPods, start_router: StartRouter, servers: list[ServerThread],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """100 clients connect while the router's loop is held (a turn taking long, as under
+    load): once it turns, the first connection libuv accepts takes the other 99 with it
+    (libuv alone would take one per turn), and every one of them is served."""
     pods = start_pods(1)
     port = start_router(static_config(pods)).base_url.port
     assert port is not None
-    clients = [RawClient(port) for _ in range(100)]
+    burst = servers[-1].server.config.http_protocol_class.burst
+    assert isinstance(burst, AcceptBurst)  # the server wired it to its listening socket
+    taken: list[int] = []
+    more = AcceptBurst.more
+    monkeypatch.setattr(AcceptBurst, "more", lambda self: taken.append(more(self)) or 0)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait(10)
+
+    burst.loop.call_soon_threadsafe(hold)
+    assert holding.wait(10)
+    try:
+        clients = [RawClient(port) for _ in range(100)]  # queued by the kernel meanwhile
+    finally:
+        release.set()
     for client in clients:
         client.send(b"GET / HTTP/1.1\r\nHost: router\r\n\r\n")
     for client in clients:
@@ -102,3 +124,4 @@ def test_a_router_serves_a_burst_of_new_connections(
         assert answer is not None and answer.status == 200
         client.close()
     assert pods[0].app.hits == 100
+    assert max(taken) == 99
