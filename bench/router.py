@@ -3,8 +3,11 @@ form) over a static pool, on a port picked for it."""
 
 from __future__ import annotations
 
+import io
 import os
+import subprocess
 import sys
+import tarfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -75,3 +78,16 @@ class RouterProcess(ServerChild):
                     if sample.name.endswith("_total")
                     and all(sample.labels.get(k, v) == v for k, v in labels.items()))
         return totals
+
+
+def source_tree(compare: str, workdir: Path) -> Path:
+    """A source tree as given, or a commit's `router/` extracted from git into `workdir`:
+    what `--compare` runs beside this checkout."""
+    if Path(compare).is_dir():
+        return Path(compare).resolve()
+    tree = workdir / f"source-{compare}"
+    archive = subprocess.run(["git", "archive", "--format=tar", compare, "router"],
+                             capture_output=True, check=True).stdout
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tree, filter="data")
+    return tree

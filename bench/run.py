@@ -18,14 +18,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import io
 import itertools
 import platform
 import signal
 import statistics
 import subprocess
 import sys
-import tarfile
 import tempfile
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +39,7 @@ from bench.floor import FloorProcess
 from bench.nginx import Pod
 from bench.procs import free_port
 from bench.report import Check, Row
-from bench.router import RouterProcess
+from bench.router import RouterProcess, source_tree
 from bench.usage import Usage
 
 RESULTS = Path(__file__).with_name("results")
@@ -433,15 +431,7 @@ class Lab:
         return Target(name, ROUTER, child.url, child.pid, pool), child
 
     def source(self, compare: str) -> Path:
-        """A source tree as given, or a commit's `router/` extracted from git."""
-        if Path(compare).is_dir():
-            return Path(compare).resolve()
-        tree = self._workdir / f"source-{compare}"
-        archive = subprocess.run(["git", "archive", "--format=tar", compare, "router"],
-                                 capture_output=True, check=True).stdout
-        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-            tar.extractall(tree, filter="data")
-        return tree
+        return source_tree(compare, self._workdir)
 
     def floor(self, name: str, kind: str, forwards: bool) -> Target:
         """A uvicorn reference (bench/floor.py); the proxies forward to the plain pool."""

@@ -6,7 +6,6 @@ import itertools
 import math
 import random
 import time
-from collections import Counter
 from collections.abc import Callable
 
 from router.health import Clock, Health
@@ -64,7 +63,7 @@ class RoundRobin:
         self._clock = clock
         self._offset = 0  # added to the counter: `first` of the current list
         self._listed: tuple[Pod, ...] = ()
-        self._in_flight: Counter[Pod] = Counter()
+        self._in_flight: dict[Pod, int] = {}  # requests each pod serves now (none: absent)
         self._served: dict[Pod, float] = {}  # when each pod last served this process
         self._busy: dict[Pod, float] = {}  # and last answered it busy
         self._freed: dict[Pod, None] = {}  # pods in the order they last finished a request
@@ -84,15 +83,19 @@ class RoundRobin:
 
     def served(self, pod: Pod) -> None:
         """`pod` answers one of this process's requests; `finished` follows."""
-        self._in_flight[pod] += 1
+        in_flight = self._in_flight
+        in_flight[pod] = in_flight.get(pod, 0) + 1
         self._served[pod] = now = self._clock()
         self._shared(pod, self._busy, now)
 
     def finished(self, pod: Pod) -> None:
         """The request `pod` served has ended."""
-        self._in_flight[pod] -= 1
-        if self._in_flight[pod] <= 0:
-            del self._in_flight[pod]
+        in_flight = self._in_flight
+        left = in_flight.get(pod, 0) - 1
+        if left > 0:
+            in_flight[pod] = left
+        else:
+            in_flight.pop(pod, None)
         self._freed.pop(pod, None)
         self._freed[pod] = None
 
@@ -112,7 +115,7 @@ class RoundRobin:
         this process and has none in flight; `start` if there is none."""
         places = {pod: index for index, pod in enumerate(healthy)}
         for pod in reversed(self._freed):
-            if not self._in_flight[pod] and pod in places:
+            if pod not in self._in_flight and pod in places:
                 return places[pod]
         return start
 

@@ -13,7 +13,6 @@ is a 502 at once and the connection is closed.
 from __future__ import annotations
 
 import asyncio
-import collections
 from collections.abc import AsyncIterator
 from typing import Protocol, cast
 
@@ -216,7 +215,17 @@ class Connection(asyncio.Protocol):
 
 class Response:
     """A pod's answer: status and raw headers once `send` returns, then the body as it
-    arrives (`chunks()`), buffered up to `HIGH_WATER` before reading from the pod pauses."""
+    arrives (`chunks()`), buffered up to `HIGH_WATER` before reading from the pod pauses.
+    Slotted, its pieces in a list (a deque allocates a 64-slot block up front): one per
+    request in flight, and at high concurrency what each request touches is what costs
+    (cache misses, #13)."""
+
+    __slots__ = ("status", "raw_headers", "content_length", "writer", "body_sent",
+                 "_connection", "_parser", "_no_body", "_read_timeout", "_max_head",
+                 "_head_size", "_head_left", "_framing", "_chunks", "_buffered", "_paused",
+                 "_headers_done", "_chunked", "_complete", "_keep_alive", "_tainted", "_error",
+                 "_waiter", "_released", "_remaining", "_settling", "_upgrade", "_early",
+                 "__weakref__")
 
     def __init__(self, connection: Connection, method: str, read_timeout: float,
                  max_head: int, upgrade: bool = False) -> None:
@@ -233,7 +242,7 @@ class Response:
         self._head_size = 0  # the heads as parsed (1xx included): lines and their CRLFs
         self._head_left = max_head  # raw bytes fed before the head ended (`feed`)
         self._framing = 0  # raw bytes fed since the last piece of body: trailers, chunk lines
-        self._chunks: collections.deque[bytes] = collections.deque()
+        self._chunks: list[bytes] = []
         self._buffered = 0
         self._paused = False
         self._headers_done = False
@@ -264,7 +273,10 @@ class Response:
         if self._complete:
             self._tainted = True  # a second answer nobody asked for: ignored
             return
-        self._grow(len(name) + len(value) + 4)  # ": " and CRLF
+        # `_grow`, inlined: this runs for every header of every answer.
+        self._head_size += len(name) + len(value) + 4  # ": " and CRLF
+        if self._head_size > self._max_head:
+            raise UpstreamFailed(TOO_BIG)
         if not self._headers_done:  # a trailer is not merged into the head (RFC 9110 6.5.1)
             self.raw_headers.append((name, value))
 
@@ -405,7 +417,7 @@ class Response:
         while True:
             if chunks:
                 if len(chunks) == 1 or self._buffered > JOIN_LIMIT:
-                    data = chunks.popleft()  # large reads pass on as they are, uncopied
+                    data = chunks.pop(0)  # large reads pass on as they are, uncopied
                     self._buffered -= len(data)
                 else:
                     data = b"".join(chunks)

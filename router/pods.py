@@ -9,12 +9,14 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
-@dataclass(frozen=True, slots=True)
-class Pod:
-    """One sandbox server the router can send requests to."""
+class Pod(NamedTuple):
+    """One sandbox server the router can send requests to. A tuple rather than a frozen
+    dataclass: the balancer and passive health key their state by pod, about ten look-ups
+    per pool request, and a tuple's hash is computed in C where the dataclass ran a
+    Python `__hash__` building a tuple each time (#13)."""
 
     name: str
     namespace: str

@@ -12,15 +12,17 @@ import asyncio
 import enum
 import logging
 import math
+import urllib.parse
 from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
 import httptools
-from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl, service_unavailable
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from router.accepting import AcceptBurst
 from router.config import Config
+from router.cycle import ProxyCycle
 from router.errors import ProxyError
 from router.limits import MAX_HEADERS, Deadline, connections_to_drain, refusal
 
@@ -300,11 +302,57 @@ class HttpProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._line_open = True
         self._deadline.stop()
-        super().on_headers_complete()
+        self._start_cycle()
         # The request's scope holds the list of its head; a chunked body's trailers, which
         # uvicorn's `on_header` appends too, go to a list nobody reads: never merged into
         # the headers (RFC 9110 6.5.1), else one in the head's read would route the request.
         self.headers = []
+
+    def _start_cycle(self) -> None:
+        """uvicorn's `on_headers_complete`, step for step, with a `ProxyCycle`
+        (router/cycle.py) for the request: uvicorn names its own cycle class inside that
+        method. Turning a made cycle into a `ProxyCycle` instead (assigning `__class__`)
+        cost more than it saved: every attribute read of the object then missed the
+        interpreter's per-class caches."""
+        parser = self.parser
+        scope = self.scope
+        http_version = parser.get_http_version()
+        scope["method"] = parser.get_method().decode("ascii")
+        if http_version != "1.1":
+            scope["http_version"] = http_version
+        if parser.should_upgrade() and self._should_upgrade():
+            return
+        url = httptools.parse_url(self.url)
+        path = url.path.decode("ascii")
+        if "%" in path:
+            path = urllib.parse.unquote(path)
+        scope["path"] = self.root_path + path
+        scope["raw_path"] = self.root_path.encode("ascii") + url.path
+        scope["query_string"] = url.query or b""
+        app = self.app
+        limit = self.limit_concurrency
+        if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
+            app = service_unavailable
+            self.logger.warning("Exceeded concurrency limit.")
+        existing = self.cycle
+        self.cycle = ProxyCycle(
+            scope=scope,
+            transport=self.transport,
+            flow=self.flow,
+            logger=self.logger,
+            access_logger=self.access_logger,
+            access_log=self.access_log,
+            default_headers=self.server_state.default_headers,
+            message_event=asyncio.Event(),
+            expect_100_continue=self.expect_100_continue,
+            keep_alive=http_version != "1.0" and parser.should_keep_alive(),
+            on_response=self.on_response_complete,
+        )
+        if existing is None or existing.response_complete:
+            self._start_asgi_task(self.cycle, app)
+        else:  # pipelined: waits for the answer before it
+            self.flow.pause_reading()
+            self.pipeline.appendleft((self.cycle, app))
 
     def _check_head(self) -> None:
         limit = self.options.max_request_head
