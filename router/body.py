@@ -38,6 +38,12 @@ class RequestBody:
         return self._whole is not None
 
     @classmethod
+    def none(cls, receive: Receive) -> RequestBody:
+        """A request without a body: nothing to wait for (`read` would ask `receive` for
+        the empty message the server has ready)."""
+        return cls(receive, b"")
+
+    @classmethod
     async def read(cls, receive: Receive, content_length: int | None, limit: int) -> RequestBody:
         message = await receive()
         if message["type"] == "http.disconnect":

@@ -65,6 +65,12 @@ class Incoming:
     sandbox_pod_ip: str | None = None
     sandbox_timeout: str | None = None
     refused: ProxyError | None = None  # the request breaks a rule: answered with this
+    chunked: bool = False  # `Transfer-Encoding: chunked`: a body of no declared length
+
+    @property
+    def bodiless(self) -> bool:
+        """Neither `Content-Length` nor `Transfer-Encoding`: no body (RFC 9112 6.3)."""
+        return self.content_length is None and not self.chunked
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,7 @@ def read_request(scope: Scope) -> Incoming:
             host = value.decode("latin-1")
             continue
         if name == b"transfer-encoding":  # the parser took any list ending in chunked
+            incoming.chunked = True
             if any(coding.strip().lower() != b"chunked" for coding in value.split(b",")):
                 _refuse(incoming, UNSUPPORTED_CODING)
             continue

@@ -85,7 +85,8 @@ class Client:
         `upgrade`: the headers ask for one, so a 101 is a valid answer (`router/tunnel.py`)."""
         head = _head(method, target, _authority(host, port), headers, body, length)
         while True:
-            connection = await self._acquire(host, port, limits.connect)
+            connection = (self._pooled(host, port)
+                          or await self._connect(host, port, limits.connect))
             try:
                 return await connection.send(method, head, body, length, limits.read,
                                              self._max_head, upgrade)
@@ -93,7 +94,9 @@ class Client:
                 if not connection.reused:
                     raise ConnectFailed() from None
 
-    async def _acquire(self, host: str, port: int, connect_timeout: float) -> Connection:
+    def _pooled(self, host: str, port: int) -> Connection | None:
+        """An idle connection to the pod, if one is fit for use (no coroutine: most
+        requests take one)."""
         idle = self._idle.get((host, port))
         if idle:
             now = self._loop.time()
@@ -105,7 +108,7 @@ class Client:
                     connection.reused = True
                     return connection
                 connection.close()
-        return await self._connect(host, port, connect_timeout)
+        return None
 
     async def _connect(self, host: str, port: int, connect_timeout: float) -> Connection:
         """A timeout scope rather than `wait_for`, whose task per connect held each refusal
