@@ -124,8 +124,9 @@ def ask(port: int, path: str) -> Answer:
 
 
 def gathered(ports: Callable[[], list[int]], workers: int, path: str) -> Answer:
-    """`--workers N`: 200 only when every one of the N workers answers 200. The workers
-    share one listening socket, so any of them may get the next connection: a pod is
+    """`--workers N`: 200 only when every one of the N workers answers 200. The kernel
+    hands each new connection to one of the workers' sockets, so any of them may get the
+    next connection: a pod is
     healthy only if all are alive, and ready only if all can route (each has its own pod
     list, synced on its own). The workers are asked at once, each within `ASK_WORKER`."""
     found = ports()

@@ -1,5 +1,5 @@
 """Running the router as a process: one server, or with `--workers N` a supervisor of N
-server processes sharing one listening socket. (Apart from `__main__` so that worker
+server processes listening on one port. (Apart from `__main__` so that worker
 processes, which are spawned, can import what they run.)"""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from router import config, logs, probes
 from router.app import Router
 from router.limits import raise_fd_limit
 from router.metrics import Gathered, Metrics, serve_registry
-from router.server import DrainingServer, bind, server_config
+from router.server import DrainingServer, bind, bind_group, server_config
 
 log = logging.getLogger("router.run")
 
@@ -69,16 +69,16 @@ def _settle_heap() -> None:
 
 
 def supervise(options: config.Config) -> int:
-    """`--workers N`: N processes accept from one socket, each with its own pod cache,
-    counter and upstream pool; `/metrics` is served here, gathered from all of them.
-    SIGTERM is passed on to each, and each drains; if one worker dies, the others are
-    stopped too, so the pod restarts whole."""
-    sock = bind(options.host, options.port, options.backlog)
+    """`--workers N`: N processes, each accepting from its own socket on the port
+    (`bind_group`) and with its own pod cache, counter and upstream pool; `/metrics` is
+    served here, gathered from all of them. SIGTERM is passed on to each, and each
+    drains; if one worker dies, the others are stopped too, so the pod restarts whole."""
+    socks = bind_group(options.host, options.port, options.backlog, options.workers)
     context = multiprocessing.get_context("spawn")
     reports = context.SimpleQueue() if options.metrics_port else None
     workers = [
         context.Process(target=_worker, args=(options, sock, reports), name=f"worker-{index}")
-        for index in range(options.workers)
+        for index, sock in enumerate(socks)
     ]
     stopping = False
 
@@ -99,7 +99,7 @@ def supervise(options: config.Config) -> int:
     for worker in workers:
         worker.start()
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    host, port = sock.getsockname()[:2]
+    host, port = socks[0].getsockname()[:2]
     log.info("running on http://%s:%d with %d workers", host, port, len(workers))
     running = list(workers)
     while running:
@@ -109,7 +109,8 @@ def supervise(options: config.Config) -> int:
             if not stopping:
                 log.error("%s exited with %s; stopping the others", worker.name, worker.exitcode)
                 forward(signal.SIGTERM, None)
-    sock.close()
+    for sock in socks:
+        sock.close()
     if metrics_server is not None:
         metrics_server.shutdown()
         metrics_server.server_close()

@@ -24,14 +24,30 @@ from router.protocol import HttpProtocol
 log = logging.getLogger("router.server")
 
 
-def bind(host: str = "127.0.0.1", port: int = 0, backlog: int = 2048) -> socket.socket:
-    """A listening socket; port 0 picks a free port, read back with `getsockname()`."""
+def bind(host: str = "127.0.0.1", port: int = 0, backlog: int = 2048,
+         shared: bool = False) -> socket.socket:
+    """A listening socket; port 0 picks a free port, read back with `getsockname()`.
+    `shared`: one of a group on the same port (`bind_group`)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(backlog)
     return sock
+
+
+def bind_group(host: str, port: int, backlog: int, count: int) -> list[socket.socket]:
+    """`count` listening sockets on one port (SO_REUSEPORT), one per `--workers` process:
+    the kernel spreads new connections over them by a hash of their addresses, so every
+    worker accepts from a queue of its own. From one shared socket, whichever worker woke
+    first took what waited (with accept bursts, up to 512 at once): 256 connections opened
+    together split 28/228 between two workers. Each socket has the whole `backlog`.
+    Port 0 picks one free port for the whole group."""
+    first = bind(host, port, backlog, shared=True)
+    port = first.getsockname()[1]
+    return [first, *(bind(host, port, backlog, shared=True) for _ in range(count - 1))]
 
 
 def server_config(
