@@ -278,7 +278,7 @@ class Response:
         if self._head_size > self._max_head:
             raise UpstreamFailed(TOO_BIG)
         if not self._headers_done:  # a trailer is not merged into the head (RFC 9110 6.5.1)
-            self.raw_headers.append((name, value))
+            self.raw_headers.append((name.lower(), value))  # once: see router/headers.py
 
     def _grow(self, size: int) -> None:
         self._head_size += size
@@ -303,7 +303,6 @@ class Response:
             return
         codings: list[bytes] = []
         for name, value in self.raw_headers:
-            name = name.lower()
             if name == b"content-length" and value.isdigit():
                 self.content_length = int(value)
             elif name == b"transfer-encoding":

@@ -215,3 +215,24 @@ def test_tiny_chunks_to_a_client_that_does_not_read_hold_little_memory(
         for client in clients:
             client.close()
         router.kill()
+
+
+def test_hop_by_hop_headers_in_any_case_are_dropped(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """Header names are case-insensitive: a pod's `Connection`, the headers it names, and
+    the other hop-by-hop ones are dropped however they are spelt, and a `Content-Length`
+    or `X-Request-ID` in capitals is still the one the router replaces or frames with."""
+    pods = start_raw_pods(answering(
+        b"HTTP/1.1 200 OK\r\nCONNECTION: X-Secret, keep-alive\r\nx-SECRET: 1\r\n"
+        b"Keep-Alive: timeout=5\r\nUpgrade: h2c\r\nTrailer: X-T\r\nX-Request-Id: pod\r\n"
+        b"Content-LENGTH: 2\r\nX-Kept: Yes\r\n\r\nok"))
+    client = start_router(static_config(pods))
+    response = client.get("/", headers={"x-request-id": "mine"})
+    assert response.content == b"ok"
+    assert response.headers["x-kept"] == "Yes"
+    assert response.headers.get_list("x-request-id") == ["mine"]
+    assert response.headers.get_list("content-length") == ["2"]
+    for name in ("x-secret", "keep-alive", "upgrade", "trailer"):
+        assert name not in response.headers
+    assert response.headers.get("connection", "keep-alive") == "keep-alive"
