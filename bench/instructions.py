@@ -3,12 +3,12 @@ rather than timed. On this shared two-core machine req/s and CPU time move by 10
 one cell to the next, more than the changes they are meant to judge; valgrind's callgrind
 counts the same for the same code and load whatever else the machine does.
 
-The router (`python -m router` over three nginx pods, bench/nginx.py, no metrics or
-access log) runs under `valgrind --tool=callgrind --cache-sim=yes`. For each concurrency
-c, a client opens c keep-alive connections and sends requests on all of them until every
-connection and the router's pod pool are warm; then the counters are zeroed,
-`--requests` GETs go through (the same number on each connection), and the counters are
-dumped. Per request:
+The router (`python -m router` over three nginx pods, bench/nginx.py; no metrics or access
+log, unless `--observability`) runs under `valgrind --tool=callgrind --cache-sim=yes`.
+For each concurrency c, a client opens c keep-alive connections and sends requests on all
+of them until every connection and the router's pod pool are warm; then the counters are
+zeroed, `--requests` GETs go through (the same number on each connection), and the
+counters are dumped. Per request:
 
 - instructions: the router's own work, Python and C (the kernel's is not counted);
 - L2 misses: reads, writes and instruction fetches that missed a simulated second-level
@@ -114,7 +114,7 @@ async def _count(name: str, pid: int, port: int, concurrency: int, requests: int
 
 
 def measure(name: str, source: Path | None, pods: list[Pod], concurrency: list[int],
-            requests: int, l2: int, workdir: Path) -> list[Count]:
+            requests: int, l2: int, workdir: Path, observability: bool) -> list[Count]:
     directory = workdir / name
     directory.mkdir()
     port = free_port()
@@ -123,7 +123,9 @@ def measure(name: str, source: Path | None, pods: list[Pod], concurrency: list[i
         f"--callgrind-out-file={directory}/callgrind.%p",
         sys.executable, "-P", "-m", "router", "--host", "127.0.0.1", "--port", str(port),
         "--pods", ",".join(f"{p.name}={p.host}:{p.port}" for p in pods),
-        "--metrics-port", "0", "--log-level", "warning", "--no-access-log",
+        *(("--metrics-port", str(free_port()), "--log-level", "info", "--access-log")
+          if observability else
+          ("--metrics-port", "0", "--log-level", "warning", "--no-access-log")),
     ]
     env = {**os.environ, "PYTHONPATH": str(source or CHECKOUT)}
     with Child(name, argv, directory / "router.log", env) as router:
@@ -139,6 +141,8 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=2048, help="counted, per concurrency")
     parser.add_argument("--l2", type=int, default=1 << 20, help="simulated L2 bytes")
     parser.add_argument("--compare", default="", metavar="COMMIT|DIR")
+    parser.add_argument("--observability", action="store_true",
+                        help="the operator defaults: metrics served, access log (to /dev/null)")
     args = parser.parse_args()
     concurrency = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="warmpool-instructions-") as tmp, \
@@ -156,7 +160,7 @@ def main() -> None:
                             source_tree(args.compare, workdir)))
         counts = [count for name, source in routers
                   for count in measure(name.replace("/", "_"), source, pods, concurrency,
-                                       args.requests, args.l2, workdir)]
+                                       args.requests, args.l2, workdir, args.observability)]
     print(f"| router | c | requests | instructions / request | L2 misses / request "
           f"({args.l2 // 1024} KiB) |")
     print("|---|---|---|---|---|")
