@@ -25,6 +25,8 @@ from router.observe import Exchange, NullObserver
 
 QUEUE_LINES = 10_000
 FLUSH_SECONDS = 0.1
+FLUSH_BATCH = 64
+"""Lines formatted between two hand-overs of the GIL to the event loop (below)."""
 STOP_SECONDS = 5.0
 
 log = logging.getLogger("router.access")
@@ -146,13 +148,19 @@ class AccessLog(NullObserver):
         self._flush()
 
     def _flush(self) -> None:
-        lines = []
+        """Format and write what is pending, a batch at a time: the GIL goes back to the
+        event loop after each batch. Formatting all at once held it for a whole switch
+        interval (5 ms) while the loop waited, a few times a second: the router's p99 at
+        c=16 with the access log on was 5.5-6.5 ms, and 1.2 ms without it (#13)."""
         pending = self._pending
+        if not pending:
+            return
         while pending:
-            lines.append(access_line(*pending.popleft()))
-        if lines:
+            lines = [access_line(*pending.popleft())
+                     for _ in range(min(len(pending), FLUSH_BATCH))]
             self._stream.write("\n".join(lines) + "\n")
-            self._stream.flush()
+            time.sleep(0)  # releases the GIL; the loop, if waiting for it, takes it
+        self._stream.flush()
 
 
 class Throttle(Generic[Key]):

@@ -8,7 +8,7 @@ import json
 
 import httpx
 
-from router.logs import AccessLog, access_line
+from router.logs import FLUSH_BATCH, AccessLog, access_line
 from router.observe import Exchange
 from tests.conftest import StartPods
 from tests.process import RouterProcess
@@ -87,6 +87,30 @@ def test_a_full_buffer_drops_lines_and_counts_them() -> None:
 
     assert access.dropped == 1
     assert [json.loads(line)["path"] for line in stream.getvalue().splitlines()] == ["/0", "/1"]
+
+
+def test_lines_written_in_batches_keep_their_order_and_are_all_written() -> None:
+    """The writer formats `FLUSH_BATCH` lines between two hand-overs of the GIL: pending
+    lines spanning several batches (and a last, partial one) all come out, in order,
+    each line whole, and the stream is flushed."""
+    class Stream(io.StringIO):
+        flushes = 0
+
+        def flush(self) -> None:
+            self.flushes += 1
+
+    stream = Stream()
+    access = AccessLog(stream)
+    count = FLUSH_BATCH * 2 + 5
+    for index in range(count):
+        access.request_finished(Exchange("GET", f"/{index}", None, f"id-{index}", "pool", 0.0))
+    access.start()
+    access.stop()
+
+    assert [json.loads(line)["path"] for line in stream.getvalue().splitlines()] == [
+        f"/{index}" for index in range(count)]
+    assert stream.flushes >= 1
+    assert access.dropped == 0
 
 
 def test_access_lines_are_json_whatever_the_path_holds() -> None:
