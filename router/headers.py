@@ -71,12 +71,14 @@ class Incoming:
     sandbox_pod_ip: str | None = None
     sandbox_timeout: str | None = None
     refused: ProxyError | None = None  # the request breaks a rule: answered with this
-    chunked: bool = False  # `Transfer-Encoding: chunked`: a body of no declared length
+    framed: bool = False  # a `Content-Length` or `Transfer-Encoding` header, as received
 
     @property
     def bodiless(self) -> bool:
-        """Neither `Content-Length` nor `Transfer-Encoding`: no body (RFC 9112 6.3)."""
-        return self.content_length is None and not self.chunked
+        """Neither `Content-Length` nor `Transfer-Encoding`: no body (RFC 9112 6.3). Not
+        `content_length is None`: the parser reads a body by a length the router does not
+        take (`5 `, or one `Connection` names), which is streamed, not dropped."""
+        return not self.framed
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,10 +127,12 @@ def read_request(scope: Scope) -> Incoming:
             host = value.decode("latin-1")
             continue
         if name == b"transfer-encoding":  # the parser took any list ending in chunked
-            incoming.chunked = True
+            incoming.framed = True
             if any(coding.strip().lower() != b"chunked" for coding in value.split(b",")):
                 _refuse(incoming, UNSUPPORTED_CODING)
             continue
+        if name == b"content-length":
+            incoming.framed = True  # a body follows, whatever `Connection` says (`bodiless`)
         if name in dropped:
             continue
         text = value.decode("latin-1")

@@ -101,11 +101,15 @@ def supervise(options: config.Config) -> int:
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     host, port = socks[0].getsockname()[:2]
     log.info("running on http://%s:%d with %d workers", host, port, len(workers))
+    listening = dict(zip(workers, socks, strict=True))
     running = list(workers)
     while running:
         multiprocessing.connection.wait([worker.sentinel for worker in running])
         for worker in [w for w in running if w.exitcode is not None]:
             running.remove(worker)
+            # Its socket leaves the port: held open here, it would still get its share of
+            # new connections, which nobody accepts, while the others drain.
+            listening[worker].close()
             if not stopping:
                 log.error("%s exited with %s; stopping the others", worker.name, worker.exitcode)
                 forward(signal.SIGTERM, None)

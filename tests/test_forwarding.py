@@ -223,3 +223,26 @@ def test_http_1_0_client_is_served(start_pods: StartPods, start_router: StartRou
     connection.request("GET", "/old")
     assert json.loads(connection.getresponse().read())["pod"] == "pod-0"
     connection.close()
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: 5 \r\n",  # blanks after the number: the parser takes it, `int` does not
+    b"Content-Length: 5\t\r\n",
+    b"Connection: content-length\r\nContent-Length: 5\r\n",  # a length not forwarded
+])
+def test_a_body_the_parser_read_reaches_the_pod(
+    start_pods: StartPods, start_router: StartRouter, framing: bytes
+):
+    """Whether a request has a body is what its head says to the parser, not whether the
+    router could read a length from it: a body framed by a `Content-Length` the router
+    does not forward as such still goes to the pod (streamed), never dropped as if the
+    request had none."""
+    pods = start_pods(1)
+    client = start_router(static_config(pods))
+    answer = raw_request(
+        str(client.base_url).rstrip("/"),
+        b"POST /upload HTTP/1.1\r\nHost: r\r\n" + framing + b"Connection: close\r\n\r\nhello",
+    )
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(answer.split(b"\r\n\r\n", 1)[1])["body_bytes"] == 5
+    assert pods[0].app.seen[0].body_bytes == 5

@@ -143,6 +143,39 @@ def test_workers_each_accept_from_a_socket_of_their_own(start_pods: StartPods) -
         assert router.stop() == 0
 
 
+def test_a_dead_workers_socket_leaves_the_port(start_pods: StartPods) -> None:
+    """A worker that dies takes its socket off the port: the others, stopped in turn,
+    serve new connections through their drain grace as before. Left open in the
+    supervisor, the dead worker's socket still got its share of the port's connections,
+    which nobody accepted: they waited out the drain, then were reset."""
+    pods = start_pods(1)
+    router = RouterProcess(["--pods", f"{pods[0].ip}:{pods[0].port}", "--workers", "2",
+                            "--drain-grace", "6", "--shutdown-timeout", "10"])
+    try:
+        started = "Application startup complete"
+        eventually(lambda: sum(started in line for line in router.lines) == 2)
+        workers = [child for child in psutil.Process(router.process.pid).children()
+                   if "spawn_main" in " ".join(child.cmdline())]
+        workers[0].kill()
+        eventually(lambda: any("stopping the others" in line for line in router.lines))
+        # New connections, as clients behind the Service open them in the grace window.
+        clients = [RawClient(router.port, timeout=3) for _ in range(16)]
+        answers = []
+        for client in clients:
+            client.send(b"GET / HTTP/1.1\r\nHost: test\r\nConnection: close\r\n\r\n")
+        for client in clients:
+            try:
+                answer = client.answer()
+                answers.append(answer.status if answer is not None else "closed")
+            except TimeoutError:
+                answers.append("waiting")
+            finally:
+                client.sock.close()
+        assert answers == [200] * 16
+    finally:
+        router.stop()
+
+
 def test_workers_metrics_are_gathered_into_one_endpoint(start_pods: StartPods) -> None:
     pods = start_pods(2)
     listed = ",".join(f"{pod.ip}:{pod.port}" for pod in pods)
