@@ -106,8 +106,8 @@ class ClientWatch:
         self._protocol: HttpProtocol | None = protocol
 
     def lost(self) -> None:
-        self.gone = True  # also for a request whose task has not started yet
         if self.task is not None:
+            self.gone = True
             self.task.cancel()
             self.task = None
 

@@ -126,14 +126,12 @@ class Proxy:
                 reserved = self.tunnels.reserve(upgrade[1])
                 if not reserved:
                     raise TOO_MANY_UPGRADES
-            if not incoming.bodiless:
+            if incoming.bodiless:
+                body = RequestBody.none(receive)
+            else:
                 body = await RequestBody.read(
                     receive, incoming.content_length, self._config.retry_body_limit
                 )
-            elif watch is not None and watch.gone:  # as `read` would find, asking `receive`
-                raise ClientGone
-            else:
-                body = RequestBody.none(receive)
             if pinned is None:
                 response, pod = await self._pool(scope, incoming, body, exchange,
                                                  upgrade is not None)
