@@ -27,7 +27,6 @@ import argparse
 import asyncio
 import os
 import subprocess
-import sys
 import tempfile
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -36,7 +35,7 @@ from pathlib import Path
 from bench import nginx
 from bench.nginx import Pod
 from bench.procs import Child, free_port
-from bench.router import source_tree
+from bench.router import router_command, source_tree
 
 GET = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
 WARM_REQUESTS = 400
@@ -121,11 +120,7 @@ def measure(name: str, source: Path | None, pods: list[Pod], concurrency: list[i
     argv = [
         "valgrind", "--tool=callgrind", "--cache-sim=yes", f"--LL={l2},16,64",
         f"--callgrind-out-file={directory}/callgrind.%p",
-        sys.executable, "-P", "-m", "router", "--host", "127.0.0.1", "--port", str(port),
-        "--pods", ",".join(f"{p.name}={p.host}:{p.port}" for p in pods),
-        *(("--metrics-port", str(free_port()), "--log-level", "info", "--access-log")
-          if observability else
-          ("--metrics-port", "0", "--log-level", "warning", "--no-access-log")),
+        *router_command(port, pods, observability, free_port()),
     ]
     env = {**os.environ, "PYTHONPATH": str(source or CHECKOUT)}
     with Child(name, argv, directory / "router.log", env) as router:

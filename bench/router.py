@@ -17,6 +17,23 @@ from bench.nginx import Pod
 from bench.procs import ServerChild, fetch, free_port
 
 
+def router_command(port: int, pods: Sequence[Pod], observability: bool,
+                   metrics_port: int = 0) -> list[str]:
+    """`python -m router` on 127.0.0.1:`port` over `pods`: with `observability`, the
+    operator defaults (`/metrics` on `metrics_port`, an access line per request), else
+    the bare proxy."""
+    return [
+        # -P: `-m` would put the working directory (this checkout, when run from it)
+        # ahead of PYTHONPATH, and another source tree would silently measure this router.
+        sys.executable, "-P", "-m", "router",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--pods", ",".join(f"{p.name}={p.host}:{p.port}" for p in pods),
+        "--metrics-port", str(metrics_port if observability else 0),
+        "--log-level", "info" if observability else "warning",
+        "--access-log" if observability else "--no-access-log",
+    ]
+
+
 class RouterProcess(ServerChild):
     """`observability=True` is the operator default: `/metrics` served and one access-log
     line per request (to /dev/null); off, both are disabled to show the bare proxy. `extra`
@@ -28,17 +45,7 @@ class RouterProcess(ServerChild):
                  extra: Sequence[str] = (), source: Path | None = None):
         port = free_port()
         self.metrics_port = free_port() if observability else 0
-        argv = [
-            # -P: `-m` would put the working directory (this checkout, when run from it)
-            # ahead of PYTHONPATH, and `source` would silently measure this router again.
-            sys.executable, "-P", "-m", "router",
-            "--host", "127.0.0.1", "--port", str(port),
-            "--pods", ",".join(f"{p.name}={p.host}:{p.port}" for p in pods),
-            "--metrics-port", str(self.metrics_port),
-            "--log-level", "info" if observability else "warning",
-            "--access-log" if observability else "--no-access-log",
-            *extra,
-        ]
+        argv = [*router_command(port, pods, observability, self.metrics_port), *extra]
         env = None
         if source is not None:
             env = {**os.environ, "PYTHONPATH": str(source)}  # ahead of the installed package
