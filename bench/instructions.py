@@ -119,6 +119,7 @@ def measure(name: str, source: Path | None, pods: list[Pod], concurrency: list[i
     port = free_port()
     argv = [
         "valgrind", "--tool=callgrind", "--cache-sim=yes", f"--LL={l2},16,64",
+        "--compress-strings=no",  # each dump readable on its own by callgrind_annotate
         f"--callgrind-out-file={directory}/callgrind.%p",
         *router_command(port, pods, observability, free_port()),
     ]
@@ -138,11 +139,17 @@ def main() -> None:
     parser.add_argument("--compare", default="", metavar="COMMIT|DIR")
     parser.add_argument("--observability", action="store_true",
                         help="the operator defaults: metrics served, access log (to /dev/null)")
+    parser.add_argument("--keep", type=Path, metavar="DIR",
+                        help="keep callgrind's dumps here, for callgrind_annotate (which "
+                             "functions miss)")
     args = parser.parse_args()
     concurrency = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="warmpool-instructions-") as tmp, \
             ExitStack() as stack:
         workdir = Path(tmp)
+        if args.keep:
+            args.keep.mkdir(parents=True)
+            workdir = args.keep
         big = workdir / "big"  # the pods' download, not asked for here
         big.write_bytes(b"")
         pods = [Pod(f"pod-{i}", f"127.0.0.{i + 2}", free_port([f"127.0.0.{i + 2}"]))
