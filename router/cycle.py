@@ -1,23 +1,36 @@
 """One request's cycle on a client connection: uvicorn's `RequestResponseCycle`, with the
-response head written for less. `router.protocol.HttpProtocol` makes one per request.
+answer written for less. `router.protocol.HttpProtocol` makes one per request.
 
-uvicorn checks each header of an answer with two regular-expression searches before it
-writes the head. Every search pays `re`'s set-up, whatever the header: on a small proxied
-answer with seven headers those fourteen calls were 6% of the router's instructions per
-request (#13, counted with callgrind). Here the same two expressions, uvicorn's own, run
-once over all the names and once over all the values: a forbidden byte in any header is
-a forbidden byte in their concatenation, so the same heads are refused, with the same
-error type. Everything else of the head (lower-cased names, the framing read from
-`Content-Length`, `Transfer-Encoding` and `Connection`, the `connection: close` and chunked
-defaults) is uvicorn's rule, unchanged. So is a body of declared length, written here
-only to spare a second coroutine per message; any other message (a chunked or HEAD body,
-one that must wait for the client, one out of order) goes to uvicorn's own `send`.
+Three costs of uvicorn's cycle are gone, each counted with callgrind (#13):
+
+- The head waits for the first body message and goes out with it, in one write: what the
+  ASGI specification asks of a server ("must not start sending the response to the
+  client until it has received at least one Response Body event"). uvicorn writes the head
+  at once, so a proxied answer took two writes, or one with a coalescing transport that
+  flushed in a later turn of the loop, when 255 other requests had pushed this one's
+  objects out of the CPU's cache. An app that streams sends an empty body message right
+  after the head to have it go out without waiting for content (`router.proxy`).
+- uvicorn checks each header of an answer with two regular-expression searches, each
+  paying `re`'s set-up (on a small proxied answer 6% of the router's instructions). Here
+  the same two expressions, uvicorn's own, run once over all the names and once over all
+  the values: a forbidden byte in any header is a forbidden byte in their concatenation,
+  so the same heads are refused, with the same error type.
+- uvicorn's task drops itself from the server's task set through a done callback: one
+  more pass of the loop per request. `run_asgi` (uvicorn's, with that) does it as the
+  task ends.
+
+Everything else (lower-cased names, the framing read from `Content-Length`,
+`Transfer-Encoding` and `Connection`, the `connection: close` and chunked defaults, HEAD
+answers, the errors for a body longer or shorter than declared) is uvicorn's rule,
+unchanged; tests/test_cycle.py holds the two to the same bytes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 
+from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import (
     HEADER_RE,
     HEADER_VALUE_RE,
@@ -44,9 +57,50 @@ def _has_any(data: bytes, bad: bytes) -> bool:
     return len(data.translate(None, bad)) != len(data)
 
 
+WHOLE_LIMIT = 16 * 1024
+"""A body up to this size is copied behind its held head (one buffer, one write); a larger
+one is written beside it uncopied (`writelines`)."""
+
+
+def _nothing() -> None:
+    pass
+
+
 class ProxyCycle(RequestResponseCycle):
-    """See the module docstring. Adds behaviour only, no state: the protocol makes one
-    for every request (`HttpProtocol._start_cycle`)."""
+    """See the module docstring. The protocol makes one for every request
+    (`HttpProtocol._start_cycle`) and gives it `tasks`, its server's running requests,
+    before its task starts."""
+
+    _held: list[bytes] | None = None
+    """The answer's head, in pieces, until the first body message."""
+    tasks: set[asyncio.Task[None]]
+
+    async def run_asgi(self, app: ASGI3Application) -> None:
+        """uvicorn 0.54's, step for step, and the task then leaves `tasks` (see the module
+        docstring; uvicorn is pinned below 0.55)."""
+        try:
+            result = await app(self.scope, self.receive,  # type: ignore[func-returns-value]
+                               self.send)  # type: ignore[arg-type]
+        except BaseException as exc:
+            self.logger.error("Exception in ASGI application\n", exc_info=exc)
+            if not self.response_started:
+                await self.send_500_response()
+            else:
+                self.transport.close()
+        else:
+            if result is not None:
+                self.logger.error("ASGI callable should return None, but returned '%s'.",
+                                  result)
+                self.transport.close()
+            elif not self.response_started and not self.disconnected:
+                self.logger.error("ASGI callable returned without starting response.")
+                await self.send_500_response()
+            elif not self.response_complete and not self.disconnected:
+                self.logger.error("ASGI callable returned without completing response.")
+                self.transport.close()
+        finally:
+            self.on_response = _nothing
+            self.tasks.discard(asyncio.current_task())
 
     async def send(self, message: Message) -> None:  # type: ignore[override]
         kind = message["type"]
@@ -56,21 +110,41 @@ class ProxyCycle(RequestResponseCycle):
             if not self.access_log:
                 self._head(message)
                 return
-        elif (kind == "http.response.body" and self.response_started
-              and not self.response_complete and self.chunked_encoding is False
-              and self.scope["method"] != "HEAD"):
+        elif kind == "http.response.body" and self.response_started and not self.response_complete:
             self._body(message)
             return
+        held = self._held
+        if held is not None and not self.disconnected:
+            self._held = None
+            self.transport.write(b"".join(held))
         await super().send(message)  # type: ignore[arg-type]
 
     def _body(self, message: Message) -> None:
-        """uvicorn's body of declared length, without a second coroutine per message."""
+        """uvicorn's body message, written behind the held head, if there is one."""
         body: bytes = message.get("body", b"")
-        if len(body) > self.expected_content_length:
-            raise RuntimeError("Response content longer than Content-Length")
-        self.expected_content_length -= len(body)
-        self.transport.write(body)
-        if not message.get("more_body", False):
+        more: bool = message.get("more_body", False)
+        if self.scope["method"] == "HEAD":
+            self.expected_content_length = 0
+            body = b""
+        elif self.chunked_encoding:
+            body = b"%x\r\n%b\r\n" % (len(body), body) if body else b""
+            if not more:
+                body += b"0\r\n\r\n"
+        else:
+            if len(body) > self.expected_content_length:
+                raise RuntimeError("Response content longer than Content-Length")
+            self.expected_content_length -= len(body)
+        held = self._held
+        if held is None:
+            self.transport.write(body)
+        else:
+            self._held = None
+            if len(body) > WHOLE_LIMIT:
+                self.transport.writelines((b"".join(held), body))
+            else:
+                held.append(body)
+                self.transport.write(b"".join(held))
+        if not more:
             if self.expected_content_length != 0:
                 raise RuntimeError("Response content shorter than Content-Length")
             self.response_complete = True
@@ -110,4 +184,4 @@ class ProxyCycle(RequestResponseCycle):
             self.chunked_encoding = True
             content.append(b"transfer-encoding: chunked\r\n")
         content.append(b"\r\n")
-        self.transport.write(b"".join(content))
+        self._held = content

@@ -1,11 +1,11 @@
 """The client side of the HTTP/1.1 hop: uvicorn's httptools protocol, extended with what
-a proxy in front of untrusted clients needs. Its writes are coalesced into one system call
-per loop turn (`CoalescingTransport`); each connection is in a named reading state with one
-deadline (`--header-timeout`, `--body-timeout`), bounded in head size as bytes arrive
-(`--max-request-head`), and in how long its writes may stay unread (`--send-timeout`); it
-tells the request it serves when the client leaves (`ClientWatch`), and hands itself over
-to a tunnel after an upgrade (`ClientUpgrade`). The limits' mechanics are
-`router/limits.py`'s; `router/server.py` runs servers with it."""
+a proxy in front of untrusted clients needs. Each request's answer is written by a
+`router.cycle.ProxyCycle` (a small answer in one write); each connection is in a named
+reading state with one deadline (`--header-timeout`, `--body-timeout`), bounded in head
+size as bytes arrive (`--max-request-head`), and in how long its writes may stay unread
+(`--send-timeout`); it tells the request it serves when the client leaves
+(`ClientWatch`), and hands itself over to a tunnel after an upgrade (`ClientUpgrade`).
+The limits' mechanics are `router/limits.py`'s; `router/server.py` runs servers with it."""
 from __future__ import annotations
 
 import asyncio
@@ -27,63 +27,6 @@ from router.errors import ProxyError
 from router.limits import MAX_HEADERS, Deadline, connections_to_drain, refusal
 
 log = logging.getLogger("router.protocol")
-
-
-COALESCE_LIMIT = 16 * 1024
-"""Writes up to this size wait for the end of the loop turn; larger ones go out at once."""
-
-
-class CoalescingTransport:
-    """A client connection's transport whose writes made in one turn of the event loop go
-    out in one system call. uvicorn writes a response's head and its body separately; a
-    proxied answer has both ready at once, and on a small answer the extra system call is
-    a measurable share of the request. Everything else is the real transport's."""
-
-    def __init__(self, transport: asyncio.Transport) -> None:
-        self._transport = transport
-        self._pending: list[bytes] = []
-        self._loop = asyncio.get_running_loop()
-
-    def write(self, data: bytes) -> None:
-        if len(data) > COALESCE_LIMIT:  # a large body part: no copy, and flow control sees it
-            self._flush()
-            self._transport.write(data)
-            return
-        if not self._pending:
-            self._loop.call_soon(self._flush)
-        self._pending.append(data)
-
-    def _flush(self) -> None:
-        pending, self._pending = self._pending, []
-        if pending and not self._transport.is_closing():
-            self._transport.write(pending[0] if len(pending) == 1 else b"".join(pending))
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def abort(self) -> None:
-        self._pending = []
-        self._transport.abort()
-
-    # Called per request by uvicorn's flow control: spared the `__getattr__` detour.
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def pause_reading(self) -> None:
-        self._transport.pause_reading()
-
-    def resume_reading(self) -> None:
-        self._transport.resume_reading()
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def release(self) -> asyncio.Transport:
-        """What was written goes out; the real transport, for a tunnel to take over."""
-        self._flush()
-        return self._transport
 
 
 DISCONNECT = "router.disconnect"
@@ -195,8 +138,8 @@ class ClientUpgrade:
 
 
 class HttpProtocol(HttpToolsProtocol):
-    """uvicorn's httptools protocol over a `CoalescingTransport`, telling the request it
-    serves when the client goes away (the `router.disconnect` scope extension), and
+    """uvicorn's httptools protocol, its answers written by `ProxyCycle`, telling the
+    request it serves when the client goes away (the `router.disconnect` scope extension), and
     bounding what a client can make it hold (`--max-request-head`, `--header-timeout`,
     `--body-timeout`, `--send-timeout`, idle clients closed when descriptors run short).
     It relies on uvicorn's internals (`cycle.body`, `_start_asgi_task`, the parser
@@ -220,7 +163,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._deadline = Deadline(self.loop, self._expired)
         self._keep_alive = Deadline(self.loop, self.timeout_keep_alive_handler)
         self._send_timer: asyncio.TimerHandle | None = None
-        super().connection_made(cast(asyncio.Transport, CoalescingTransport(transport)))
+        super().connection_made(transport)
         self.flow = ReadingFlow(self.transport, self._reading_resumed)
         self._deadline.start(self.options.header_timeout)
         sock = transport.get_extra_info("socket")
@@ -498,8 +441,11 @@ class HttpProtocol(HttpToolsProtocol):
         cycle.message_event.set()
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
+        """uvicorn's, less its done callback (`ProxyCycle.run_asgi` leaves `tasks`) and
+        its `reset_contextvars` option, which the router does not set."""
         self.serving = cycle  # with pipelining, `self.cycle` may be a later, queued request
-        super()._start_asgi_task(cycle, app)
+        cast(ProxyCycle, cycle).tasks = self.tasks
+        self.tasks.add(self.loop.create_task(cycle.run_asgi(app)))
 
     def cut(self) -> None:
         """See `ClientWatch.cut`."""
@@ -568,4 +514,4 @@ class HttpProtocol(HttpToolsProtocol):
         if self.serving is not None:
             self.serving.disconnected = True
         self._let_go()  # its timers stopped too: a send timer armed now would abort the tunnel
-        return cast(CoalescingTransport, self.transport).release()
+        return self.transport

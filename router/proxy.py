@@ -331,6 +331,9 @@ class Proxy:
                 exchange.bytes_out = len(whole)
                 await send({"type": "http.response.body", "body": whole})
                 return
+            # The head goes out now, not with the first piece of body (router/cycle.py): a
+            # stream's client learns at once that the pod answered.
+            await send({"type": "http.response.body", "body": b"", "more_body": True})
             async for chunk in response.chunks():
                 exchange.bytes_out += len(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})

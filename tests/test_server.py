@@ -16,7 +16,7 @@ import uvicorn
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.server import ServerState
 
-from router.protocol import COALESCE_LIMIT, CoalescingTransport, HttpProtocol
+from router.protocol import HttpProtocol
 from tests.conftest import (
     StartPods,
     StartRouter,
@@ -216,22 +216,6 @@ class RecordingTransport:
 
     def resume_reading(self) -> None:
         self.reading = True
-
-
-def test_small_writes_of_one_loop_turn_go_out_together_and_large_ones_at_once() -> None:
-    async def scenario() -> list[bytes]:
-        real = RecordingTransport()
-        transport = CoalescingTransport(real)  # type: ignore[arg-type]
-        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
-        transport.write(b"small body")
-        await asyncio.sleep(0)  # the end of the loop turn
-        transport.write(b"head")
-        transport.write(b"x" * (COALESCE_LIMIT + 1))
-        return real.writes
-
-    assert asyncio.run(scenario()) == [
-        b"HTTP/1.1 200 OK\r\n\r\nsmall body", b"head", b"x" * (COALESCE_LIMIT + 1)
-    ]
 
 
 class PieceRecorder(HttpProtocol):
