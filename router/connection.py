@@ -102,7 +102,8 @@ class Connection(asyncio.Protocol):
             response.body_sent = False
             response.writer = asyncio.ensure_future(self._stream(body, length, response))
         try:
-            await response.wait_headers()
+            while (waiting := response.head_wait()) is not None:
+                await waiting
         except asyncio.CancelledError:
             response.abandon()  # the client left (or the router is stopping)
             raise
@@ -407,11 +408,15 @@ class Response:
 
     # For the proxy
 
-    async def wait_headers(self) -> None:
-        while not self._headers_done:
-            if self._error is not None:
-                raise self._error
-            await self._wait()
+    def head_wait(self) -> asyncio.Future[None] | None:
+        """None once the answer's head is in; raises what failed it; else what to await
+        before asking again. Not a coroutine: each one a request waits through is one more
+        object touched when the pod answers (#13)."""
+        if self._headers_done:
+            return None
+        if self._error is not None:
+            raise self._error
+        return self._wait()
 
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives, each read joining what has gathered."""
@@ -525,19 +530,17 @@ class Response:
     def _too_big_to_wait_for(self) -> bool:
         return self._buffered > DRAIN_LIMIT or (self.content_length or 0) > DRAIN_LIMIT
 
-    async def _wait(self) -> None:
-        """Until the pod sends more, for at most the read timeout: timed by the connection's
-        `Deadline`, which moves without a new timer per wait."""
+    def _wait(self) -> asyncio.Future[None]:
+        """What resolves when the pod sends more (`_wake`), for at most the read timeout:
+        timed by the connection's `Deadline`, which moves without a new timer per wait and
+        stops when the wait ends. A wait given up (cancelled) leaves it running: it then
+        finds nothing to wake (`timed_out`), or the next wait moves it."""
         connection = self._connection
         waiter = self._waiter = connection.loop.create_future()
         reading = connection.reading
         assert reading is not None  # a response exists only on a connected connection
         reading.start(self._read_timeout)
-        try:
-            await waiter
-        finally:
-            reading.stop()
-            self._waiter = None
+        return waiter
 
     def timed_out(self) -> None:
         """The wait ran out: the waiter is woken, not failed, and finds the error (an
@@ -549,5 +552,8 @@ class Response:
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            cast(Deadline, self._connection.reading).stop()
+            if not waiter.done():
+                waiter.set_result(None)

@@ -209,13 +209,15 @@ class Proxy:
             exchange.attempts += 1
             exchange.pod, exchange.namespace = pod.name, pod.namespace  # the last one tried
             try:
-                response = await self._send(scope, pod.ip, pod.port, target, incoming, body,
-                                            limits, upgrade)
+                response = await self._client.request(
+                    scope["method"], pod.ip, pod.port, target, incoming.forward, body.data(),
+                    limits, incoming.content_length, upgrade)
             except ConnectFailed as error:
                 self._health.failed(pod, "failed", error)
                 self._observer.attempt("connect_error")
                 continue
             except (UpstreamTimeout, UpstreamFailed) as error:
+                self._observer.attempt(_outcome(error))
                 # A timeout the client shortened (`X-Sandbox-Timeout`) is its deadline, not
                 # the pod's failure: else any client could cool every pod down at will.
                 if not (isinstance(error, UpstreamTimeout)
@@ -263,10 +265,9 @@ class Proxy:
         port = pinned.port or (pod.port if pod else self._config.pod_port)
         exchange.attempts = 1
         try:
-            response = await self._send(
-                scope, host, port, _raw_path_qs(scope), incoming, body,
-                self._request_timeout(incoming), upgrade,
-            )
+            response = await self._client.request(
+                scope["method"], host, port, _raw_path_qs(scope), incoming.forward,
+                body.data(), self._request_timeout(incoming), incoming.content_length, upgrade)
         except ConnectFailed as error:
             self._observer.attempt("connect_error")
             if isinstance(error, TargetRefused):
@@ -274,28 +275,11 @@ class Proxy:
             raise ProxyError(
                 502, f"Could not connect to the backend sandbox: {pinned.sandbox_id}"
             ) from None
-        self._observer.attempt("ok")
-        return response
-
-    async def _send(
-        self,
-        scope: Scope,
-        host: str,
-        port: int,
-        target: str,
-        incoming: Incoming,
-        body: RequestBody,
-        limits: upstream.Timeout,
-        upgrade: bool = False,
-    ) -> Response:
-        try:
-            return await self._client.request(
-                scope["method"], host, port, target, incoming.forward, body.data(), limits,
-                incoming.content_length, upgrade,
-            )
         except (UpstreamTimeout, UpstreamFailed) as error:
             self._observer.attempt(_outcome(error))
             raise
+        self._observer.attempt("ok")
+        return response
 
     def _request_timeout(self, incoming: Incoming) -> upstream.Timeout:
         if incoming.sandbox_timeout is None:
