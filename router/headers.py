@@ -92,13 +92,16 @@ class Pinned:
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    tokens = [
-        token.strip().lower()
-        for name, value in headers
-        if name == b"connection"
-        for token in value.split(b",")
-    ]
-    return HOP_BY_HOP.union(tokens) if tokens else HOP_BY_HOP
+    """The hop-by-hop names, and those `Connection` names. Loops, not comprehensions, and
+    no new set for the usual `keep-alive`: this runs twice for every request (#13)."""
+    named = HOP_BY_HOP
+    for name, value in headers:
+        if name == b"connection":
+            for token in value.split(b","):
+                token = token.strip().lower()
+                if token not in named:
+                    named = named | {token}
+    return named
 
 
 def read_request(scope: Scope) -> Incoming:

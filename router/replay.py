@@ -39,11 +39,20 @@ def to_next_pod(status: int, replayable: bool) -> bool:
     return status == 503 and replayable
 
 
-def closed_by_pod(transport: asyncio.Transport) -> bool:
-    """True when this idle connection must not carry a request: the transport is closing,
-    or the pod closed or reset it, or sent bytes nobody asked for (all pending unread)."""
+_POLL = select.poll()
+"""One for the process, a socket registered for one check at a time: a new poll object
+per request was an allocation and a dictionary per request (#13). The event loop's
+thread is the only one that asks."""
+
+
+def closed_by_pod(transport: asyncio.Transport, fd: int) -> bool:
+    """True when this idle connection (`fd`, its socket) must not carry a request: the
+    transport is closing, or the pod closed or reset it, or sent bytes nobody asked for
+    (all pending unread)."""
     if transport.is_closing():
         return True
-    poll = select.poll()  # no system call until `poll` itself
-    poll.register(transport.get_extra_info("socket").fileno(), select.POLLIN)
-    return bool(poll.poll(0))  # POLLHUP and POLLERR are reported even unasked
+    _POLL.register(fd, select.POLLIN)  # no system call until `poll` itself
+    try:
+        return bool(_POLL.poll(0))  # POLLHUP and POLLERR are reported even unasked
+    finally:
+        _POLL.unregister(fd)
