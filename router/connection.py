@@ -555,6 +555,6 @@ class Response:
         waiter = self._waiter
         if waiter is not None:
             self._waiter = None
-            cast(Deadline, self._connection.reading).stop()
+            self._connection.reading.stop()  # type: ignore[union-attr]  # connected
             if not waiter.done():
                 waiter.set_result(None)

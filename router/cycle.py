@@ -69,11 +69,12 @@ def _nothing() -> None:
 class ProxyCycle(RequestResponseCycle):
     """See the module docstring. The protocol makes one for every request
     (`HttpProtocol._start_cycle`) and gives it `tasks`, its server's running requests,
-    before its task starts."""
+    and `task`, the one that runs it, before that starts."""
 
     _held: list[bytes] | None = None
     """The answer's head, in pieces, until the first body message."""
     tasks: set[asyncio.Task[None]]
+    task: asyncio.Task[None] | None
 
     async def run_asgi(self, app: ASGI3Application) -> None:
         """uvicorn 0.54's, step for step, and the task then leaves `tasks` (see the module
@@ -100,7 +101,8 @@ class ProxyCycle(RequestResponseCycle):
                 self.transport.close()
         finally:
             self.on_response = _nothing
-            self.tasks.discard(asyncio.current_task())
+            task, self.task = self.task, None
+            self.tasks.discard(task)
 
     async def send(self, message: Message) -> None:  # type: ignore[override]
         kind = message["type"]

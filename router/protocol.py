@@ -444,8 +444,9 @@ class HttpProtocol(HttpToolsProtocol):
         """uvicorn's, less its done callback (`ProxyCycle.run_asgi` leaves `tasks`) and
         its `reset_contextvars` option, which the router does not set."""
         self.serving = cycle  # with pipelining, `self.cycle` may be a later, queued request
-        cast(ProxyCycle, cycle).tasks = self.tasks
-        self.tasks.add(self.loop.create_task(cycle.run_asgi(app)))
+        task = self.loop.create_task(cycle.run_asgi(app))
+        cycle.tasks, cycle.task = self.tasks, task  # type: ignore[attr-defined]  # a ProxyCycle
+        self.tasks.add(task)
 
     def cut(self) -> None:
         """See `ClientWatch.cut`."""

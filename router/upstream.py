@@ -178,7 +178,8 @@ class Client:
 def _head(method: str, target: str, authority: str, headers: list[tuple[str, str]],
           body: Body, length: int | None) -> bytes:
     lines = [f"{method} {target} HTTP/1.1\r\nhost: {authority}\r\n"]
-    lines.extend(f"{name}: {value}\r\n" for name, value in headers)
+    for name, value in headers:  # a loop: a generator here cost a resumption per header
+        lines.append(f"{name}: {value}\r\n")
     if isinstance(body, bytes):
         lines.append(f"content-length: {len(body)}\r\n")
     elif body is not None:

@@ -227,9 +227,8 @@ def test_the_task_leaves_the_servers_tasks_as_it_ends(app: Any) -> None:
     cost a turn of the loop per request)."""
     async def scenario() -> tuple[bool, bytes]:
         cycle, transport = make(ProxyCycle, "GET", True, [])
-        cycle.tasks = set()
         task = asyncio.get_running_loop().create_task(cycle.run_asgi(app))
-        cycle.tasks.add(task)
+        cycle.tasks, cycle.task = {task}, task
         await task
         assert not task._callbacks  # type: ignore[attr-defined]
         return cycle.tasks == set(), b"".join(transport.written)
