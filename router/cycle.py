@@ -66,6 +66,40 @@ def _nothing() -> None:
     pass
 
 
+class MessageEvent:
+    """uvicorn's per-request `asyncio.Event` (the request's `receive` waits on it for body
+    and disconnection), in two slots: an Event is an object, a dictionary and a 632-byte
+    deque of waiters, allocated for every request and touched again when it ends (#13).
+    Whoever waits shares one future; a wait given up (cancelled) leaves the next a new one."""
+
+    __slots__ = ("_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def set(self) -> None:
+        if not self._set:
+            self._set = True
+            waiter, self._waiter = self._waiter, None
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> bool:
+        if not self._set:
+            waiter = self._waiter
+            if waiter is None or waiter.done():
+                waiter = self._waiter = asyncio.get_running_loop().create_future()
+            await waiter
+        return True
+
+
 class ProxyCycle(RequestResponseCycle):
     """See the module docstring. The protocol makes one for every request
     (`HttpProtocol._start_cycle`) and gives it `tasks`, its server's running requests,

@@ -22,7 +22,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from router.accepting import AcceptBurst
 from router.config import Config
-from router.cycle import ProxyCycle
+from router.cycle import MessageEvent, ProxyCycle
 from router.errors import ProxyError
 from router.limits import MAX_HEADERS, Deadline, connections_to_drain, refusal
 
@@ -286,7 +286,7 @@ class HttpProtocol(HttpToolsProtocol):
             access_logger=self.access_logger,
             access_log=self.access_log,
             default_headers=self.server_state.default_headers,
-            message_event=asyncio.Event(),
+            message_event=MessageEvent(),  # type: ignore[arg-type]
             expect_100_continue=self.expect_100_continue,
             keep_alive=http_version != "1.0" and parser.should_keep_alive(),
             on_response=self.on_response_complete,

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from uvicorn.protocols.http.flow_control import FlowControl
 from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
 
-from router.cycle import WHOLE_LIMIT, ProxyCycle
+from router.cycle import WHOLE_LIMIT, MessageEvent, ProxyCycle
 
 
 class Transport:
@@ -237,3 +237,26 @@ def test_the_task_leaves_the_servers_tasks_as_it_ends(app: Any) -> None:
     assert emptied
     status = b"200 OK" if app is _whole else b"500 Internal Server Error"
     assert written.startswith(b"HTTP/1.1 " + status)
+
+
+def test_the_message_event_wakes_its_waiters_as_asyncios_does() -> None:
+    """What uvicorn's `receive` relies on: set before a wait returns at once; a set wakes
+    every waiter; a wait given up (cancelled) does not stop the next one being woken."""
+    async def scenario() -> None:
+        event = MessageEvent()
+        event.set()
+        assert await event.wait() and event.is_set()
+        event.clear()
+        assert not event.is_set()
+        given_up = asyncio.ensure_future(event.wait())
+        await asyncio.sleep(0)
+        given_up.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await given_up
+        first, second = asyncio.ensure_future(event.wait()), asyncio.ensure_future(event.wait())
+        await asyncio.sleep(0)
+        assert not first.done()
+        event.set()
+        assert await asyncio.wait_for(asyncio.gather(first, second), 5) == [True, True]
+
+    asyncio.run(scenario())
