@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
-from router.asgi import Receive
+from router.asgi import Message, Receive
 
 
 class ClientGone(Exception):
@@ -20,6 +20,8 @@ class ClientGone(Exception):
 
 
 class RequestBody:
+    __slots__ = ("_receive", "_whole", "_declared", "_first", "size", "complete")
+
     def __init__(
         self, receive: Receive, whole: bytes | None, first: bytes = b"", more: bool = False,
         declared: int | None = None,
@@ -36,12 +38,6 @@ class RequestBody:
     @property
     def replayable(self) -> bool:
         return self._whole is not None
-
-    @classmethod
-    def none(cls, receive: Receive) -> RequestBody:
-        """A request without a body: nothing to wait for (`read` would ask `receive` for
-        the empty message the server has ready)."""
-        return cls(receive, b"")
 
     @classmethod
     async def read(cls, receive: Receive, content_length: int | None, limit: int) -> RequestBody:
@@ -83,3 +79,12 @@ class RequestBody:
             if chunk:
                 yield chunk
             self.complete = not message.get("more_body", False)
+
+
+async def _nothing_received() -> Message:
+    raise AssertionError("a request without a body has nothing to receive")
+
+
+NO_BODY = RequestBody(_nothing_received, b"")
+"""A request without a body, for every such request: nothing to wait for (`read` would
+ask `receive` for the empty message the server has ready), and nothing of it changes."""

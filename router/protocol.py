@@ -231,7 +231,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._refuse(400, message)
 
     def on_message_begin(self) -> None:
-        super().on_message_begin()
+        HttpToolsProtocol.on_message_begin(self)  # not super(): an object per request
         self.reading = Reading.HEAD
         self.scope["extensions"] = self._extensions  # type: ignore[typeddict-item]
 
@@ -308,7 +308,7 @@ class HttpProtocol(HttpToolsProtocol):
             raise HeadRefused(431, "The request headers are too large.")
 
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        HttpToolsProtocol.on_message_complete(self)
         self.reading = Reading.IDLE
         self._exact = True  # if the next head begins in this read (pipelined)
         self._deadline.stop()

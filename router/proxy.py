@@ -23,7 +23,7 @@ from router import replay, upstream
 from router.asgi import Receive, Scope, Send
 from router.authz import Gate
 from router.balancer import FirstIndex, RoundRobin
-from router.body import ClientGone, RequestBody
+from router.body import NO_BODY, ClientGone, RequestBody
 from router.clients import client_address
 from router.config import Config
 from router.connection import DRAIN_LIMIT, Response
@@ -127,7 +127,7 @@ class Proxy:
                 if not reserved:
                     raise TOO_MANY_UPGRADES
             if incoming.bodiless:
-                body = RequestBody.none(receive)
+                body = NO_BODY
             else:
                 body = await RequestBody.read(
                     receive, incoming.content_length, self._config.retry_body_limit
