@@ -54,6 +54,8 @@ class Count:
     requests: int
     instructions: float
     l2_misses: float
+    missing: list[tuple[float, str]]
+    """The C functions with the most L2 misses per request (`--top`)."""
 
 
 async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -80,12 +82,15 @@ def _callgrind(pid: int, *command: str) -> None:
                    capture_output=True, timeout=START_SECONDS)
 
 
-def _dumped(directory: Path, pid: int) -> dict[str, int]:
-    """The totals of the router's last dump, by event name."""
-    last = max(directory.glob(f"callgrind.{pid}.*"), key=lambda p: int(p.suffix[1:]))
+def _last_dump(directory: Path, pid: int) -> Path:
+    return max(directory.glob(f"callgrind.{pid}.*"), key=lambda p: int(p.suffix[1:]))
+
+
+def _dumped(dump: Path) -> dict[str, int]:
+    """The totals of a dump, by event name."""
     events: list[str] = []
     totals: list[int] = []
-    for line in last.read_text().splitlines():
+    for line in dump.read_text().splitlines():
         if line.startswith("events:"):
             events = line.split()[1:]
         elif line.startswith(("summary:", "totals:")):
@@ -93,8 +98,33 @@ def _dumped(directory: Path, pid: int) -> dict[str, int]:
     return dict(zip(events, totals, strict=True))
 
 
+def _missing(dump: Path, count: int) -> list[tuple[int, str]]:
+    """The `count` functions with the most L2 misses of their own in a dump (not of what
+    they call), most first. callgrind_annotate 3.19 folds these dumps into one function;
+    the format is simple: `fn=` names the function the cost lines below it belong to,
+    and the line after each `calls=` is the cost of a call, not the function's own."""
+    events: list[str] = []
+    function = ""
+    a_call = False
+    own: dict[str, int] = {}
+    for line in dump.read_text().splitlines():
+        if line.startswith("events:"):
+            events = line.split()[1:]
+        elif line.startswith("fn="):
+            function = line[3:]
+        elif line.startswith("calls="):
+            a_call = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if a_call:
+                a_call = False
+                continue
+            costs = dict(zip(events, line.split()[1:], strict=False))
+            own[function] = own.get(function, 0) + sum(int(costs.get(e, 0)) for e in MISSES)
+    return sorted(((misses, name) for name, misses in own.items()), reverse=True)[:count]
+
+
 async def _count(name: str, pid: int, port: int, concurrency: int, requests: int,
-                 directory: Path) -> Count:
+                 directory: Path, top: int) -> Count:
     connections = [await asyncio.open_connection("127.0.0.1", port)
                    for _ in range(concurrency)]
     try:
@@ -106,27 +136,30 @@ async def _count(name: str, pid: int, port: int, concurrency: int, requests: int
     finally:
         for _, writer in connections:
             writer.close()
-    totals = _dumped(directory, pid)
+    dump = _last_dump(directory, pid)
+    totals = _dumped(dump)
     done = each * concurrency
     return Count(name, concurrency, done, totals["Ir"] / done,
-                 sum(totals[event] for event in MISSES) / done)
+                 sum(totals[event] for event in MISSES) / done,
+                 [(misses / done, function) for misses, function in _missing(dump, top)])
 
 
 def measure(name: str, source: Path | None, pods: list[Pod], concurrency: list[int],
-            requests: int, l2: int, workdir: Path, observability: bool) -> list[Count]:
+            requests: int, l2: int, workdir: Path, observability: bool,
+            top: int) -> list[Count]:
     directory = workdir / name
     directory.mkdir()
     port = free_port()
     argv = [
         "valgrind", "--tool=callgrind", "--cache-sim=yes", f"--LL={l2},16,64",
-        "--compress-strings=no",  # each dump readable on its own by callgrind_annotate
+        "--compress-strings=no",  # each dump readable on its own (`--keep`, `--top`)
         f"--callgrind-out-file={directory}/callgrind.%p",
         *router_command(port, pods, observability, free_port()),
     ]
     env = {**os.environ, "PYTHONPATH": str(source or CHECKOUT)}
     with Child(name, argv, directory / "router.log", env) as router:
         router.wait_ready(f"http://127.0.0.1:{port}/ready", timeout=START_SECONDS)
-        return [asyncio.run(_count(name, router.pid, port, c, requests, directory))
+        return [asyncio.run(_count(name, router.pid, port, c, requests, directory, top))
                 for c in concurrency]
 
 
@@ -140,8 +173,11 @@ def main() -> None:
     parser.add_argument("--observability", action="store_true",
                         help="the operator defaults: metrics served, access log (to /dev/null)")
     parser.add_argument("--keep", type=Path, metavar="DIR",
-                        help="keep callgrind's dumps here, for callgrind_annotate (which "
-                             "functions miss)")
+                        help="keep callgrind's dumps here (DIR/ROUTER/callgrind.PID.N, N "
+                             "in --concurrency order)")
+    parser.add_argument("--top", type=int, default=0, metavar="N",
+                        help="also list the N C functions with the most L2 misses per "
+                             "request, at each concurrency")
     args = parser.parse_args()
     concurrency = [int(c) for c in args.concurrency.split(",")]
     with tempfile.TemporaryDirectory(prefix="warmpool-instructions-") as tmp, \
@@ -162,13 +198,20 @@ def main() -> None:
                             source_tree(args.compare, workdir)))
         counts = [count for name, source in routers
                   for count in measure(name.replace("/", "_"), source, pods, concurrency,
-                                       args.requests, args.l2, workdir, args.observability)]
+                                       args.requests, args.l2, workdir, args.observability,
+                                       args.top)]
     print(f"| router | c | requests | instructions / request | L2 misses / request "
           f"({args.l2 // 1024} KiB) |")
     print("|---|---|---|---|---|")
     for count in counts:
         print(f"| {count.router} | {count.concurrency} | {count.requests:,} | "
               f"{count.instructions:,.0f} | {count.l2_misses:,.0f} |")
+    for count in counts:
+        if count.missing:
+            print(f"\n{count.router}, c={count.concurrency}: L2 misses per request, by C "
+                  "function (its own, not what it calls)")
+            for misses, function in count.missing:
+                print(f"{misses:8.1f}  {function}")
     this = {c.concurrency: c for c in counts if c.router == "router"}
     for count in counts:
         if count.router != "router":
