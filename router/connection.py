@@ -86,7 +86,8 @@ class Connection(asyncio.Protocol):
         transport = self._transport
         assert transport is not None
         if self.closed or (
-            replay.closed_by_pod(transport, self._fd) if self.reused else transport.is_closing()
+            replay.closed_by_pod(transport, self._watched) if self.reused
+            else transport.is_closing()
         ):
             self.close()
             raise Unsent
@@ -172,7 +173,7 @@ class Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        self._fd: int = transport.get_extra_info("socket").fileno()  # for `closed_by_pod`
+        self._watched = replay.watch(transport.get_extra_info("socket").fileno())
         self.reading = Deadline(self.loop, self._read_expired)
 
     def _read_expired(self) -> None:

@@ -70,7 +70,9 @@ class MessageEvent:
     """uvicorn's per-request `asyncio.Event` (the request's `receive` waits on it for body
     and disconnection), in two slots: an Event is an object, a dictionary and a 632-byte
     deque of waiters, allocated for every request and touched again when it ends (#13).
-    Whoever waits shares one future; a wait given up (cancelled) leaves the next a new one."""
+    Made for one waiter at a time, the request's `receive` (an ASGI app does not call it
+    twice at once): waiters at the same time share one future, so cancelling one would
+    cancel them all. A wait given up (cancelled) leaves the next one a new future."""
 
     __slots__ = ("_set", "_waiter")
 

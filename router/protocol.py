@@ -442,7 +442,10 @@ class HttpProtocol(HttpToolsProtocol):
 
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         """uvicorn's, less its done callback (`ProxyCycle.run_asgi` leaves `tasks`) and
-        its `reset_contextvars` option, which the router does not set."""
+        its `reset_contextvars` option, which the router does not set. A task cancelled
+        before it first runs never runs `run_asgi` and so stays in `tasks`: only the
+        shutdown cancels tasks that may not have started, and nothing counts them after
+        it (`ClientWatch` cancels a request's task once it runs)."""
         self.serving = cycle  # with pipelining, `self.cycle` may be a later, queued request
         task = self.loop.create_task(cycle.run_asgi(app))
         cycle.tasks, cycle.task = self.tasks, task  # type: ignore[attr-defined]  # a ProxyCycle

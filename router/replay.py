@@ -39,20 +39,19 @@ def to_next_pod(status: int, replayable: bool) -> bool:
     return status == 503 and replayable
 
 
-_POLL = select.poll()
-"""One for the process, a socket registered for one check at a time: a new poll object
-per request was an allocation and a dictionary per request (#13). The event loop's
-thread is the only one that asks."""
+def watch(fd: int) -> select.poll:
+    """The poll object `closed_by_pod` asks about the socket `fd`: one per pod connection,
+    made when it connects (a new one per request was an allocation and a dictionary per
+    request, #13; one shared by the process would fail under two event loops)."""
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)  # no system call until `poll` itself
+    return poll
 
 
-def closed_by_pod(transport: asyncio.Transport, fd: int) -> bool:
-    """True when this idle connection (`fd`, its socket) must not carry a request: the
-    transport is closing, or the pod closed or reset it, or sent bytes nobody asked for
-    (all pending unread)."""
+def closed_by_pod(transport: asyncio.Transport, watched: select.poll) -> bool:
+    """True when this idle connection (`watched`: its socket, see `watch`) must not carry a
+    request: the transport is closing, or the pod closed or reset it, or sent bytes nobody
+    asked for (all pending unread)."""
     if transport.is_closing():
         return True
-    _POLL.register(fd, select.POLLIN)  # no system call until `poll` itself
-    try:
-        return bool(_POLL.poll(0))  # POLLHUP and POLLERR are reported even unasked
-    finally:
-        _POLL.unregister(fd)
+    return bool(watched.poll(0))  # POLLHUP and POLLERR are reported even unasked
