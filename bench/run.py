@@ -55,7 +55,7 @@ FLOORS = (
 )
 # The 64 MiB transfers' floor: relays with no HTTP (bench/relay.py).
 RELAY_FLOORS = (("byte relay: uvloop", "relay"), ("byte relay: splice(2)", "splice"))
-PAIRED_CELL = "GET 100 B, router c=16 then c=256"
+PAIRED_CELL = "GET 100 B, c=16 then c=256"
 BUDGET_CELL = "GET 100 B, router and base router back to back"
 BUSY_CELL = "GET 100 B, pool of 3 + 1 always-503"
 DEAD_CELL = "GET 100 B, pool of 3 + 1 refusing connections"
@@ -171,17 +171,20 @@ def small_gets(targets: Sequence[Target], floors: Sequence[tuple[Target, Sequenc
     return rows
 
 
-def paired(router: Target, s: Settings) -> list[Row]:
-    """The router at c=16 then at c=256, back to back, `--pairs` times; each c=256 row's
-    ÷base is against the c=16 row just before. The goals' c=256 ÷ c=16 ratios are taken
-    from these pairs: the table's cells of the two concurrencies are minutes apart, and
-    on a shared machine the load of others changes in minutes."""
+def paired(targets: Sequence[Target], s: Settings) -> list[Row]:
+    """Each target (the router, then nginx) at c=16 then at c=256, back to back, `--pairs`
+    times; each c=256 row's ÷base is against the c=16 row just before. The goals' c=256 ÷
+    c=16 ratios are taken from the router's pairs: the table's cells of the two
+    concurrencies are minutes apart, and on a shared machine the load of others changes
+    in minutes. nginx's pairs, taken between the router's, say what the machine did to
+    any proxy in those minutes."""
     rows: list[Row] = []
     for _ in range(s.pairs):
-        low = measure(router, "/", PAIRED_CELL, 16, s, s.duration)
-        high = measure(router, "/", PAIRED_CELL, 256, s, s.duration)
-        high.vs_base = _ratio(high.throughput, low.throughput)
-        rows += [low, high]
+        for target in targets:
+            low = measure(target, "/", PAIRED_CELL, 16, s, s.duration)
+            high = measure(target, "/", PAIRED_CELL, 256, s, s.duration)
+            high.vs_base = _ratio(high.throughput, low.throughput)
+            rows += [low, high]
     return rows
 
 
@@ -286,14 +289,23 @@ def _find(rows: Sequence[Row], cell: str, target: str, c: int | None = None) -> 
     return None
 
 
+def _pairs(rows: Sequence[Row], target: str) -> list[tuple[Row, Row]]:
+    """A target's back-to-back c=16 and c=256 rows (`paired`)."""
+    lows = [r for r in rows if r.cell == PAIRED_CELL and r.target == target
+            and r.connections == 16]
+    highs = [r for r in rows if r.cell == PAIRED_CELL and r.target == target
+             and r.connections == 256]
+    return list(zip(lows, highs, strict=True))
+
+
 def _listed(values: Sequence[float]) -> str:
     return ", ".join(f"{value:.2f}" for value in values)
 
 
-def _of_nginx(low: Row | None, high: Row | None, of: Callable[[Row], float | None]) -> str:
-    """nginx's c=256 ÷ c=16 in the table's cells, as "; nginx: 0.97", or nothing."""
-    a, b = (of(low) if low else None), (of(high) if high else None)
-    return f"; nginx: {b / a:.2f}" if a and b else ""
+def _of_nginx(pairs: Sequence[tuple[Row, Row]], of: Callable[[Row], float | None]) -> str:
+    """nginx's c=256 ÷ c=16, as "; nginx: 0.97, 1.01", or nothing."""
+    ratios = [b / a for a, b in ((of(low), of(high)) for low, high in pairs) if a and b]
+    return f"; nginx: {_listed(ratios)}" if ratios else ""
 
 
 def checks(rows: Sequence[Row], base: str | None = None) -> list[Check]:
@@ -305,25 +317,26 @@ def checks(rows: Sequence[Row], base: str | None = None) -> list[Check]:
     if r64 and r64.vs_nginx is not None:
         found.append(Check("router ÷ nginx req/s, c=64", r64.vs_nginx, ">= 0.25",
                            r64.vs_nginx >= 0.25))
-    lows = [r for r in rows if r.cell == PAIRED_CELL and r.connections == 16]
-    highs = [r for r in rows if r.cell == PAIRED_CELL and r.connections == 256]
-    pairs = list(zip(lows, highs, strict=True))
+    pairs, nginx_pairs = (_pairs(rows, target) for target in (ROUTER, NGINX))
     where = f"median of {len(pairs)} back-to-back pairs" if pairs else "the table's cells"
+    n16 = _find(rows, "GET 100 B", NGINX, 16)
     if not pairs and r16 and r256:
         pairs = [(r16, r256)]
+    if not nginx_pairs and n16 and n256:
+        nginx_pairs = [(n16, n256)]
     speed = [high.throughput / low.throughput for low, high in pairs if low.throughput]
     cpu = [high.cpu_us_per_request / low.cpu_us_per_request for low, high in pairs
            if high.cpu_us_per_request and low.cpu_us_per_request]
-    # nginx's own ratios, from the table's cells, say what the machine did to any proxy.
-    n16 = _find(rows, "GET 100 B", NGINX, 16)
+    # nginx's own ratios, from its pairs between the router's, say what the machine did
+    # to any proxy.
     if speed:
         ratio = statistics.median(speed)
-        nginx_said = _of_nginx(n16, n256, lambda r: r.throughput)
+        nginx_said = _of_nginx(nginx_pairs, lambda r: r.throughput)
         found.append(Check(f"router req/s c=256 ÷ c=16 ({where}: {_listed(speed)}{nginx_said})",
                            ratio, ">= 0.85", ratio >= 0.85))
     if cpu:
         ratio = statistics.median(cpu)
-        nginx_said = _of_nginx(n16, n256, lambda r: r.cpu_us_per_request)
+        nginx_said = _of_nginx(nginx_pairs, lambda r: r.cpu_us_per_request)
         found.append(Check(f"router CPU per request c=256 ÷ c=16 ({where}: {_listed(cpu)}"
                            f"{nginx_said})", ratio, "<= 1.15", ratio <= 1.15))
     for r, n, c, goal in ((r64, n64, 64, 10.0), (r256, n256, 256, 3.0)):
@@ -498,7 +511,7 @@ def run(s: Settings, profile: Path | None) -> tuple[list[Row], bool, list[Check]
                                 "small-GET cells (Python's default threshold: ~35 at c=256)",
                                 per_1k, "<= 1", per_1k <= 1))
             if 16 in s.concurrency and 256 in s.concurrency:
-                rows += paired(router, s)
+                rows += paired([router, proxy], s)
             if base is not None:
                 rows += budget_pairs(router, base, s)
         if "transfers" in s.parts:
