@@ -17,7 +17,8 @@ import pytest
 from router import connection
 from router.observe import Exchange, NullObserver
 from router.server import ServerThread
-from tests.conftest import StartPods, StartRouter, eventually, static_config
+from tests.conftest import StartPods, StartRawPods, StartRouter, eventually, static_config
+from tests.rawpod import WAIT, PodConnection
 from tests.sandbox import pattern, pattern_sha256
 
 BIG = 300 * 1024 * 1024
@@ -173,3 +174,44 @@ def test_a_client_leaving_just_before_a_quick_answer_leaves_the_pod_connection_p
     eventually(lambda: client.get("/").status_code == 200
                and pod.app.seen[-1].peer_port == gate_port)
     assert len({seen.peer_port for seen in pod.app.seen}) <= 2  # at most one more opened
+
+
+@pytest.mark.parametrize("framing", [b"transfer-encoding: chunked", b"content-length: 5"])
+def test_a_streamed_answers_head_reaches_the_client_before_any_body(
+    start_raw_pods: StartRawPods, start_router: StartRouter, framing: bytes
+):
+    """A pod that sends its head and then holds its body back (an event stream before its
+    first event): the client has the head while the pod still holds the body. The router
+    holds a head until the first body message (router/cycle.py); the proxy sends an
+    empty one for a stream, without which this client would wait for the first event."""
+    release = threading.Event()
+    chunked = framing.startswith(b"transfer")
+
+    def holding(pod: PodConnection) -> None:
+        if pod.read_request() is not None:
+            pod.send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                     + framing + b"\r\n\r\n")
+            release.wait(WAIT)
+            pod.send(b"5\r\nhello\r\n0\r\n\r\n" if chunked else b"hello")
+            pod.closed_by_router()
+
+    pods = start_raw_pods(holding)
+    client = start_router(static_config(pods))
+    with socket.create_connection((client.base_url.host, client.base_url.port)) as raw:
+        raw.settimeout(WAIT)
+        raw.sendall(b"GET /events HTTP/1.1\r\nHost: r\r\n\r\n")
+        received = b""
+        while b"\r\n\r\n" not in received:
+            piece = raw.recv(65536)
+            assert piece, "the router closed before the head"
+            received += piece
+        head, _, body = received.partition(b"\r\n\r\n")
+        assert not release.is_set() and body == b""  # the pod holds its body still
+        assert head.startswith(b"HTTP/1.1 200") and framing in head.lower()
+        release.set()
+        end = b"0\r\n\r\n" if chunked else b"hello"
+        while not body.endswith(end):
+            piece = raw.recv(65536)
+            assert piece, "the router closed before the body"
+            body += piece
+    assert body == (b"5\r\nhello\r\n0\r\n\r\n" if chunked else b"hello")
