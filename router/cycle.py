@@ -39,6 +39,7 @@ from uvicorn.protocols.http.httptools_impl import (
 )
 
 from router.asgi import Message
+from router.limits import nothing
 
 
 def _matching(pattern: re.Pattern[bytes]) -> bytes:
@@ -60,10 +61,6 @@ def _has_any(data: bytes, bad: bytes) -> bool:
 WHOLE_LIMIT = 16 * 1024
 """A body up to this size is copied behind its held head (one buffer, one write); a larger
 one is written beside it uncopied (`writelines`)."""
-
-
-def _nothing() -> None:
-    pass
 
 
 class MessageEvent:
@@ -136,7 +133,7 @@ class ProxyCycle(RequestResponseCycle):
                 self.logger.error("ASGI callable returned without completing response.")
                 self.transport.close()
         finally:
-            self.on_response = _nothing
+            self.on_response = nothing
             task, self.task = self.task, None
             self.tasks.discard(task)
 

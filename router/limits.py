@@ -15,8 +15,9 @@ MAX_HEADERS = 100
 """Request header lines, at most (nginx and Envoy default to about as many); 431 above."""
 
 
-def _nothing() -> None:
-    pass
+def nothing() -> None:
+    """The callback of something let go: what a timer, protocol or cycle calls once its
+    owner is done, so that it holds no reference to that owner."""
 
 
 class Deadline:
@@ -58,7 +59,7 @@ class Deadline:
             self._handle.cancel()
             self._handle = None
         self._at = None
-        self._on_expiry = _nothing
+        self._on_expiry = nothing
 
     def _arm(self, at: float) -> None:
         if self._handle is not None:

@@ -24,7 +24,7 @@ from router.accepting import AcceptBurst
 from router.config import Config
 from router.cycle import MessageEvent, ProxyCycle
 from router.errors import ProxyError
-from router.limits import MAX_HEADERS, Deadline, connections_to_drain, refusal
+from router.limits import MAX_HEADERS, Deadline, connections_to_drain, nothing, refusal
 
 log = logging.getLogger("router.protocol")
 
@@ -97,10 +97,6 @@ class HeadRefused(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
-
-
-def _nothing() -> None:
-    pass
 
 
 class ReadingFlow(FlowControl):
@@ -480,7 +476,7 @@ class HttpProtocol(HttpToolsProtocol):
         self.parser = None  # type: ignore[assignment]
         for cycle in [self.cycle, *(cycle for cycle, _ in self.pipeline)]:
             if cycle is not None and cycle is not self.serving:
-                cycle.on_response = _nothing
+                cycle.on_response = nothing
         self.pipeline.clear()
 
     def _stop_timers(self) -> None:
@@ -488,7 +484,7 @@ class HttpProtocol(HttpToolsProtocol):
         a tunnel with timers of its own (`router/tunnel.py`)."""
         self._deadline.close()
         self._keep_alive.close()
-        cast(ReadingFlow, self.flow).resumed = _nothing
+        cast(ReadingFlow, self.flow).resumed = nothing
         if self._send_timer is not None:
             self._send_timer.cancel()
             self._send_timer = None
