@@ -34,7 +34,7 @@ from types import FrameType
 
 import psutil
 
-from bench import nginx, pyspy, report, transfer, wrk
+from bench import host, nginx, pyspy, report, transfer, wrk
 from bench.floor import FloorProcess
 from bench.nginx import Pod
 from bench.procs import free_port
@@ -558,12 +558,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     started = datetime.datetime.now(datetime.UTC)
+    speed_before = host.loop_us()
     rows, metrics_served, wasted = run(s, args.profile)
+    speed_after = host.loop_us()
     found = checks(rows, base_name(s.compare) if s.compare else None) + wasted
     meta = {
         "started": started.isoformat(timespec="seconds"),
         "settings": s.__dict__,
         "cpus": psutil.cpu_count(),
+        "cpu_model": host.cpu_model(),
+        "loop_us_before": round(speed_before, 2),
+        "loop_us_after": round(speed_after, 2),
         "python": platform.python_version(),
         "nginx": _version(["nginx", "-v"]),
         "wrk": _version(["wrk", "-v"]),
@@ -577,7 +582,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"nginx: one worker (`master_process off`), keepalive 64 to the pods; wrk -t"
           f"{s.threads}, {s.duration:g} s cells ({s.degraded_duration:g} s with a busy or "
           f"dead pod) after {s.warmup:g} s warm-ups; {psutil.cpu_count()} CPUs shared by "
-          "everything.")
+          f"everything ({host.cpu_model()}; `{host.LOOP}` took {speed_before:.1f} µs before "
+          f"the run and {speed_after:.1f} µs after it: the machine's speed, to compare runs).")
     print("CPU µs/req: the proxy's CPU time (user + system, its workers included, from "
           "/proc/PID/stat) over the cell ÷ the requests wrk counted; CPU cores: that CPU "
           "time ÷ the cell's seconds (1.00 = one core saturated).")
