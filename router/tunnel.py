@@ -5,10 +5,14 @@ tunnel is known to one `Tunnels` registry (the per-client limit, the drain).
 No frame is parsed: extensions, subprotocols, compression and close codes are the two
 ends' business. Each direction has back-pressure: when one side's write buffer passes its
 high-water mark, reading from the other side pauses until it drains, so memory stays flat
-whatever the message sizes. A tunnel ends when either end closes or fails (the other is
-closed after what is buffered for it went out), when nothing passed either way for
-`--upgrade-idle-timeout`, at `--upgrade-max-lifetime`, or at the end of the drain; those
-three abort both ends.
+whatever the message sizes. An end that half-closes (a TCP FIN: it will send no more) has
+that passed on to the other (`write_eof`), and the tunnel stays open for what the other
+still sends (TCP's own semantics, and nginx's stream proxy with `proxy_half_close on`;
+nginx's HTTP upgrades close both ends at either's FIN): a client that signals the end of
+its input still gets the rest of the answer. A tunnel ends when both ends have half-closed,
+when either end closes fully or fails (the other is closed after what is buffered for
+it went out), when nothing passed either way for `--upgrade-idle-timeout`, at
+`--upgrade-max-lifetime`, or at the end of the drain; those three abort both ends.
 """
 
 from __future__ import annotations
@@ -23,12 +27,13 @@ log = logging.getLogger("router.tunnel")
 class _Side(asyncio.Protocol):
     """One end of a tunnel: what it reads goes to the other end's transport."""
 
-    __slots__ = ("_tunnel", "_peer", "received")
+    __slots__ = ("_tunnel", "_peer", "received", "ended")
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         self._tunnel = tunnel
         self._peer = peer
         self.received = 0
+        self.ended = False  # this end half-closed: it sends no more
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
@@ -36,7 +41,10 @@ class _Side(asyncio.Protocol):
         self._peer.write(data)
 
     def eof_received(self) -> bool:
-        return False  # the transport closes itself; `connection_lost` ends the tunnel
+        """True: this end's connection stays open for what the other end still sends
+        (`Tunnel.half_closed`); False: it closes, and `connection_lost` ends the tunnel."""
+        self.ended = True
+        return self._tunnel.half_closed(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         tunnel = self._tunnel
@@ -91,6 +99,17 @@ class Tunnel:
     @property
     def bytes_out(self) -> int:
         return self._from_pod.received
+
+    def half_closed(self, side: _Side) -> bool:
+        """`side`'s end sent a FIN: send one to the other end, after what is buffered for
+        it. Whether `side`'s connection stays open: not once both ends have half-closed
+        (nothing can pass any more), nor when the tunnel is closing already."""
+        other = self._from_pod if side is self._from_client else self._from_client
+        peer = self._pod if side is self._from_client else self._client
+        if other.ended or self.closing or peer.is_closing() or not peer.can_write_eof():
+            return False
+        peer.write_eof()
+        return True
 
     def side_lost(self, side: _Side) -> None:
         """One end is gone: close the other once what is buffered for it went out."""

@@ -457,6 +457,74 @@ def test_an_upgrade_that_is_not_websocket_is_tunnelled(
     assert client.get("/").status_code == 502
 
 
+def _upgraded(connection: PodConnection) -> bool:
+    """A raw pod's side of a `foo` handshake: the request read, the 101 sent."""
+    if connection.read_request() is None:
+        return False
+    return connection.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                           b"Upgrade: foo\r\n\r\n")
+
+
+def _until_end(sock: socket.socket) -> bytes:
+    """What `sock` receives until its peer's FIN (bounded by the socket's timeout)."""
+    received = b""
+    while piece := sock.recv(65536):
+        received += piece
+    return received
+
+
+def answer_at_the_end(connection: PodConnection) -> None:
+    """A raw pod that reads everything the client sends, then, at its end, answers."""
+    if _upgraded(connection):
+        received = b""
+        while data := connection._recv():
+            received += data
+        connection.send(b"got " + received.upper())
+
+
+def test_a_client_that_half_closes_still_gets_the_answer(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """The client's FIN is passed on to the pod, and the pod's answer after it reaches
+    the client: the router used to close the pod's connection at the client's FIN, and
+    the answer was lost."""
+    pod = start_raw_pods(answer_at_the_end)[0]
+    client = start_router(static_config([pod]))
+    sock, answer = raw_upgrade(client.base_url.port or 0, b"foo")
+    with sock:
+        assert answer.startswith(b"HTTP/1.1 101 ")
+        sock.sendall(b"abc")
+        sock.sendall(b"def")
+        sock.shutdown(socket.SHUT_WR)
+        assert _until_end(sock) == b"got ABCDEF"  # then the pod's end closed the tunnel
+
+
+def test_a_pod_that_half_closes_still_gets_what_the_client_sends(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    received: list[bytes] = []
+
+    def said_all(connection: PodConnection) -> None:
+        if _upgraded(connection):
+            connection.send(b"that is all\n")
+            connection.sock.shutdown(socket.SHUT_WR)
+            while data := connection._recv():
+                received.append(data)
+            received.append(b"<end>")
+
+    pod = start_raw_pods(said_all)[0]
+    client = start_router(static_config([pod]))
+    sock, answer = raw_upgrade(client.base_url.port or 0, b"foo")
+    with sock:
+        _, _, early = answer.partition(b"\r\n\r\n")
+        assert early + _until_end(sock) == b"that is all\n"  # and the pod's FIN
+        sock.sendall(b"one more thing")
+        sock.shutdown(socket.SHUT_WR)
+        eventually(lambda: received[-1:] == [b"<end>"])
+        assert b"".join(received) == b"one more thing<end>"
+        assert _until_end(sock) == b""  # both ends have half-closed: the tunnel closed
+
+
 @pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n",
                                      b"Transfer-Encoding: chunked\r\n"])
 def test_an_upgrade_request_with_a_body_is_refused(
