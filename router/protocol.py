@@ -121,16 +121,20 @@ class ClientUpgrade:
     """The handle on a client connection whose request asks for an upgrade (`Connection:
     upgrade` plus `Upgrade`, as the parser saw them). The parser stops at the end of that
     head, so the connection carries no other request: whatever the answer, it closes after
-    it, unless the pod's 101 turns it into a tunnel (`take`)."""
+    it, unless the pod's 101 turns it into a tunnel (`take`). `early`: what the client
+    sent after the head in the same read, the tunnel's first bytes if there is one (the
+    head declared no body: router/proxy.py refuses one)."""
 
-    __slots__ = ("_protocol",)
+    __slots__ = ("_protocol", "early")
 
-    def __init__(self, protocol: HttpProtocol) -> None:
+    def __init__(self, protocol: HttpProtocol, early: bytes) -> None:
         self._protocol = protocol
+        self.early = early
 
-    def take(self) -> asyncio.Transport:
-        """The client's transport, for `router.tunnel.Tunnel`; see `become_tunnel`."""
-        return self._protocol.become_tunnel()
+    def take(self) -> tuple[asyncio.Transport, bytes]:
+        """The client's transport, for `router.tunnel.Tunnel` (see `become_tunnel`), and
+        `early`."""
+        return self._protocol.become_tunnel(), self.early
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -194,11 +198,11 @@ class HttpProtocol(HttpToolsProtocol):
         except httptools.HttpParserError:
             self._bad_request()
             return
-        except httptools.HttpParserUpgrade:
+        except httptools.HttpParserUpgrade as upgrade:
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
-                self._unsupported_upgrade_warning()
+                self._unsupported_upgrade_warning(data[upgrade.args[0]:])
             return
         reading = self.reading
         if reading is Reading.BODY:
@@ -489,16 +493,17 @@ class HttpProtocol(HttpToolsProtocol):
             self._send_timer.cancel()
             self._send_timer = None
 
-    def _unsupported_upgrade_warning(self) -> None:
+    def _unsupported_upgrade_warning(self, early: bytes = b"") -> None:
         """uvicorn calls this (its `ws` setting is "none": `server_config`) when the parser
         stops at the end of a request head asking for an upgrade; that request's task has
         been started already. Instead of uvicorn's warning: the request gets a
         `ClientUpgrade`, reading pauses (the parser cannot go on past an upgrade, and
         bytes must wait for the pod's 101; a WebSocket client sends none before it), and
-        the connection closes after an answer that is not a 101."""
+        the connection closes after an answer that is not a 101. `early`: what followed the
+        head in the read, kept for the tunnel (`ClientUpgrade`)."""
         if UPGRADE in self._extensions:
             return
-        self._extensions[UPGRADE] = ClientUpgrade(self)  # type: ignore[assignment]
+        self._extensions[UPGRADE] = ClientUpgrade(self, early)  # type: ignore[assignment]
         self.cycle.keep_alive = False
         self.transport.pause_reading()
 

@@ -341,12 +341,13 @@ class Proxy:
     ) -> None:
         """The pod switched protocols: relay its 101, join the two connections, and wait
         for the tunnel to end (which this request's access line and duration cover)."""
-        pod, early = response.detach()
+        pod, pod_early = response.detach()
         head = switching_head(response.raw_headers, own_headers)
         if watch is not None:
             watch.task = None  # the tunnel sees the client leave from now on
-        tunnel = Tunnel(upgrade.take(), pod, head, early, self._config.upgrade_idle_timeout,
-                        self._config.upgrade_max_lifetime)
+        client, client_early = upgrade.take()
+        tunnel = Tunnel(client, client_early, pod, pod_early, head,
+                        self._config.upgrade_idle_timeout, self._config.upgrade_max_lifetime)
         exchange.status = 101
         self.tunnels.add(tunnel)
         self._observer.upgraded(exchange)

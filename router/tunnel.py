@@ -65,11 +65,13 @@ class Tunnel:
 
     States: open (both transports carry bytes), then closing (one end is gone or a limit
     was hit: the other end is being closed), then `done` once both transports reported
-    their end. `bytes_in` counts what the client sent after the handshake, `bytes_out`
-    what it was sent (the pod's bytes that came with the 101 head included)."""
+    their end. `bytes_in` counts what the client sent after its handshake's head,
+    `bytes_out` what it was sent after the 101's. `client_early` and `pod_early` are what
+    each end sent behind its head, read with it: they are the tunnel's first bytes."""
 
-    def __init__(self, client: asyncio.Transport, pod: asyncio.Transport, head: bytes,
-                 early: bytes, idle_timeout: float, max_lifetime: float) -> None:
+    def __init__(self, client: asyncio.Transport, client_early: bytes,
+                 pod: asyncio.Transport, pod_early: bytes, head: bytes,
+                 idle_timeout: float, max_lifetime: float) -> None:
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
         self.closing = False
@@ -77,7 +79,8 @@ class Tunnel:
         self._client, self._pod = client, pod
         self._from_client = _Side(self, pod)
         self._from_pod = _Side(self, client)
-        self._from_pod.received = len(early)
+        self._from_client.received = len(client_early)
+        self._from_pod.received = len(pod_early)
         self._open = 2
         self._idle_timeout = idle_timeout
         self._timers: list[asyncio.TimerHandle] = []
@@ -85,7 +88,9 @@ class Tunnel:
             self._timers.append(self.loop.call_later(idle_timeout, self._idle_check))
         if max_lifetime:
             self._timers.append(self.loop.call_later(max_lifetime, self.abort, "lifetime"))
-        client.write(head + early if early else head)
+        client.write(head + pod_early if pod_early else head)
+        if client_early:
+            pod.write(client_early)
         client.set_protocol(self._from_client)
         pod.set_protocol(self._from_pod)
         for transport in (client, pod):  # both were paused during the handshake

@@ -357,12 +357,14 @@ def test_a_pod_dying_mid_connection_closes_the_client(
     assert client.get("/").status_code != 101  # the router goes on serving
 
 
-def raw_upgrade(port: int, protocol: bytes, extra: bytes = b"") -> tuple[socket.socket, bytes]:
+def raw_upgrade(port: int, protocol: bytes, extra: bytes = b"", behind: bytes = b""
+                ) -> tuple[socket.socket, bytes]:
     """A handshake over a raw socket: the socket and what came back up to the head's end
-    (plus any bytes the pod sent with it)."""
+    (plus any bytes the pod sent with it). `extra`: more headers; `behind`: bytes sent
+    right behind the head, in the same write."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10)
     sock.sendall(b"GET /raw HTTP/1.1\r\nHost: sandbox\r\nConnection: Upgrade\r\n"
-                 b"Upgrade: " + protocol + b"\r\n" + extra + b"\r\n")
+                 b"Upgrade: " + protocol + b"\r\n" + extra + b"\r\n" + behind)
     received = b""
     while b"\r\n\r\n" not in received:
         piece = sock.recv(65536)
@@ -455,6 +457,23 @@ def test_an_upgrade_that_is_not_websocket_is_tunnelled(
     assert request.header(b"origin") is None
     # The same pod's 101 to a request that did not ask for an upgrade: refused.
     assert client.get("/").status_code == 502
+
+
+def test_bytes_sent_behind_the_handshake_reach_the_pod_after_its_101(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """A client that does not wait for the 101: what it sent behind its head, read with
+    the head, is the tunnel's first bytes (they used to be dropped)."""
+    pod = start_raw_pods(echo_upper)[0]
+    client = start_router(static_config([pod]))
+    sock, answer = raw_upgrade(client.base_url.port or 0, b"foo", b"", b"early bytes")
+    with sock:
+        _, _, after = answer.partition(b"\r\n\r\n")
+        while len(after) < len(b"welcome\nEARLY BYTES"):
+            piece = sock.recv(100)
+            assert piece, after
+            after += piece
+        assert after == b"welcome\nEARLY BYTES"
 
 
 def _upgraded(connection: PodConnection) -> bool:
