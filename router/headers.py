@@ -260,6 +260,12 @@ def upgrade_protocol(raw: Sequence[tuple[bytes, bytes]]) -> str | None:
     return b", ".join(values).decode("latin-1") if values else None
 
 
+def switched_to_websocket(raw: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Whether a 101 (its headers, names lower-cased) switched to WebSocket alone."""
+    return [value.strip().lower() for name, value in raw if name == b"upgrade"] == [
+        b"websocket"]
+
+
 def declares_body(raw: Sequence[tuple[bytes, bytes]]) -> bool:
     """Whether a head announces a body: any `Transfer-Encoding`, or a non-zero
     `Content-Length`. An upgrade request must not (`UPGRADE_WITH_BODY`): the parser stops

@@ -45,6 +45,7 @@ from router.headers import (
     parse_pinned,
     read_request,
     response_headers,
+    switched_to_websocket,
     switching_head,
     upgrade_protocol,
     upgrade_request,
@@ -347,7 +348,8 @@ class Proxy:
             watch.task = None  # the tunnel sees the client leave from now on
         client, client_early = upgrade.take()
         tunnel = Tunnel(client, client_early, pod, pod_early, head,
-                        self._config.upgrade_idle_timeout, self._config.upgrade_max_lifetime)
+                        self._config.upgrade_idle_timeout, self._config.upgrade_max_lifetime,
+                        half_close=not switched_to_websocket(response.raw_headers))
         exchange.status = 101
         self.tunnels.add(tunnel)
         self._observer.upgraded(exchange)

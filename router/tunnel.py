@@ -5,14 +5,21 @@ tunnel is known to one `Tunnels` registry (the per-client limit, the drain).
 No frame is parsed: extensions, subprotocols, compression and close codes are the two
 ends' business. Each direction has back-pressure: when one side's write buffer passes its
 high-water mark, reading from the other side pauses until it drains, so memory stays flat
-whatever the message sizes. An end that half-closes (a TCP FIN: it will send no more) has
-that passed on to the other (`write_eof`), and the tunnel stays open for what the other
-still sends (TCP's own semantics, and nginx's stream proxy with `proxy_half_close on`;
-nginx's HTTP upgrades close both ends at either's FIN): a client that signals the end of
-its input still gets the rest of the answer. A tunnel ends when both ends have half-closed,
-when either end closes fully or fails (the other is closed after what is buffered for
-it went out), when nothing passed either way for `--upgrade-idle-timeout`, at
-`--upgrade-max-lifetime`, or at the end of the drain; those three abort both ends.
+whatever the message sizes.
+
+In a protocol other than WebSocket, an end that half-closes (a TCP FIN: it will send no
+more) has that passed on to the other (`write_eof`), and the tunnel stays open for what the
+other still sends (TCP's own semantics, and nginx's stream proxy with `proxy_half_close
+on`; nginx's HTTP upgrades close both ends at either's FIN): a client that signals the end
+of its input still gets the rest of the answer. WebSocket closes in its own frames and
+has no half-close: there a FIN ends the tunnel, as a full close does (the router cannot
+tell the two apart), so a client that just goes frees its pod's connection at once.
+
+A tunnel ends when both ends have half-closed, when either end closes or fails (the other
+is closed after what is buffered for it went out), when nothing passed either way for
+`--upgrade-idle-timeout`, at `--upgrade-max-lifetime`, or at the end of the drain; those
+three abort both ends, and still apply while an end is being closed (one that reads
+nothing would otherwise hold the tunnel for ever).
 """
 
 from __future__ import annotations
@@ -71,7 +78,7 @@ class Tunnel:
 
     def __init__(self, client: asyncio.Transport, client_early: bytes,
                  pod: asyncio.Transport, pod_early: bytes, head: bytes,
-                 idle_timeout: float, max_lifetime: float) -> None:
+                 idle_timeout: float, max_lifetime: float, half_close: bool = True) -> None:
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
         self.closing = False
@@ -82,6 +89,7 @@ class Tunnel:
         self._from_client.received = len(client_early)
         self._from_pod.received = len(pod_early)
         self._open = 2
+        self._half_close = half_close
         self._idle_timeout = idle_timeout
         self._timers: list[asyncio.TimerHandle] = []
         if idle_timeout:
@@ -107,23 +115,26 @@ class Tunnel:
 
     def half_closed(self, side: _Side) -> bool:
         """`side`'s end sent a FIN: send one to the other end, after what is buffered for
-        it. Whether `side`'s connection stays open: not once both ends have half-closed
-        (nothing can pass any more), nor when the tunnel is closing already."""
+        it. Whether `side`'s connection stays open: not in a tunnel without half-close
+        (WebSocket), not once both ends have half-closed (nothing can pass any more), nor
+        when the tunnel is closing already."""
         other = self._from_pod if side is self._from_client else self._from_client
         peer = self._pod if side is self._from_client else self._client
-        if other.ended or self.closing or peer.is_closing() or not peer.can_write_eof():
+        if (not self._half_close or other.ended or self.closing or peer.is_closing()
+                or not peer.can_write_eof()):
             return False
         peer.write_eof()
         return True
 
     def side_lost(self, side: _Side) -> None:
-        """One end is gone: close the other once what is buffered for it went out."""
+        """One end is gone: close the other once what is buffered for it went out (the
+        timers run on: an end that reads nothing is aborted by them)."""
         self._open -= 1
         if not self.closing:
             self.closing = True
-            self._cancel_timers()
             (self._pod if side is self._from_client else self._client).close()
         if self._open <= 0 and not self.done.done():
+            self._cancel_timers()
             self.done.set_result(None)
 
     def abort(self, why: str) -> None:

@@ -9,6 +9,7 @@ import ipaddress
 import json
 import signal
 import socket
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
@@ -29,7 +30,7 @@ from router.tunnel import Tunnel
 from tests.conftest import StartRawPods, StartRouter, eventually, scrape, static_config, value
 from tests.process import RouterProcess
 from tests.rawclient import RawClient
-from tests.rawpod import PodConnection, answering
+from tests.rawpod import WAIT, PodConnection, answering
 from tests.wspod import CLOSE_ME, SUBPROTOCOL, WsPod
 
 StartWsPods = Callable[[int], list[WsPod]]
@@ -542,6 +543,72 @@ def test_a_pod_that_half_closes_still_gets_what_the_client_sends(
         eventually(lambda: received[-1:] == [b"<end>"])
         assert b"".join(received) == b"one more thing<end>"
         assert _until_end(sock) == b""  # both ends have half-closed: the tunnel closed
+
+
+def test_a_websocket_clients_fin_frees_its_tunnel_whatever_the_pod_does(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """WebSocket has no half-close: a client that just goes (a FIN, all the router sees of
+    a close) ends the tunnel and frees its per-client slot, though the pod neither reads
+    nor writes."""
+    release = threading.Event()
+
+    def busy(connection: PodConnection) -> None:
+        if connection.read_request() is not None:
+            connection.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                            b"Upgrade: websocket\r\n\r\n")
+            release.wait(3 * WAIT)  # longer than `eventually` waits; released at the end
+
+    pod = start_raw_pods(busy)[0]
+    client = start_router(static_config([pod], upgrade_max_per_client=1))
+    tunnels = client.app._proxy.tunnels  # type: ignore[attr-defined]
+    try:
+        for _ in range(2):  # the second would be a 429 if the first held its slot
+            sock, answer = raw_upgrade(client.base_url.port or 0, b"websocket")
+            assert answer.startswith(b"HTTP/1.1 101 ")
+            sock.close()
+            eventually(lambda: len(tunnels) == 0)
+    finally:
+        release.set()
+
+
+@pytest.mark.parametrize(("protocol", "client_fin"), [(b"foo", True), (b"websocket", False)],
+                         ids=["after-both-fins", "websocket"])
+def test_an_end_that_reads_nothing_is_aborted_at_the_idle_timeout(
+    protocol: bytes, client_fin: bool, start_raw_pods: StartRawPods,
+    start_router: StartRouter
+) -> None:
+    """The pod has gone (after the client's FIN, or in WebSocket, which has no half-close)
+    while the router still holds bytes for a client that reads nothing: closing the
+    client waits for them, and the tunnel used to stop its timers then, holding the
+    tunnel, its descriptors and the client's slot for ever."""
+    stop = threading.Event()
+
+    def trickle(connection: PodConnection) -> None:
+        if connection.read_request() is not None and connection.send(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: "
+                + protocol + b"\r\n\r\n"):
+            while not stop.is_set() and connection.send(b"z" * 4096):
+                time.sleep(0.002)
+        # then `RawPod` closes the connection: the pod has gone
+
+    pod = start_raw_pods(trickle)[0]
+    client = start_router(static_config([pod], upgrade_idle_timeout=1))
+    tunnels = client.app._proxy.tunnels  # type: ignore[attr-defined]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+    with sock:
+        sock.connect(("127.0.0.1", client.base_url.port or 0))
+        sock.sendall(b"GET /raw HTTP/1.1\r\nHost: sandbox\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: " + protocol + b"\r\n\r\n")
+        if client_fin:
+            sock.shutdown(socket.SHUT_WR)
+        eventually(lambda: len(tunnels) == 1)
+        (tunnel,) = tunnels._open
+        eventually(lambda: tunnel._client.get_write_buffer_size() > 0)  # the router holds some
+        stop.set()
+        eventually(lambda: tunnel.closing)  # the pod has gone; the client reads nothing
+        eventually(lambda: len(tunnels) == 0)  # aborted at the idle timeout
 
 
 @pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n",
