@@ -34,13 +34,14 @@ log = logging.getLogger("router.tunnel")
 class _Side(asyncio.Protocol):
     """One end of a tunnel: what it reads goes to the other end's transport."""
 
-    __slots__ = ("_tunnel", "_peer", "received", "ended")
+    __slots__ = ("_tunnel", "_peer", "received", "ended", "full")
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         self._tunnel = tunnel
         self._peer = peer
         self.received = 0
         self.ended = False  # this end half-closed: it sends no more
+        self.full = False  # this end's write buffer is past its high-water mark
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
@@ -59,10 +60,12 @@ class _Side(asyncio.Protocol):
         tunnel.side_lost(self)
 
     def pause_writing(self) -> None:  # this end cannot take more: stop reading the other
+        self.full = True
         if not self._peer.is_closing():
             self._peer.pause_reading()
 
     def resume_writing(self) -> None:
+        self.full = False
         if not self._peer.is_closing():
             self._peer.resume_reading()
 
@@ -96,14 +99,18 @@ class Tunnel:
             self._timers.append(self.loop.call_later(idle_timeout, self._idle_check))
         if max_lifetime:
             self._timers.append(self.loop.call_later(max_lifetime, self.abort, "lifetime"))
+        # The sides first, so that a first write past an end's high-water mark tells its
+        # side (a transport says so once, when its buffer crosses the mark), which then
+        # keeps the other end paused until it drains.
+        client.set_protocol(self._from_client)
+        pod.set_protocol(self._from_pod)
         client.write(head + pod_early if pod_early else head)
         if client_early:
             pod.write(client_early)
-        client.set_protocol(self._from_client)
-        pod.set_protocol(self._from_pod)
-        for transport in (client, pod):  # both were paused during the handshake
-            if not transport.is_closing():  # else its end reaches the new protocol
-                transport.resume_reading()
+        # Both were paused during the handshake; each resumes unless its bytes' way is full.
+        for source, way in ((client, self._from_pod), (pod, self._from_client)):
+            if not source.is_closing() and not way.full:  # closing: its end reaches its side
+                source.resume_reading()
 
     @property
     def bytes_in(self) -> int:

@@ -611,6 +611,57 @@ def test_an_end_that_reads_nothing_is_aborted_at_the_idle_timeout(
         eventually(lambda: len(tunnels) == 0)  # aborted at the idle timeout
 
 
+class BufferingTransport:
+    """A transport that, as uvloop's and asyncio's do, tells its protocol `pause_writing`
+    once: when a write takes its buffer past the high-water mark (nothing drains here)."""
+
+    HIGH = 64 * 1024
+
+    def __init__(self) -> None:
+        self.protocol = asyncio.Protocol()
+        self.buffered = 0
+        self.paused = False
+        self.reading = False
+
+    def set_protocol(self, protocol: asyncio.Protocol) -> None:
+        self.protocol = protocol
+
+    def write(self, data: bytes) -> None:
+        self.buffered += len(data)
+        if self.buffered > self.HIGH and not self.paused:
+            self.paused = True
+            self.protocol.pause_writing()
+
+    def pause_reading(self) -> None:
+        self.reading = False
+
+    def resume_reading(self) -> None:
+        self.reading = True
+
+    def is_closing(self) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("first", ["pod_early", "client_early"])
+def test_a_first_write_past_the_high_water_mark_keeps_the_other_end_paused(first: str) -> None:
+    """The 101 with what the pod sent behind it, or what the client sent behind its
+    handshake, can fill a slow end's buffer with the tunnel's first write. The end's side
+    must hear of it, or the other end is read on, without bound, into a buffer that is
+    already full (the side was told only when it was set before the write)."""
+    async def start() -> tuple[bool, bool]:
+        client, pod = BufferingTransport(), BufferingTransport()
+        early = {"client_early": b"", "pod_early": b"", first: b"x" * 100_000}
+        Tunnel(client, early["client_early"], pod, early["pod_early"],  # type: ignore[arg-type]
+               b"HTTP/1.1 101 Switching Protocols\r\n\r\n", 0, 0)
+        return client.reading, pod.reading
+
+    client_read, pod_read = run(start)
+    if first == "pod_early":  # the client's buffer is full: the pod waits
+        assert (client_read, pod_read) == (True, False)
+    else:  # the pod's is: the client waits
+        assert (client_read, pod_read) == (False, True)
+
+
 @pytest.mark.parametrize("framing", [b"Content-Length: 5\r\n",
                                      b"Transfer-Encoding: chunked\r\n"])
 def test_an_upgrade_request_with_a_body_is_refused(
