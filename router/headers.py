@@ -261,9 +261,11 @@ def upgrade_protocol(raw: Sequence[tuple[bytes, bytes]]) -> str | None:
 
 
 def switched_to_websocket(raw: Sequence[tuple[bytes, bytes]]) -> bool:
-    """Whether a 101 (its headers, names lower-cased) switched to WebSocket alone."""
-    return [value.strip().lower() for name, value in raw if name == b"upgrade"] == [
-        b"websocket"]
+    """Whether a 101 (its headers, names lower-cased) switched to WebSocket alone: every
+    token of its `Upgrade` headers, however many, is `websocket`."""
+    tokens = {token.strip().lower() for name, value in raw if name == b"upgrade"
+              for token in value.split(b",")}
+    return tokens == {b"websocket"}
 
 
 def declares_body(raw: Sequence[tuple[bytes, bytes]]) -> bool:

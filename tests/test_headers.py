@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from router.headers import read_request, response_headers, upstream_timeout
+import pytest
+
+from router.headers import read_request, response_headers, switched_to_websocket, upstream_timeout
 
 
 def scope(*headers: tuple[bytes, bytes]) -> dict[str, object]:
@@ -46,3 +48,24 @@ def test_a_bodyless_answer_loses_its_content_length() -> None:
     raw = [(b"etag", b'"x"'), (b"content-length", b"1234")]
     assert response_headers(raw, [], 304) == [(b"etag", b'"x"')]
     assert response_headers(raw, [], 200) == raw
+
+
+@pytest.mark.parametrize(
+    ("upgrade", "websocket"),
+    [
+        ([b"websocket"], True),
+        ([b"WebSocket"], True),
+        ([b"  websocket "], True),
+        ([b"websocket", b"websocket"], True),  # the same, in two headers
+        ([b"websocket, foo"], False),
+        ([b"foo"], False),
+        ([], False),
+    ],
+)
+def test_a_101_switched_to_websocket_only_when_every_upgrade_token_says_so(
+    upgrade: list[bytes], websocket: bool
+) -> None:
+    """Which tunnels have no half-close (router/tunnel.py): those the pod switched to
+    WebSocket alone, however it spelt it."""
+    raw = [(b"connection", b"upgrade"), *((b"upgrade", value) for value in upgrade)]
+    assert switched_to_websocket(raw) is websocket
