@@ -1,13 +1,11 @@
-"""Raw-socket peers for hostile-traffic tests: a client that sends exactly the bytes it is
-given (and can stop reading), and a pod that records every byte a connection brought."""
+"""A raw-socket client for hostile-traffic tests: it sends exactly the bytes it is given
+(and can stop reading). Its pod counterpart is tests/rawpod.py."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass
@@ -101,82 +99,3 @@ def request(port: int, data: bytes) -> Answer | None:
     finally:
         client.close()
 
-
-def _complete(data: bytearray) -> bool:
-    """A whole request with a `Content-Length` body (or none) is in `data`."""
-    head, found, body = bytes(data).partition(b"\r\n\r\n")
-    if not found:
-        return False
-    length = 0
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        if name.strip().lower() == b"content-length":
-            length = int(value)
-    return len(body) >= length
-
-
-_CHUNK = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
-"""One 64 KiB chunk of an endless answer, sent as a continuous repetition."""
-
-
-@dataclass
-class RawPod:
-    """A pod that accepts connections on `ip` and records each one's bytes until it
-    ends. `answer`: "none" answers nothing; "stream" sends an endless chunked answer as
-    soon as a request head came; "ok" reads nothing for `stall` seconds, then answers
-    `200 ok` once the request's declared body is in. `ended` is set when a connection it
-    served was closed."""
-
-    ip: str
-    answer: str = "none"
-    stall: float = 0.0
-    name: str = "raw-0"
-    received: list[bytearray] = field(default_factory=list)
-    ended: threading.Event = field(default_factory=threading.Event)
-
-    def __post_init__(self) -> None:
-        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.listener.bind((self.ip, 0))
-        self.listener.listen(16)
-        self.port: int = self.listener.getsockname()[1]
-        self._stop = threading.Event()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):  # the listener closed by `stop`
-            while True:
-                conn, _ = self.listener.accept()
-                threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        data = bytearray()
-        self.received.append(data)
-        conn.settimeout(0.05)
-        offset: int | None = None  # where in `_CHUNK` the endless answer is, once sent
-        answered = False
-        self._stop.wait(self.stall)
-        with conn:
-            while not self._stop.is_set():
-                try:
-                    if offset is not None:
-                        offset = (offset + conn.send(_CHUNK[offset:])) % len(_CHUNK)
-                    more = conn.recv(65536)
-                except TimeoutError:
-                    continue
-                except OSError:
-                    break
-                if not more:
-                    break
-                data += more
-                if self.answer == "stream" and offset is None and b"\r\n\r\n" in data:
-                    conn.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
-                    offset = 0
-                elif self.answer == "ok" and not answered and _complete(data):
-                    conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
-                    answered = True
-        if not self._stop.is_set():
-            self.ended.set()
-
-    def stop(self) -> None:
-        self._stop.set()
-        self.listener.close()

@@ -49,6 +49,7 @@ class PodConnection:
         self.pod = pod
         self.sock = sock
         self.number = number
+        self.raw = bytearray()  # every byte read from the router, as it came
         self._buffer = b""
         sock.settimeout(WAIT)
 
@@ -96,9 +97,11 @@ class PodConnection:
 
     def _recv(self) -> bytes:
         try:
-            return self.sock.recv(65536)
+            data = self.sock.recv(65536)
         except OSError:  # reset, or the router's close raced with ours
             return b""
+        self.raw += data
+        return data
 
     def send(self, data: bytes) -> bool:
         """False once the router has closed its end (a reset or a broken pipe)."""
@@ -111,8 +114,8 @@ class PodConnection:
     def closed_by_router(self) -> bool:
         """Waits (bounded) for the router to close its end; True if it did."""
         try:
-            while self.sock.recv(65536):
-                pass
+            while data := self.sock.recv(65536):
+                self.raw += data
         except TimeoutError:
             return False
         except OSError:
@@ -141,6 +144,54 @@ def answering(*answers: bytes) -> Behaviour:
     return behaviour
 
 
+def silent(connection: PodConnection) -> None:
+    """Answers nothing: records what comes until the router closes the connection
+    (`RawPod.ended`)."""
+    if connection.closed_by_router():
+        connection.pod.ended.set()
+
+
+CHUNK = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
+"""One 64 KiB chunk of an endless answer, sent as a continuous repetition."""
+
+
+def streaming(connection: PodConnection) -> None:
+    """Once a request head came: an endless chunked answer, until the router closes the
+    connection (`RawPod.ended`), however slowly it reads."""
+    if connection._until(b"\r\n\r\n") is None:
+        return
+    sock = connection.sock
+    sock.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    sock.settimeout(0.05)  # each turn: as much as the router takes, then a look for its end
+    offset = 0
+    while True:
+        try:
+            offset = (offset + sock.send(CHUNK[offset:])) % len(CHUNK)
+        except TimeoutError:
+            pass
+        except OSError:  # reset or broken pipe: the router closed
+            break
+        try:
+            if not sock.recv(65536):
+                break
+        except TimeoutError:
+            continue
+        except OSError:
+            break
+    connection.pod.ended.set()
+
+
+def answering_late(stall: float) -> Behaviour:
+    """Reads nothing for `stall` seconds, then the request, body and all; answers OK."""
+
+    def behaviour(connection: PodConnection) -> None:
+        threading.Event().wait(stall)
+        if connection.read_request() is not None:
+            connection.send(OK)
+
+    return behaviour
+
+
 def resetting(connection: PodConnection) -> None:
     """The pod dies with each request: it reads it, then resets the connection."""
     if connection.read_request() is not None:
@@ -158,9 +209,11 @@ class RawPod:
         self.lock = threading.Lock()
         self.requests: list[Request] = []
         self.received = threading.Event()
+        self.ended = threading.Event()  # `silent` or `streaming`: the router closed
         self._listener = bind(ip, port)
         self.port: int = self._listener.getsockname()[1]
         self._open: list[socket.socket] = []
+        self._connections: list[PodConnection] = []
         self._threads: list[threading.Thread] = []
         self._accepted = 0
         self._accepting = threading.Thread(target=self._accept, daemon=True, name=name)
@@ -180,6 +233,7 @@ class RawPod:
                 self._accepted += 1
                 self._open.append(sock)
                 connection = PodConnection(self, sock, self._accepted)
+                self._connections.append(connection)
             thread = threading.Thread(target=self._serve, args=(connection,), daemon=True)
             self._threads.append(thread)
             thread.start()
@@ -209,6 +263,11 @@ class RawPod:
         self._accepting.join(WAIT)
         for thread in self._threads:
             thread.join(WAIT)
+
+    def raw_received(self) -> list[bytes]:
+        """Every byte each connection brought, in the order they were accepted."""
+        with self.lock:
+            return [bytes(connection.raw) for connection in self._connections]
 
     def received_ids(self) -> list[bytes | None]:
         with self.lock:

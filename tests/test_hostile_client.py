@@ -10,7 +10,7 @@ import gc
 import resource
 import threading
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import psutil
@@ -21,9 +21,11 @@ from router.errors import ProxyError
 from router.headers import Incoming, parse_pinned
 from router.protocol import HttpProtocol
 from router.server import ServerThread
-from tests.conftest import StartPods, StartRouter, eventually, static_config
+from tests import rawpod
+from tests.conftest import StartPods, StartRawPods, StartRouter, eventually, static_config
 from tests.process import RouterProcess
-from tests.rawclient import Answer, RawClient, RawPod, request
+from tests.rawclient import Answer, RawClient, request
+from tests.rawpod import RawPod
 from tests.sandbox import Pod
 
 LIMITS = {"header_timeout": 0.5, "body_timeout": 0.5, "send_timeout": 0.5}
@@ -59,19 +61,6 @@ def refused(answer: Answer | None, status: int) -> Answer:
 def router(start_pods: StartPods, start_router: StartRouter) -> tuple[httpx.Client, Pod]:
     (pod,) = start_pods(1)
     return start_router(static_config([pod], **LIMITS)), pod
-
-
-@pytest.fixture
-def raw_pods() -> Iterator[Callable[..., RawPod]]:
-    running: list[RawPod] = []
-
-    def start(ip: str = "127.0.0.9", answer: str = "none", stall: float = 0.0) -> RawPod:
-        running.append(RawPod(ip, answer=answer, stall=stall))
-        return running[-1]
-
-    yield start
-    for pod in running:
-        pod.stop()
 
 
 def over_raw_pod(start_pods: StartPods, start_router: StartRouter, raw: RawPod
@@ -234,17 +223,17 @@ def test_stalled_small_body_gets_408_and_the_pod_nothing(router: tuple[httpx.Cli
     ids=["chunked", "content-length"],
 )
 def test_stalled_streamed_body_gets_408_and_the_pod_a_closed_connection(
-    start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod],
+    start_pods: StartPods, start_router: StartRouter, start_raw_pods: StartRawPods,
     framing: bytes, whole: Callable[[bytes], bool]
 ):
-    silent = raw_pods()
+    silent = start_raw_pods(rawpod.silent)[0]
     client, pod = over_raw_pod(start_pods, start_router, silent)
     raw = RawClient(port_of(client))
     raw.send(b"POST /up HTTP/1.1\r\nHost: r\r\nX-Sandbox-ID: raw-0\r\n" + framing)
     refused(raw.answer(), 408)
     assert raw.closed()
     assert silent.ended.wait(10)
-    (received,) = silent.received
+    (received,) = silent.raw_received()
     head, _, body = bytes(received).partition(b"\r\n\r\n")
     assert head.startswith(b"POST /up HTTP/1.1\r\n") and b"hello" in body
     assert not whole(body)  # the pod never got a complete (silently short) request
@@ -252,11 +241,11 @@ def test_stalled_streamed_body_gets_408_and_the_pod_a_closed_connection(
 
 
 def test_endless_request_trailer_is_refused_and_the_pod_gets_no_whole_request(
-    start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
+    start_pods: StartPods, start_router: StartRouter, start_raw_pods: StartRawPods
 ):
     """The head limit stopped at the head: a chunked body's endless trailer value was
     buffered whole by the parser (200 MiB took the router from 33 to 417 MB)."""
-    silent = raw_pods()
+    silent = start_raw_pods(rawpod.silent)[0]
     client, pod = over_raw_pod(start_pods, start_router, silent)
     raw = RawClient(port_of(client))
     sent = raw.send_until_refused(
@@ -266,7 +255,7 @@ def test_endless_request_trailer_is_refused_and_the_pod_gets_no_whole_request(
     assert refused(raw.answer(), 431).detail() == "The request trailers are too large."
     assert sent < 16 * MiB
     assert silent.ended.wait(10)
-    (received,) = silent.received
+    (received,) = silent.raw_received()
     assert not bytes(received).endswith(b"0\r\n\r\n")  # never a whole (shorter) request
     serves_next(client, pod)
 
@@ -287,14 +276,14 @@ def test_request_trailers_neither_route_nor_reach_the_pod(router: tuple[httpx.Cl
 
 
 def test_body_time_the_router_spends_not_reading_is_not_the_clients(
-    start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
+    start_pods: StartPods, start_router: StartRouter, start_raw_pods: StartRawPods
 ):
-    slow = raw_pods(answer="ok", stall=1.5)  # reads nothing for 3 body timeouts
+    slow = start_raw_pods(rawpod.answering_late(1.5))[0]  # reads nothing for 3 body timeouts
     client, pod = over_raw_pod(start_pods, start_router, slow)
     body = b"a" * (32 * MiB)  # streamed (above --retry-body-limit), more than buffers hold
     response = client.post("/up", content=body, headers={"X-Sandbox-ID": "raw-0"})
     assert (response.status_code, response.text) == (200, "ok")
-    (received,) = slow.received
+    (received,) = slow.raw_received()
     assert len(received) > len(body)  # all of it, after the head
     serves_next(client, pod)
 
@@ -303,9 +292,9 @@ def test_body_time_the_router_spends_not_reading_is_not_the_clients(
 
 
 def test_client_that_stops_reading_loses_both_connections(
-    start_pods: StartPods, start_router: StartRouter, raw_pods: Callable[..., RawPod]
+    start_pods: StartPods, start_router: StartRouter, start_raw_pods: StartRawPods
 ):
-    endless = raw_pods(answer="stream")
+    endless = start_raw_pods(rawpod.streaming)[0]
     client, pod = over_raw_pod(start_pods, start_router, endless)
     raw = RawClient(port_of(client), buffer=4096)
     raw.send(HEAD + b"X-Sandbox-ID: raw-0\r\n\r\n")  # and never reads
