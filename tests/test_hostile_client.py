@@ -260,6 +260,24 @@ def test_endless_request_trailer_is_refused_and_the_pod_gets_no_whole_request(
     serves_next(client, pod)
 
 
+def test_request_targets_in_other_forms(router: tuple[httpx.Client, Pod]):
+    """An absolute-form target reaches the pod as its path and query (the authority in it
+    routes nothing); `OPTIONS *` passes as it is; `CONNECT` is refused."""
+    client, pod = router
+    port = port_of(client)
+    answer = request(port, b"GET http://other.example/x?q=1 HTTP/1.1\r\nHost: r\r\n\r\n")
+    assert answer is not None and answer.status == 200
+    answer = request(port, b"OPTIONS * HTTP/1.1\r\nHost: r\r\n\r\n")
+    assert answer is not None and answer.status == 200
+    absolute, star = pod.app.seen
+    assert (absolute.method, absolute.raw_path, absolute.query) == ("GET", b"/x", b"q=1")
+    assert (star.method, star.raw_path) == ("OPTIONS", b"*")
+    connect = request(port, b"CONNECT other.example:443 HTTP/1.1\r\nHost: other.example:443"
+                            b"\r\n\r\n")
+    assert refused(connect, 400).detail() == "Invalid HTTP request received."
+    assert len(pod.app.seen) == 2  # nothing of the CONNECT reached the pod
+
+
 def test_request_trailers_neither_route_nor_reach_the_pod(router: tuple[httpx.Client, Pod]):
     """A trailer that came in the same read as the head used to be added to the request's
     headers (RFC 9110 6.5.1 says not to merge them): `X-Sandbox-ID` there pinned the
