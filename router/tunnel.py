@@ -34,24 +34,22 @@ log = logging.getLogger("router.tunnel")
 class _Side(asyncio.Protocol):
     """One end of a tunnel: what it reads goes to the other end's transport."""
 
-    __slots__ = ("_tunnel", "_peer", "received", "ended", "full")
+    __slots__ = ("_tunnel", "peer", "received", "full")
 
     def __init__(self, tunnel: Tunnel, peer: asyncio.Transport) -> None:
         self._tunnel = tunnel
-        self._peer = peer
+        self.peer = peer  # the other end's transport
         self.received = 0
-        self.ended = False  # this end half-closed: it sends no more
         self.full = False  # this end's write buffer is past its high-water mark
 
     def data_received(self, data: bytes) -> None:
         self.received += len(data)
         self._tunnel.last_active = self._tunnel.loop.time()
-        self._peer.write(data)
+        self.peer.write(data)
 
     def eof_received(self) -> bool:
         """True: this end's connection stays open for what the other end still sends
         (`Tunnel.half_closed`); False: it closes, and `connection_lost` ends the tunnel."""
-        self.ended = True
         return self._tunnel.half_closed(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -61,13 +59,13 @@ class _Side(asyncio.Protocol):
 
     def pause_writing(self) -> None:  # this end cannot take more: stop reading the other
         self.full = True
-        if not self._peer.is_closing():
-            self._peer.pause_reading()
+        if not self.peer.is_closing():
+            self.peer.pause_reading()
 
     def resume_writing(self) -> None:
         self.full = False
-        if not self._peer.is_closing():
-            self._peer.resume_reading()
+        if not self.peer.is_closing():
+            self.peer.resume_reading()
 
 
 class Tunnel:
@@ -93,6 +91,8 @@ class Tunnel:
         self._from_pod.received = len(pod_early)
         self._open = 2
         self._half_close = half_close
+        self._ended: set[_Side] = set()  # the ends that half-closed (a set: a second
+        # report of the same end's FIN is not the other end's)
         self._idle_timeout = idle_timeout
         self._timers: list[asyncio.TimerHandle] = []
         if idle_timeout:
@@ -125,9 +125,9 @@ class Tunnel:
         it. Whether `side`'s connection stays open: not in a tunnel without half-close
         (WebSocket), not once both ends have half-closed (nothing can pass any more), nor
         when the tunnel is closing already."""
-        other = self._from_pod if side is self._from_client else self._from_client
-        peer = self._pod if side is self._from_client else self._client
-        if (not self._half_close or other.ended or self.closing or peer.is_closing()
+        self._ended.add(side)
+        peer = side.peer
+        if (not self._half_close or len(self._ended) > 1 or self.closing or peer.is_closing()
                 or not peer.can_write_eof()):
             return False
         peer.write_eof()
@@ -139,7 +139,7 @@ class Tunnel:
         self._open -= 1
         if not self.closing:
             self.closing = True
-            (self._pod if side is self._from_client else self._client).close()
+            side.peer.close()
         if self._open <= 0 and not self.done.done():
             self._cancel_timers()
             self.done.set_result(None)
