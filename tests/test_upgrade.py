@@ -30,7 +30,7 @@ from router.tunnel import Tunnel
 from tests.conftest import StartRawPods, StartRouter, eventually, scrape, static_config, value
 from tests.process import RouterProcess
 from tests.rawclient import RawClient
-from tests.rawpod import WAIT, PodConnection, answering
+from tests.rawpod import BUSY, WAIT, PodConnection, answering
 from tests.wspod import CLOSE_ME, SUBPROTOCOL, WsPod
 
 StartWsPods = Callable[[int], list[WsPod]]
@@ -475,6 +475,29 @@ def test_bytes_sent_behind_the_handshake_reach_the_pod_after_its_101(
             assert piece, after
             after += piece
         assert after == b"welcome\nEARLY BYTES"
+
+
+def test_bytes_behind_the_handshake_reach_only_the_pod_that_switched(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """A busy pod's 503 sends the handshake on to the next pod: what the client sent
+    behind its head goes to the pod that answered 101, once, and never to the busy one."""
+    def switching(connection: PodConnection) -> None:
+        if _upgraded(connection):
+            connection.closed_by_router()  # recording what comes, until the tunnel ends
+
+    busy, switched = start_raw_pods(answering(BUSY), switching)
+    client = start_router(static_config([busy, switched]))
+    for early in (b"EARLY-1", b"EARLY-2"):  # one of the two starts at the busy pod
+        sock, answer = raw_upgrade(client.base_url.port or 0, b"foo", b"", early)
+        with sock:
+            assert answer.startswith(b"HTTP/1.1 101 ")
+            sock.shutdown(socket.SHUT_WR)
+            assert _until_end(sock) == b""  # the pod's end, after ours
+    assert busy.requests  # it was asked, and answered 503
+    assert not any(b"EARLY" in raw for raw in busy.raw_received())
+    received = b"".join(switched.raw_received())
+    assert received.count(b"EARLY-1") == received.count(b"EARLY-2") == 1
 
 
 def _upgraded(connection: PodConnection) -> bool:
