@@ -41,12 +41,9 @@ from kubernetes.watch.watch import iter_resp_lines
 from router.config import DEFAULT_SELECTOR, Config, ConfigError
 from router.observe import Observer
 from router.pods import Pod
+from router.sandbox_ids import fnv1a_32, sandbox_id
 
 log = logging.getLogger("router.kube")
-
-SANDBOX_LABEL = "agents.x-k8s.io/sandbox-name-hash"
-"""The label the agent-sandbox controller stamps on every sandbox's pod (the FNV-1a hash of
-the sandbox name), claimed or not, pooled or not: the sandbox index selects on it."""
 
 POOL = "pod list"
 INDEX = "sandbox index"
@@ -62,15 +59,6 @@ WARN_EVERY = 60.0
 outage lasts without flooding the log at every retry."""
 
 Object = Mapping[str, Any]
-
-
-def fnv1a_32(text: str) -> str:
-    """FNV-1a 32-bit of `text` as 8 hex digits: the label value the agent-sandbox
-    controller stamps on the pods of a SandboxWarmPool."""
-    value = 0x811C9DC5
-    for byte in text.encode():
-        value = ((value ^ byte) * 0x01000193) & 0xFFFFFFFF
-    return f"{value:08x}"
 
 
 def label_selector(config: Config) -> str:
@@ -95,7 +83,8 @@ def candidate(obj: Object, port: int) -> Pod | None:
     ip, name, namespace = status.get("podIP"), meta.get("name"), meta.get("namespace")
     if not (ready and ip and name and namespace):
         return None
-    return Pod(name, namespace, ip, port)
+    sandbox = sandbox_id(meta, name)
+    return Pod(name, namespace, ip, port, "" if sandbox == name else sandbox)
 
 
 class Expired(Exception):

@@ -22,14 +22,23 @@ class Pod(NamedTuple):
     namespace: str
     ip: str
     port: int
+    sandbox: str = ""
+    """The sandbox this pod serves, when that is not the pod's own name (a sandbox that
+    adopted a warm-pool pod: router/sandbox_ids.py)."""
+
+    @property
+    def sandbox_id(self) -> str:
+        """The `X-Sandbox-ID` that reaches this pod: its sandbox's name, else its own."""
+        return self.sandbox or self.name
 
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
     """The pods one request routes over: the pool (`pods`), sorted by name so round robin
     stays fair when the list is rebuilt, and the sandbox index (`by_name`) pinned requests
-    look up by (namespace, name): every pool pod, plus the `sandboxes` outside the pool
-    (claimed ones, ones created without a pool, other namespaces)."""
+    look up by (namespace, `X-Sandbox-ID`), each pod under its `sandbox_id`: every pool
+    pod, plus the `sandboxes` outside the pool (claimed ones, ones created without a pool,
+    other namespaces)."""
 
     pods: tuple[Pod, ...]
     by_name: Mapping[tuple[str, str], Pod]
@@ -37,8 +46,8 @@ class Snapshot:
     @classmethod
     def of(cls, pods: Iterable[Pod], sandboxes: Iterable[Pod] = ()) -> Snapshot:
         ordered = tuple(sorted(pods, key=lambda pod: (pod.namespace, pod.name)))
-        by_name = {(pod.namespace, pod.name): pod for pod in sandboxes}
-        by_name.update(((pod.namespace, pod.name), pod) for pod in ordered)
+        by_name = {(pod.namespace, pod.sandbox_id): pod for pod in sandboxes}
+        by_name.update(((pod.namespace, pod.sandbox_id), pod) for pod in ordered)
         return cls(pods=ordered, by_name=by_name)
 
 

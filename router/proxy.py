@@ -137,7 +137,7 @@ class Proxy:
                 response, pod = await self._pool(scope, incoming, body, exchange,
                                                  upgrade is not None)
                 served = pod
-                own_headers.append((b"x-sandbox-id", pod.name.encode()))
+                own_headers.append((b"x-sandbox-id", pod.sandbox_id.encode()))
                 own_headers.append((b"x-sandbox-namespace", pod.namespace.encode()))
             else:
                 exchange.pod, exchange.namespace = pinned.sandbox_id, pinned.namespace

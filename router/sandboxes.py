@@ -33,9 +33,10 @@ import time
 from kubernetes import client as k8s
 
 from router.config import Config
-from router.kube import INDEX, POOL, SANDBOX_LABEL, PodWatch, Query, connect, label_selector
+from router.kube import INDEX, POOL, PodWatch, Query, connect, label_selector
 from router.observe import Observer
 from router.pods import Snapshot
+from router.sandbox_ids import SANDBOX_LABEL
 
 
 class KubernetesPodSource:

@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from router.kube import SANDBOX_LABEL, fnv1a_32
+from router.sandbox_ids import SANDBOX_LABEL, fnv1a_32
 
 TOKEN = "fake-token"
 POOL_LABELS = {"agents.x-k8s.io/warm-pool-sandbox": "p"}
@@ -55,6 +55,13 @@ def sandbox_labels(name: str) -> dict[str, str]:
     return {SANDBOX_LABEL: fnv1a_32(name)}
 
 
+def adopted_by(sandbox: str) -> dict[str, Any]:
+    """The fields of a warm pod once sandbox `sandbox` has adopted it, as the agent-sandbox
+    controller leaves them: the warm-pool label gone, the sandbox label carrying the
+    sandbox's hash, the sandbox its controlling owner (the pod keeps its own name)."""
+    return {"labels": sandbox_labels(sandbox), "owner": sandbox}
+
+
 @dataclass(frozen=True)
 class Event:
     type: str
@@ -72,9 +79,11 @@ def pod_object(
     phase: str = "Running",
     ready: bool = True,
     deleting: bool = False,
+    owner: str | None = None,
 ) -> Obj:
     """A Pod as the API serves it, with the fields the router reads; by default a warm
-    pool's sandbox pod (the pool label and the sandbox label)."""
+    pool's sandbox pod (the pool label and the sandbox label). `owner`: the Sandbox that
+    controls it."""
     meta: Obj = {
         "name": name,
         "namespace": namespace,
@@ -83,6 +92,12 @@ def pod_object(
     }
     if deleting:
         meta["deletionTimestamp"] = "2026-11-25T00:00:00Z"
+    if owner is not None:
+        meta["ownerReferences"] = [{
+            "apiVersion": "agents.x-k8s.io/v1beta1", "kind": "Sandbox", "name": owner,
+            "uid": f"uid-{namespace}-sandbox-{owner}", "controller": True,
+            "blockOwnerDeletion": True,
+        }]
     status: Obj = {
         "phase": phase,
         "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],

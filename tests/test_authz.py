@@ -20,10 +20,10 @@ import pytest
 
 from router.authz import BearerTokens, Claims, ScopedTokens
 from router.config import DEFAULT_SELECTOR, Config
-from router.kube import fnv1a_32
 from router.logs import access_line
 from router.metrics import Metrics
 from router.observe import Exchange, NullObserver, Observer, Route
+from router.sandbox_ids import fnv1a_32
 from tests.conftest import StartPods, StartRouter, eventually, scrape, static_config, value
 from tests.fake_kube import FakeKube
 from tests.process import RouterProcess, run_router

@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from router.config import DEFAULT_SELECTOR
-from router.kube import SANDBOX_LABEL, Schedule, fnv1a_32
+from router.kube import Schedule
 from router.metrics import Metrics
 from router.observe import NullObserver, Refresh
+from router.sandbox_ids import SANDBOX_LABEL, fnv1a_32
 from tests.conftest import StartPods, eventually
 from tests.fake_kube import FakeKube
 from tests.kube_router import pool_names, ready, served_by

@@ -13,7 +13,7 @@ import pytest
 
 from router import config
 from router.config import DEFAULT_SELECTOR
-from router.kube import SANDBOX_LABEL
+from router.sandbox_ids import SANDBOX_LABEL
 from tests.components import COMPONENTS, component, kubectl_build, only, rendered
 from tests.test_manifests import KUBERNETES_VERSIONS, Manifest, kustomization
 

@@ -12,9 +12,9 @@ import httpx
 
 from router import config
 from router.config import DEFAULT_SELECTOR, cidrs
-from router.kube import SANDBOX_LABEL
+from router.sandbox_ids import SANDBOX_LABEL
 from tests.conftest import StartPods, eventually
-from tests.fake_kube import POOL_LABELS, FakeKube, sandbox_labels
+from tests.fake_kube import POOL_LABELS, FakeKube, adopted_by, sandbox_labels
 from tests.index_memory import measure
 from tests.kube_router import pool_names, served_by
 from tests.process import run_router
@@ -48,6 +48,58 @@ def test_a_claimed_pod_leaves_the_rotation_and_is_still_reached_by_name(
     hits = pods[1].app.hits  # the polls before the deletion arrived reached it
     assert pinned(client, "pod-1").status_code == 502
     assert pods[1].app.hits == hits
+
+
+def test_a_sandbox_that_adopted_a_warm_pod_is_reached_by_its_own_name(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    """The SDK names the sandbox (`my-sandbox`), whose pod keeps the pool's name (`pod-1`):
+    the request goes to that pod, with no DNS (these routers resolve nothing). The pod's
+    own name is no sandbox's: a request for it is not sent there."""
+    pods = kube.add_pods(start_pods(3))
+    client = kube_router(pods)
+
+    kube.update_pod("pod-1", pods[1].ip, **adopted_by("my-sandbox"))
+    eventually(lambda: pool_names(client) == {"pod-0", "pod-2"})
+    eventually(lambda: pinned(client, "my-sandbox").status_code == 200)
+    for _ in range(3):
+        assert pinned(client, "my-sandbox").json()["pod"] == "pod-1"
+    hits = pods[1].app.hits
+
+    assert pinned(client, "pod-1").status_code == 502
+    assert pods[1].app.hits == hits
+
+
+def test_a_sandbox_named_like_another_sandboxs_pod_reaches_only_its_own_pod(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    """Sandbox `victim` adopted warm pod `pod-0`; a sandbox named `pod-0` adopted `pod-1`.
+    Requests for `pod-0` go to that sandbox's pod, as its DNS name would take them, never
+    to the pod of `victim` that happens to bear the name."""
+    first, second = start_pods(2)
+    kube.add_pod(first.name, first.ip, **adopted_by("victim"))
+    kube.add_pod(second.name, second.ip, **adopted_by(first.name))
+    client = kube_router([first, second])
+
+    eventually(lambda: pinned(client, "victim").status_code == 200)
+    assert [pinned(client, first.name).json()["pod"] for _ in range(3)] == [second.name] * 3
+    assert pinned(client, "victim").json()["pod"] == first.name
+    assert (first.app.hits, second.app.hits) == (2, 3)
+
+
+def test_a_pool_answer_names_the_sandbox_its_pod_serves(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    """A warm pod controlled by a sandbox of another name (pools that make sandboxes): the
+    pool's answer names that sandbox, and pinning the next request to it reaches the pod."""
+    (pod,) = start_pods(1)
+    kube.add_pod(pod.name, pod.ip, labels={**POOL_LABELS, **sandbox_labels("warm-sbx")},
+                 owner="warm-sbx")
+    client = kube_router([pod])
+
+    answer = client.get("/")
+    assert answer.status_code == 200 and answer.headers["x-sandbox-id"] == "warm-sbx"
+    assert pinned(client, "warm-sbx").json()["pod"] == pod.name
 
 
 def test_a_sandbox_never_in_a_pool_is_reached_by_name(
