@@ -19,13 +19,21 @@ A tunnel ends when both ends have half-closed, when either end closes or fails (
 is closed after what is buffered for it went out), when nothing passed either way for
 `--upgrade-idle-timeout`, at `--upgrade-max-lifetime`, or at the end of the drain; those
 three abort both ends, and still apply while an end is being closed (one that reads
-nothing would otherwise hold the tunnel for ever).
+nothing would otherwise hold the tunnel for ever). An end taking what the router holds
+for it counts as traffic: a client that reads a large download steadily but slowly is not
+cut while it reads, though no byte was read from either end for a while (its pod paused
+behind it, or gone), nor is a slow reader of the last bytes a pod sent before it closed.
+What the router holds includes the kernel's send queue (which on loopback grows to
+megabytes: the router's own buffer can stay unchanged for seconds while the client reads).
 """
 
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import logging
+import struct
+import termios
 from collections import Counter
 
 log = logging.getLogger("router.tunnel")
@@ -94,6 +102,8 @@ class Tunnel:
         self._ended: set[_Side] = set()  # the ends that half-closed (a set: a second
         # report of the same end's FIN is not the other end's)
         self._idle_timeout = idle_timeout
+        self._head = len(head)
+        self._taken = 0  # what `_taken_now` was at the last idle check
         self._timers: list[asyncio.TimerHandle] = []
         if idle_timeout:
             self._timers.append(self.loop.call_later(idle_timeout, self._idle_check))
@@ -156,16 +166,40 @@ class Tunnel:
         self._pod.abort()
 
     def _idle_check(self) -> None:
-        quiet = self.loop.time() - self.last_active
+        now = self.loop.time()
+        taken = self._taken_now()
+        if taken > self._taken:  # an end took some of what it was sent: not idle
+            self.last_active = now
+        self._taken = taken
+        quiet = now - self.last_active
         if quiet >= self._idle_timeout:
             self.abort("idle timeout")
         else:
             self._timers[0] = self.loop.call_later(self._idle_timeout - quiet, self._idle_check)
 
+    def _taken_now(self) -> int:
+        """What the two ends have taken of what the router wrote them: all it wrote, less
+        what it still holds for them in its buffers and the kernel's send queues."""
+        written = self._head + self._from_client.received + self._from_pod.received
+        return written - sum(end.get_write_buffer_size() + _unsent(end)
+                             for end in (self._client, self._pod))
+
     def _cancel_timers(self) -> None:
         for timer in self._timers:
             timer.cancel()
         self._timers = []
+
+
+def _unsent(transport: asyncio.Transport) -> int:
+    """What the kernel still holds of what was written to `transport`'s socket (its send
+    queue, `SIOCOUTQ`); 0 when that cannot be read (the socket is closed)."""
+    sock = transport.get_extra_info("socket")
+    try:
+        queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
+                                                     bytes(4)))[0]
+    except (AttributeError, OSError, ValueError):
+        return 0
+    return queued
 
 
 class Tunnels:

@@ -634,6 +634,42 @@ def test_an_end_that_reads_nothing_is_aborted_at_the_idle_timeout(
         eventually(lambda: len(tunnels) == 0)  # aborted at the idle timeout
 
 
+@pytest.mark.parametrize("protocol", [b"foo", b"websocket"])
+def test_a_client_reading_a_large_download_slowly_is_not_cut_at_the_idle_timeout(
+    protocol: bytes, start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """The pod sends 4 MiB and goes (WebSocket: the tunnel then closes; else its FIN is
+    passed on); the client reads them in small pieces every 5 ms, seconds past the idle
+    timeout. For longer than that timeout nothing is read from either end (the pod is
+    paused behind the client, then gone) and the router's own buffer stays the same while
+    the kernel's send queue drains, but the client takes bytes all along: all of them
+    arrive, then the end."""
+    size = 4 * 1024 * 1024
+
+    def send_and_go(connection: PodConnection) -> None:
+        if connection.read_request() is not None and connection.send(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: "
+                + protocol + b"\r\n\r\n"):
+            connection.send(b"z" * size)
+
+    pod = start_raw_pods(send_and_go)[0]
+    client = start_router(static_config([pod], upgrade_idle_timeout=0.5))
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.settimeout(30)
+    with sock:
+        sock.connect(("127.0.0.1", client.base_url.port or 0))
+        sock.sendall(b"GET /raw HTTP/1.1\r\nHost: sandbox\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: " + protocol + b"\r\n\r\n")
+        received = b""
+        while piece := sock.recv(65536):  # a reset fails the test
+            received += piece
+            time.sleep(0.005)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    assert body == b"z" * size
+
+
 class BufferingTransport:
     """A transport that, as uvloop's and asyncio's do, tells its protocol `pause_writing`
     once: when a write takes its buffer past the high-water mark (nothing drains here)."""
