@@ -19,6 +19,7 @@ from random import getrandbits
 
 from router.asgi import Scope
 from router.errors import ProxyError
+from router.sandbox_ids import is_dns_label
 from router.targets import pod_ip_hint
 
 # RFC 9110 7.6.1 plus the legacy proxy-connection; never forwarded in either direction.
@@ -39,7 +40,6 @@ HOP_BY_HOP = frozenset(
     }
 )
 SANDBOX_PREFIX = b"x-sandbox-"
-_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
 _PORT = re.compile(r"[0-9]{1,5}")
 # The routing headers: the `Incoming` field each fills, and the name a 400 shows.
@@ -191,10 +191,6 @@ def _read_sandbox_header(incoming: Incoming, name: bytes, value: bytes) -> None:
     text = value.decode("latin-1")
     # The port is judged as sent (`parse_pinned`): no blank is taken off it.
     setattr(incoming, field, text if field == "sandbox_port" else text.strip())
-
-
-def is_dns_label(text: str) -> bool:
-    return _DNS_LABEL.fullmatch(text) is not None
 
 
 def parse_pinned(incoming: Incoming, *, allow_loopback: bool) -> Pinned:

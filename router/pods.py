@@ -7,9 +7,12 @@ and never sees a list being edited.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
+
+log = logging.getLogger("router.pods")
 
 
 class Pod(NamedTuple):
@@ -38,17 +41,38 @@ class Snapshot:
     stays fair when the list is rebuilt, and the sandbox index (`by_name`) pinned requests
     look up by (namespace, `X-Sandbox-ID`), each pod under its `sandbox_id`: every pool
     pod, plus the `sandboxes` outside the pool (claimed ones, ones created without a pool,
-    other namespaces)."""
+    other namespaces). `listed`: all of them, the pods the router knows (their addresses
+    are taken: router/targets.py).
+
+    A name that two pods answer to is left out of the index, so that neither gets the
+    other's requests (a pinned request for it goes to its DNS name, as through the
+    agent-sandbox routers): anyone who may create pods in a watched namespace can give
+    one a sandbox's label and owner, and which of two pods came last in a list or a watch
+    is no ground to choose. A pod met twice (in the pool and the index) is one pod; the
+    pool's entry is kept."""
 
     pods: tuple[Pod, ...]
     by_name: Mapping[tuple[str, str], Pod]
+    listed: tuple[Pod, ...]
 
     @classmethod
     def of(cls, pods: Iterable[Pod], sandboxes: Iterable[Pod] = ()) -> Snapshot:
         ordered = tuple(sorted(pods, key=lambda pod: (pod.namespace, pod.name)))
-        by_name = {(pod.namespace, pod.sandbox_id): pod for pod in sandboxes}
-        by_name.update(((pod.namespace, pod.sandbox_id), pod) for pod in ordered)
-        return cls(pods=ordered, by_name=by_name)
+        listed = (*ordered, *sandboxes)
+        by_name: dict[tuple[str, str], Pod] = {}
+        shared = set()
+        for pod in listed:
+            key = (pod.namespace, pod.sandbox_id)
+            other = by_name.setdefault(key, pod)
+            if other.name != pod.name:
+                shared.add(key)
+        for key in shared:
+            del by_name[key]
+        if shared:
+            log.warning("sandbox index: %d names answered to by more than one pod, left to "
+                        "DNS: %s", len(shared), ", ".join(sorted(f"{ns}/{name}"
+                                                                  for ns, name in shared)))
+        return cls(pods=ordered, by_name=by_name, listed=listed)
 
 
 class PodSource(Protocol):

@@ -11,11 +11,13 @@ sandbox in its index by the same rule: a pod answers to the name whose hash its 
 carries: its controlling Sandbox's (the owner the controller sets when it creates or
 adopts the pod) when the label carries that name's hash, else its own. Keyed by the pod's
 own name alone, the index sent the requests of sandbox `my-sandbox` to DNS and those of a
-sandbox named `pool-x7k2p` to the pod of `my-sandbox`.
+sandbox named `pool-x7k2p` to the pod of `my-sandbox`. A name two pods answer to is
+indexed for neither (`router.pods.Snapshot`).
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,6 +27,13 @@ the sandbox name), claimed or not, pooled or not: the sandbox index selects on i
 
 SANDBOX_GROUP = "agents.x-k8s.io/"
 """The API group (with the slash before its version) of the Sandbox kind."""
+
+_DNS_LABEL = re.compile(r"[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def is_dns_label(text: str) -> bool:
+    """RFC 1123 label: what `X-Sandbox-ID` and `X-Sandbox-Namespace` must be."""
+    return _DNS_LABEL.fullmatch(text) is not None
 
 
 def fnv1a_32(text: str) -> str:
@@ -39,11 +48,15 @@ def fnv1a_32(text: str) -> str:
 def sandbox_id(meta: Mapping[str, Any], name: str) -> str:
     """The sandbox name the pod `name` answers to (see the module docstring): its
     controlling Sandbox's when its sandbox label carries that name's hash, else `name`
-    (a pool of plain pods, a warm pod not yet claimed)."""
+    (a pool of plain pods, a warm pod not yet claimed). An owner's name is whatever the
+    pod's creator wrote: one no request could name (not a DNS label) is not taken, so it
+    never reaches a header of an answer."""
     labels = meta.get("labels")
     label = labels.get(SANDBOX_LABEL) if isinstance(labels, Mapping) else None
     owner = _controlling_sandbox(meta) if label is not None else None
-    return owner if owner is not None and fnv1a_32(owner) == label else name
+    if owner is not None and is_dns_label(owner) and fnv1a_32(owner) == label:
+        return owner
+    return name
 
 
 def _controlling_sandbox(meta: Mapping[str, Any]) -> str | None:

@@ -8,7 +8,8 @@ Two watches (`router/kube.py`'s `PodWatch`), each on a thread of its own:
   even if that event were missed, since the watch is re-opened at least that often);
 - the index: every pod carrying `agents.x-k8s.io/sandbox-name-hash` (every sandbox pod,
   claimed or not, pooled or not), of `--namespace` or with `--all-namespaces` of all of
-  them. Pinned requests find a sandbox here by (namespace, name), without DNS.
+  them. Pinned requests find a sandbox here by (namespace, sandbox name), without DNS
+  (router/sandbox_ids.py).
 
 Why two watches rather than one on the sandbox label with the pool filtered in memory:
 `--selector` is any label selector, which the API server evaluates exactly as kubectl does

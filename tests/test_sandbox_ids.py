@@ -45,6 +45,12 @@ def meta(label: str | None, *owners: dict[str, Any]) -> dict[str, Any]:
     ({"name": "pool-x7k2p", "labels": {SANDBOX_LABEL: fnv1a_32("my-sandbox")},
       "ownerReferences": [None, owner("my-sandbox", name=7)]}, "pool-x7k2p"),
     ({"name": "pool-x7k2p", "labels": ["my-sandbox"]}, "pool-x7k2p"),
+    # An owner's name no request could send (the hash matching, as its author can make it):
+    # it would reach the `X-Sandbox-ID` header of a pool answer.
+    (meta("Bad\r\nX: 1", owner("Bad\r\nX: 1")), "pool-x7k2p"),
+    (meta("-x", owner("-x")), "pool-x7k2p"),
+    ({"name": "pool-x7k2p", "labels": {SANDBOX_LABEL: "00000000"},
+      "ownerReferences": [owner("\ud800")]}, "pool-x7k2p"),  # JSON can spell it; no crash
 ])
 def test_a_pod_answers_to_the_name_its_sandbox_label_carries(
         metadata: dict[str, Any], expected: str) -> None:

@@ -87,6 +87,53 @@ def test_a_sandbox_named_like_another_sandboxs_pod_reaches_only_its_own_pod(
     assert (first.app.hits, second.app.hits) == (2, 3)
 
 
+def listed(client: httpx.Client) -> set[str]:
+    snapshot = client.app.source.snapshot()  # type: ignore[attr-defined]
+    return {pod.name for pod in snapshot.listed} if snapshot else set()
+
+
+def test_a_name_two_pods_answer_to_reaches_neither(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    """A second pod given sandbox `victim`'s label and owner (anyone who may create pods in
+    the namespace can) takes none of its requests, whichever came last; nor does the
+    first, since the router cannot tell which is the sandbox's: the name is left to DNS
+    (none here: 502). Both addresses stay known: no hint for another name reaches them."""
+    victim, intruder = start_pods(2)
+    kube.add_pod(victim.name, victim.ip, **adopted_by("victim"))
+    client = kube_router([victim, intruder], pod_cidr=cidrs("127.0.0.0/8"))
+    eventually(lambda: pinned(client, "victim").status_code == 200)
+
+    kube.add_pod(intruder.name, intruder.ip, **adopted_by("victim"))
+    eventually(lambda: listed(client) == {victim.name, intruder.name})
+    hits = (victim.app.hits, intruder.app.hits)
+    assert [pinned(client, "victim").status_code for _ in range(3)] == [502] * 3
+    for pod in (victim, intruder):
+        assert pinned(client, "other", **{"X-Sandbox-Pod-IP": pod.ip}).status_code == 502
+    assert (victim.app.hits, intruder.app.hits) == hits
+
+    kube.delete_pod(intruder.name)
+    eventually(lambda: pinned(client, "victim").status_code == 200)
+    assert pinned(client, "victim").json()["pod"] == victim.name
+
+
+def test_a_sandbox_named_like_a_warm_pod_reaches_neither_while_the_pod_is_warm(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    """Warm pod `pod-0` answers to its own name (the pool's answers give it); a sandbox
+    named `pod-0` adopted `pod-1`. Two pods answer to `pod-0`: neither gets its pinned
+    requests, and the warm one stays in the rotation."""
+    warm, adopted = start_pods(2)
+    kube.add_pod(warm.name, warm.ip)
+    kube.add_pod(adopted.name, adopted.ip, **adopted_by(warm.name))
+    client = kube_router([warm, adopted])
+    eventually(lambda: listed(client) == {warm.name, adopted.name})
+
+    assert pinned(client, warm.name).status_code == 502
+    assert (warm.app.hits, adopted.app.hits) == (0, 0)
+    assert served_by(client, 2) == {warm.name: 2}
+
+
 def test_a_pool_answer_names_the_sandbox_its_pod_serves(
     kube: FakeKube, kube_router: Any, start_pods: StartPods
 ) -> None:
