@@ -19,24 +19,34 @@ A tunnel ends when both ends have half-closed, when either end closes or fails (
 is closed after what is buffered for it went out), when nothing passed either way for
 `--upgrade-idle-timeout`, at `--upgrade-max-lifetime`, or at the end of the drain; those
 three abort both ends, and still apply while an end is being closed (one that reads
-nothing would otherwise hold the tunnel for ever). An end taking what the router holds
-for it counts as traffic: a client that reads a large download steadily but slowly is not
-cut while it reads, though no byte was read from either end for a while (its pod paused
-behind it, or gone), nor is a slow reader of the last bytes a pod sent before it closed.
-What the router holds includes the kernel's send queue (which on loopback grows to
-megabytes: the router's own buffer can stay unchanged for seconds while the client reads).
+nothing would otherwise hold the tunnel for ever). An end's TCP stack taking what the
+router holds for it counts as traffic: a client that reads a large download steadily but
+slowly is not cut while it reads, though no byte was read from either end for a while
+(its pod paused behind it, or gone), nor is a slow reader of the last bytes a pod sent
+before it closed. What the router holds includes the kernel's send queue (which on
+loopback grows to megabytes: the router's own buffer can stay unchanged for seconds while
+the client reads). A limit resets both connections: with no framing in a tunnel, a clean
+end would pass a cut download off as a whole one.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
+import socket
 import struct
 import termios
 from collections import Counter
 
 log = logging.getLogger("router.tunnel")
+
+IDLE_CHECKS = 4
+"""Idle checks per `--upgrade-idle-timeout`: bytes an end took are seen at the next check
+only, and dated at the one before it, so an idle tunnel ends at most a quarter of the
+timeout late."""
+LINGER_0 = struct.pack("ii", 1, 0)
 
 
 class _Side(asyncio.Protocol):
@@ -104,9 +114,11 @@ class Tunnel:
         self._idle_timeout = idle_timeout
         self._head = len(head)
         self._taken = 0  # what `_taken_now` was at the last idle check
+        self._checked = self.last_active  # when that check ran (before the first: now)
         self._timers: list[asyncio.TimerHandle] = []
         if idle_timeout:
-            self._timers.append(self.loop.call_later(idle_timeout, self._idle_check))
+            self._timers.append(self.loop.call_later(idle_timeout / IDLE_CHECKS,
+                                                     self._idle_check))
         if max_lifetime:
             self._timers.append(self.loop.call_later(max_lifetime, self.abort, "lifetime"))
         # The sides first, so that a first write past an end's high-water mark tells its
@@ -155,27 +167,30 @@ class Tunnel:
             self.done.set_result(None)
 
     def abort(self, why: str) -> None:
-        """End both connections now (a limit, the drain): the client sees its connection
-        reset, with no close frame (the router does not speak WebSocket)."""
+        """End both connections now (a limit, the drain): each end sees its connection
+        reset, what the kernel still held for it dropped, with no close frame (the router
+        does not speak WebSocket)."""
         if self.done.done():
             return
         log.info("closing an upgraded connection: %s", why)
         self.closing = True
         self._cancel_timers()
-        self._client.abort()
-        self._pod.abort()
+        _reset(self._client)
+        _reset(self._pod)
 
     def _idle_check(self) -> None:
         now = self.loop.time()
         taken = self._taken_now()
-        if taken > self._taken:  # an end took some of what it was sent: not idle
-            self.last_active = now
-        self._taken = taken
+        if taken > self._taken:  # an end took bytes since the last check, at its time or later
+            self.last_active = max(self.last_active, self._checked)
+        self._taken, self._checked = taken, now
         quiet = now - self.last_active
         if quiet >= self._idle_timeout:
             self.abort("idle timeout")
         else:
-            self._timers[0] = self.loop.call_later(self._idle_timeout - quiet, self._idle_check)
+            self._timers[0] = self.loop.call_later(
+                min(self._idle_timeout - quiet, self._idle_timeout / IDLE_CHECKS),
+                self._idle_check)
 
     def _taken_now(self) -> int:
         """What the two ends have taken of what the router wrote them: all it wrote, less
@@ -200,6 +215,15 @@ def _unsent(transport: asyncio.Transport) -> int:
     except (AttributeError, OSError, ValueError):
         return 0
     return queued
+
+
+def _reset(transport: asyncio.Transport) -> None:
+    """Close `transport` with a TCP reset (SO_LINGER 0): the kernel drops what it still
+    held to send, and the end learns its connection was cut, not ended."""
+    sock = transport.get_extra_info("socket")
+    with contextlib.suppress(AttributeError, OSError):  # closed already
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
+    transport.abort()
 
 
 class Tunnels:

@@ -670,6 +670,70 @@ def test_a_client_reading_a_large_download_slowly_is_not_cut_at_the_idle_timeout
     assert body == b"z" * size
 
 
+def echo_raw(connection: PodConnection) -> None:
+    """A raw pod that switches to `foo` and echoes what it reads."""
+    if _upgraded(connection):
+        while data := connection._recv():
+            connection.send(data)
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+@pytest.mark.parametrize("traffic", [False, True], ids=["silent", "one-echo"])
+def test_an_idle_tunnel_ends_one_idle_timeout_after_its_last_traffic(
+    loop: str, traffic: bool, start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """Not two: what an end took since the last check is dated at that check, and checks
+    run four times a timeout (the 101 itself, taken at the first check, once kept the
+    tunnel a whole timeout longer)."""
+    timeout = 1.0
+    pod = start_raw_pods(echo_raw)[0]
+    client = start_router(static_config([pod], upgrade_idle_timeout=timeout), loop=loop)
+    tunnels = client.app._proxy.tunnels  # type: ignore[attr-defined]
+    sock, _ = raw_upgrade(client.base_url.port or 0, b"foo")
+    with sock:
+        last = time.monotonic()
+        if traffic:
+            sock.sendall(b"ping")
+            assert sock.recv(100) == b"ping"
+            last = time.monotonic()
+        eventually(lambda: len(tunnels) == 0)
+        ended = time.monotonic()
+    assert ended - last < 1.5 * timeout
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_tunnel_cut_by_a_limit_is_reset_not_ended(
+    loop: str, start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """A tunnel has no framing: had the client seen a clean end after what the kernel still
+    held for it, it would take the part of a download it got for all of it."""
+    stop = threading.Event()
+
+    def flood(connection: PodConnection) -> None:
+        if _upgraded(connection):
+            while not stop.is_set() and connection.send(b"z" * 65536):
+                pass
+
+    pod = start_raw_pods(flood)[0]
+    client = start_router(static_config([pod], upgrade_idle_timeout=0.5), loop=loop)
+    tunnels = client.app._proxy.tunnels  # type: ignore[attr-defined]
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it reads nothing
+    sock.settimeout(10)
+    try:
+        sock.connect(("127.0.0.1", client.base_url.port or 0))
+        sock.sendall(b"GET /raw HTTP/1.1\r\nHost: sandbox\r\nConnection: Upgrade\r\n"
+                     b"Upgrade: foo\r\n\r\n")
+        eventually(lambda: len(tunnels) == 1)
+        eventually(lambda: len(tunnels) == 0)  # the idle timeout: the client took nothing
+        with pytest.raises(ConnectionResetError):
+            while sock.recv(65536):
+                pass
+    finally:
+        stop.set()
+        sock.close()
+
+
 class BufferingTransport:
     """A transport that, as uvloop's and asyncio's do, tells its protocol `pause_writing`
     once: when a write takes its buffer past the high-water mark (nothing drains here)."""
