@@ -7,12 +7,9 @@ and never sees a list being edited.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
-
-log = logging.getLogger("router.pods")
 
 
 class Pod(NamedTuple):
@@ -44,16 +41,18 @@ class Snapshot:
     other namespaces). `listed`: all of them, the pods the router knows (their addresses
     are taken: router/targets.py).
 
-    A name that two pods answer to is left out of the index, so that neither gets the
-    other's requests (a pinned request for it goes to its DNS name, as through the
-    agent-sandbox routers): anyone who may create pods in a watched namespace can give
-    one a sandbox's label and owner, and which of two pods came last in a list or a watch
-    is no ground to choose. A pod met twice (in the pool and the index) is one pod; the
-    pool's entry is kept."""
+    A name that two pods answer to (`shared`) is left out of the index: anyone who may
+    create pods in a watched namespace can give one a sandbox's label and owner, and
+    which of two pods came last in a list or a watch is no ground to choose. A pinned
+    request for it goes to its DNS name, as through the agent-sandbox routers (whose
+    Service selects by the label, so the DNS answer may be either pod: the index does not
+    choose, it does not make the name safer than DNS). A pod met twice (in the pool and
+    the index) is one pod; the pool's entry is kept."""
 
     pods: tuple[Pod, ...]
     by_name: Mapping[tuple[str, str], Pod]
     listed: tuple[Pod, ...]
+    shared: frozenset[tuple[str, str]] = frozenset()
 
     @classmethod
     def of(cls, pods: Iterable[Pod], sandboxes: Iterable[Pod] = ()) -> Snapshot:
@@ -68,11 +67,7 @@ class Snapshot:
                 shared.add(key)
         for key in shared:
             del by_name[key]
-        if shared:
-            log.warning("sandbox index: %d names answered to by more than one pod, left to "
-                        "DNS: %s", len(shared), ", ".join(sorted(f"{ns}/{name}"
-                                                                  for ns, name in shared)))
-        return cls(pods=ordered, by_name=by_name, listed=listed)
+        return cls(pods=ordered, by_name=by_name, listed=listed, shared=frozenset(shared))
 
 
 class PodSource(Protocol):

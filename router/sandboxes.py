@@ -28,6 +28,7 @@ are served, marked stale.
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 
@@ -38,6 +39,8 @@ from router.kube import INDEX, POOL, PodWatch, Query, connect, label_selector
 from router.observe import Observer
 from router.pods import Snapshot
 from router.sandbox_ids import SANDBOX_LABEL
+
+log = logging.getLogger("router.sandboxes")
 
 
 class KubernetesPodSource:
@@ -115,4 +118,18 @@ class KubernetesPodSource:
         with self._publishing:
             pool, index = (watch.pods for watch in self._watches)
             if pool is not None:
+                before = self._snapshot.shared if self._snapshot is not None else frozenset()
                 self._snapshot = Snapshot.of(pool, index or ())
+                _warn_shared(before, self._snapshot.shared)
+
+
+def _warn_shared(before: frozenset[tuple[str, str]], now: frozenset[tuple[str, str]]) -> None:
+    """A warning when the names two pods answer to change (`Snapshot`), not at every
+    rebuild of the index while one lasts."""
+    if now == before:
+        return
+    if now:
+        log.warning("sandbox index: names answered to by more than one pod, left to DNS: %s",
+                    ", ".join(sorted(f"{ns}/{name}" for ns, name in now)))
+    else:
+        log.info("sandbox index: every name is answered to by one pod again")

@@ -44,8 +44,8 @@ log = logging.getLogger("router.tunnel")
 
 IDLE_CHECKS = 4
 """Idle checks per `--upgrade-idle-timeout`: bytes an end took are seen at the next check
-only, and dated at the one before it, so an idle tunnel ends at most a quarter of the
-timeout late."""
+only, and dated at it, so an idle tunnel ends at most a quarter of the timeout late, and
+never early."""
 LINGER_0 = struct.pack("ii", 1, 0)
 
 
@@ -114,7 +114,6 @@ class Tunnel:
         self._idle_timeout = idle_timeout
         self._head = len(head)
         self._taken = 0  # what `_taken_now` was at the last idle check
-        self._checked = self.last_active  # when that check ran (before the first: now)
         self._timers: list[asyncio.TimerHandle] = []
         if idle_timeout:
             self._timers.append(self.loop.call_later(idle_timeout / IDLE_CHECKS,
@@ -181,9 +180,9 @@ class Tunnel:
     def _idle_check(self) -> None:
         now = self.loop.time()
         taken = self._taken_now()
-        if taken > self._taken:  # an end took bytes since the last check, at its time or later
-            self.last_active = max(self.last_active, self._checked)
-        self._taken, self._checked = taken, now
+        if taken > self._taken:  # an end took bytes since the last check
+            self.last_active = now
+        self._taken = taken
         quiet = now - self.last_active
         if quiet >= self._idle_timeout:
             self.abort("idle timeout")
@@ -221,7 +220,8 @@ def _reset(transport: asyncio.Transport) -> None:
     """Close `transport` with a TCP reset (SO_LINGER 0): the kernel drops what it still
     held to send, and the end learns its connection was cut, not ended."""
     sock = transport.get_extra_info("socket")
-    with contextlib.suppress(AttributeError, OSError):  # closed already
+    # Closed already: no socket, or (uvloop) one whose descriptor is -1, a ValueError.
+    with contextlib.suppress(AttributeError, OSError, ValueError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
     transport.abort()
 

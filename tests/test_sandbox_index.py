@@ -5,10 +5,12 @@ namespace; the pool stays the warm-pool-labelled pods of `--namespace`."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from router import config
 from router.config import DEFAULT_SELECTOR, cidrs
@@ -93,13 +95,15 @@ def listed(client: httpx.Client) -> set[str]:
 
 
 def test_a_name_two_pods_answer_to_reaches_neither(
-    kube: FakeKube, kube_router: Any, start_pods: StartPods
+    kube: FakeKube, kube_router: Any, start_pods: StartPods, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A second pod given sandbox `victim`'s label and owner (anyone who may create pods in
     the namespace can) takes none of its requests, whichever came last; nor does the
     first, since the router cannot tell which is the sandbox's: the name is left to DNS
-    (none here: 502). Both addresses stay known: no hint for another name reaches them."""
-    victim, intruder = start_pods(2)
+    (none here: 502). Both addresses stay known: no hint for another name reaches them.
+    One warning says so, not one per change of the index while it lasts."""
+    caplog.set_level(logging.INFO, logger="router.sandboxes")
+    victim, intruder, other = start_pods(3)
     kube.add_pod(victim.name, victim.ip, **adopted_by("victim"))
     client = kube_router([victim, intruder], pod_cidr=cidrs("127.0.0.0/8"))
     eventually(lambda: pinned(client, "victim").status_code == 200)
@@ -112,9 +116,16 @@ def test_a_name_two_pods_answer_to_reaches_neither(
         assert pinned(client, "other", **{"X-Sandbox-Pod-IP": pod.ip}).status_code == 502
     assert (victim.app.hits, intruder.app.hits) == hits
 
+    kube.add_pod(other.name, other.ip, **adopted_by("other"))  # a change of the index
+    eventually(lambda: pinned(client, "other").status_code == 200)
     kube.delete_pod(intruder.name)
     eventually(lambda: pinned(client, "victim").status_code == 200)
     assert pinned(client, "victim").json()["pod"] == victim.name
+    lines = [r.getMessage() for r in caplog.records if r.name == "router.sandboxes"]
+    assert lines == [
+        "sandbox index: names answered to by more than one pod, left to DNS: default/victim",
+        "sandbox index: every name is answered to by one pod again",
+    ]
 
 
 def test_a_sandbox_named_like_a_warm_pod_reaches_neither_while_the_pod_is_warm(

@@ -4,9 +4,11 @@ sandbox (`tests/wspod.py`), and raw sockets for an upgrade that is not a WebSock
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import ipaddress
 import json
+import logging
 import signal
 import socket
 import threading
@@ -698,7 +700,46 @@ def test_an_idle_tunnel_ends_one_idle_timeout_after_its_last_traffic(
             last = time.monotonic()
         eventually(lambda: len(tunnels) == 0)
         ended = time.monotonic()
-    assert ended - last < 1.5 * timeout
+    assert timeout - 0.1 <= ended - last < 1.5 * timeout
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_tunnel_whose_client_left_ends_at_the_idle_timeout_though_its_pod_reads_nothing(
+    loop: str, start_raw_pods: StartRawPods, start_router: StartRouter,
+    caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client sends, then goes; the pod reads nothing, so what the router holds for it
+    stays. The idle timeout resets the pod's end, although the client's transport is
+    closed by then (uvloop: setting its linger raised, and the pod was never reset)."""
+    stop = threading.Event()
+
+    def deaf(connection: PodConnection) -> None:
+        if connection.read_request() is not None and connection.send(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                b"Upgrade: websocket\r\n\r\n"):
+            stop.wait(20)
+
+    pod = start_raw_pods(deaf)[0]
+    client = start_router(static_config([pod], upgrade_idle_timeout=1), loop=loop)
+    tunnels = client.app._proxy.tunnels  # type: ignore[attr-defined]
+    sock, _ = raw_upgrade(client.base_url.port or 0, b"websocket")
+    try:
+        eventually(lambda: len(tunnels) == 1)
+        (tunnel,) = tunnels._open
+        sock.setblocking(False)
+        deadline = time.monotonic() + 10
+        while tunnel._pod.get_write_buffer_size() == 0:  # the kernel's queue is full
+            assert time.monotonic() < deadline
+            with contextlib.suppress(BlockingIOError):
+                sock.send(b"x" * 1024)
+            time.sleep(0.001)
+        sock.close()
+        eventually(lambda: tunnel.closing)
+        eventually(lambda: len(tunnels) == 0, timeout=5)
+        assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    finally:
+        stop.set()
+        sock.close()
 
 
 @pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
@@ -745,6 +786,18 @@ class BufferingTransport:
         self.buffered = 0
         self.paused = False
         self.reading = False
+        self.aborted: float | None = None  # when, in loop time
+        self.ended = asyncio.Event()
+
+    def get_write_buffer_size(self) -> int:
+        return self.buffered
+
+    def get_extra_info(self, name: str) -> None:
+        return None  # no socket: no kernel queue to read, no linger to set
+
+    def abort(self) -> None:
+        self.aborted = asyncio.get_running_loop().time()
+        self.ended.set()
 
     def set_protocol(self, protocol: asyncio.Protocol) -> None:
         self.protocol = protocol
@@ -762,7 +815,24 @@ class BufferingTransport:
         self.reading = True
 
     def is_closing(self) -> bool:
-        return False
+        return self.aborted is not None
+
+
+def test_bytes_an_end_took_keep_the_tunnel_one_whole_idle_timeout() -> None:
+    """Seen at a check, they are dated at it, never earlier: the tunnel is not cut before
+    a whole timeout has passed since they were taken (dated at the check before, it was
+    cut after three quarters of one)."""
+    async def cut_after_the_take() -> float:
+        client, pod = BufferingTransport(), BufferingTransport()
+        Tunnel(client, b"", pod, b"x" * 1000, b"HTTP/1.1 101 \r\n\r\n", 1.0, 0)  # type: ignore[arg-type]
+        await asyncio.sleep(0.45)
+        client.buffered = 0  # the client's TCP stack took all it was sent
+        taken = asyncio.get_running_loop().time()
+        await asyncio.wait_for(client.ended.wait(), 5)
+        assert client.aborted is not None and pod.aborted is not None
+        return client.aborted - taken
+
+    assert 1.0 <= asyncio.run(cut_after_the_take()) < 1.5
 
 
 @pytest.mark.parametrize("first", ["pod_early", "client_early"])
