@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import yaml
 from kubernetes import client as k8s
@@ -71,17 +71,16 @@ def label_selector(config: Config) -> str:
 def candidate(obj: Object, port: int) -> Pod | None:
     """The `Pod` to route to, if this API object is a ready, running, addressed pod that
     is not being deleted; None for every other pod (and for malformed objects)."""
-    meta = obj.get("metadata") or {}
-    status = obj.get("status") or {}
+    meta, status = _field(obj, "metadata"), _field(obj, "status")
     if meta.get("deletionTimestamp") or status.get("phase") != "Running":
         return None
-    ready = any(
-        c.get("type") == "Ready" and c.get("status") == "True"
-        for c in status.get("conditions") or ()
-        if isinstance(c, dict)
+    conditions = status.get("conditions")
+    ready = isinstance(conditions, list) and any(
+        isinstance(c, dict) and c.get("type") == "Ready" and c.get("status") == "True"
+        for c in conditions
     )
     ip, name, namespace = status.get("podIP"), meta.get("name"), meta.get("namespace")
-    if not (ready and ip and name and namespace):
+    if not (ready and _text(ip) and _text(name) and _text(namespace)):
         return None
     sandbox = sandbox_id(meta, name)
     return Pod(name, namespace, ip, port, "" if sandbox == name else sandbox)
@@ -360,8 +359,20 @@ def _json(data: bytes | str) -> dict[str, Any]:
 
 
 def _key(obj: Object) -> str:
-    meta = obj.get("metadata") or {}
-    return f"{meta.get('namespace', '')}/{meta.get('name', '')}" if meta.get("name") else ""
+    meta = _field(obj, "metadata")
+    name, namespace = meta.get("name"), meta.get("namespace", "")
+    return f"{namespace}/{name}" if _text(name) and isinstance(namespace, str) else ""
+
+
+def _field(obj: Object, name: str) -> Object:
+    """An object's sub-object, empty if it is missing or not an object."""
+    value = obj.get(name)
+    return value if isinstance(value, Mapping) else {}
+
+
+def _text(value: object) -> TypeGuard[str]:
+    """A non-empty string (a malformed object's field may be anything)."""
+    return isinstance(value, str) and value != ""
 
 
 def _describe(exc: Exception) -> str:

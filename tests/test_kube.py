@@ -15,12 +15,12 @@ import httpx
 import pytest
 
 from router.config import DEFAULT_SELECTOR
-from router.kube import Schedule
+from router.kube import Schedule, candidate
 from router.metrics import Metrics
 from router.observe import NullObserver, Refresh
 from router.sandbox_ids import SANDBOX_LABEL, fnv1a_32
 from tests.conftest import StartPods, eventually
-from tests.fake_kube import FakeKube
+from tests.fake_kube import FakeKube, pod_object
 from tests.kube_router import pool_names, ready, served_by
 from tests.process import RouterProcess, run_router
 
@@ -37,6 +37,35 @@ def test_fnv1a_matches_the_controller_hash() -> None:
     assert fnv1a_32("") == "811c9dc5"
     assert fnv1a_32("a") == "e40c292c"
     assert fnv1a_32("foobar") == "bf9cf968"
+
+
+def _malformed(path: str, value: Any) -> dict[str, Any]:
+    obj = pod_object("pod-0", "10.0.0.1")
+    *parents, last = path.split(".")
+    target = obj
+    for part in parents:
+        target = target[part]
+    target[last] = value
+    return obj
+
+
+@pytest.mark.parametrize(("path", "value", "routed"), [
+    ("metadata", ["pod-0"], False), ("status", "Running", False),
+    ("status.conditions", {"Ready": "True"}, False),
+    ("status.conditions", [["Ready", "True"]], False),
+    ("status.podIP", ["10.0.0.1"], False), ("metadata.name", 7, False),
+    ("metadata.namespace", {"n": 1}, False),
+    # Only the sandbox name is read from these: the pod answers to its own.
+    ("metadata.labels", ["x"], True), ("metadata.ownerReferences", {"kind": "Sandbox"}, True),
+])
+def test_a_malformed_pod_object_is_no_candidate_and_breaks_nothing(
+        path: str, value: Any, routed: bool) -> None:
+    """One odd object must not fail the whole list (every pod of it unserved): it is just
+    not a pod to route to."""
+    assert candidate(pod_object("pod-0", "10.0.0.1"), 8888) is not None
+    pod = candidate(_malformed(path, value), 8888)
+    assert (pod is not None) == routed
+    assert pod is None or pod.sandbox_id == "pod-0"
 
 
 def test_schedule_follows_the_cache_ttl() -> None:
