@@ -25,6 +25,7 @@ from router.config import Config
 from router.cycle import MessageEvent, ProxyCycle
 from router.errors import ProxyError
 from router.limits import MAX_HEADERS, Deadline, connections_to_drain, nothing, refusal
+from router.sockets import unread
 
 log = logging.getLogger("router.protocol")
 
@@ -332,6 +333,14 @@ class HttpProtocol(HttpToolsProtocol):
     def _unset_keepalive_if_required(self) -> None:
         self._keep_alive.stop()
 
+    def timeout_keep_alive_handler(self) -> None:
+        """uvicorn's (the idle connection closes), unless the next request already waits
+        unread in its socket: uvloop runs a turn's timers before its reads, so a request
+        that came during a long turn would be closed under (`router.sockets`). The head
+        deadline, running since the last answer, still bounds it."""
+        if not unread(self.transport):
+            super().timeout_keep_alive_handler()
+
     def _in_flight(self) -> bool:
         return self.serving is not None and not self.serving.response_complete
 
@@ -350,6 +359,10 @@ class HttpProtocol(HttpToolsProtocol):
         elif not self._in_flight():
             if self.reading is Reading.HEAD:
                 self._refuse(408, HEAD_TIMEOUT)
+            elif not self.flow.read_paused and unread(self.transport):  # a next request
+                # came during a long turn (`timeout_keep_alive_handler`): it is read in this
+                # turn, and its head timed from now
+                self._deadline.start(self.options.header_timeout)
             else:
                 self.transport.close()
 

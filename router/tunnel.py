@@ -33,12 +33,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import logging
 import socket
 import struct
-import termios
 from collections import Counter
+
+from router.sockets import unsent
 
 log = logging.getLogger("router.tunnel")
 
@@ -195,25 +195,13 @@ class Tunnel:
         """What the two ends have taken of what the router wrote them: all it wrote, less
         what it still holds for them in its buffers and the kernel's send queues."""
         written = self._head + self._from_client.received + self._from_pod.received
-        return written - sum(end.get_write_buffer_size() + _unsent(end)
+        return written - sum(end.get_write_buffer_size() + unsent(end)
                              for end in (self._client, self._pod))
 
     def _cancel_timers(self) -> None:
         for timer in self._timers:
             timer.cancel()
         self._timers = []
-
-
-def _unsent(transport: asyncio.Transport) -> int:
-    """What the kernel still holds of what was written to `transport`'s socket (its send
-    queue, `SIOCOUTQ`); 0 when that cannot be read (the socket is closed)."""
-    sock = transport.get_extra_info("socket")
-    try:
-        queued: int = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ,
-                                                     bytes(4)))[0]
-    except (AttributeError, OSError, ValueError):
-        return 0
-    return queued
 
 
 def _reset(transport: asyncio.Transport) -> None:

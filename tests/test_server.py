@@ -8,10 +8,12 @@ import os
 import signal
 import socket
 import threading
+import time
 from typing import Any
 
 import httpx
 import psutil
+import pytest
 import uvicorn
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.server import ServerState
@@ -301,6 +303,44 @@ def test_above_limit_concurrency_the_router_answers_503_itself(
     assert answers[0].status_code == 200
     assert pod.app.hits == 1  # the refused request never reached a pod
     assert client.get("/").status_code == 200
+
+
+@pytest.mark.parametrize("timer", ["keep-alive", "head"])
+def test_a_request_waiting_through_a_long_loop_turn_is_served_not_dropped(
+    timer: str, start_pods: StartPods, start_router: StartRouter,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The reads of one turn of the event loop outlast an idle connection's timer while
+    its next request arrives. uvloop runs the next turn's timers before its reads: the
+    connection was closed under the request waiting in its socket, which the client saw
+    go unanswered. Now a timer that finds bytes waiting leaves the connection to its
+    read."""
+    pod = start_pods(1)[0]
+    options = ({"timeout_keep_alive": 0.5} if timer == "keep-alive"
+               else {"timeout_keep_alive": 30.0, "header_timeout": 0.5})
+    client = start_router(static_config([pod], **options))
+    turning = threading.Event()
+    read = HttpProtocol.data_received
+
+    def slow_read(protocol: HttpProtocol, data: bytes) -> None:
+        if data.startswith(b"GET /slow "):  # another client's request: a long turn
+            turning.set()
+            time.sleep(1.5)
+        read(protocol, data)
+
+    monkeypatch.setattr(HttpProtocol, "data_received", slow_read)
+    idle, busy = (RawClient(client.base_url.port or 0) for _ in range(2))
+    idle.send(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")
+    answer = idle.answer()
+    assert answer is not None and answer.status == 200
+    busy.send(b"GET /slow HTTP/1.1\r\nHost: r\r\n\r\n")
+    assert turning.wait(10)
+    idle.send(b"GET /next HTTP/1.1\r\nHost: r\r\n\r\n")  # while the loop is busy
+    answer = idle.answer()
+    assert answer is not None and answer.status == 200
+    assert pod.app.hits == 3
+    idle.close()
+    busy.close()
 
 
 def test_a_fractional_keep_alive_timeout_is_honoured(
