@@ -296,9 +296,11 @@ class PodWatch:
                 raise Expired()
             raise ValueError(f"watch error {obj.get('code')}: {obj.get('message')}")
         key = _key(obj)
-        if kind in ("ADDED", "MODIFIED", "DELETED") and key:
+        if kind in ("ADDED", "MODIFIED", "DELETED"):
             pod = candidate(obj, self._config.pod_port) if kind != "DELETED" else None
-            if pod is None:
+            if not key:
+                pass  # an object with no name: no pod to keep or drop
+            elif pod is None:
                 self._changed = self._kept.pop(key, None) is not None or self._changed
             elif self._kept.get(key) != pod:
                 self._kept[key] = pod
@@ -306,7 +308,7 @@ class PodWatch:
         elif kind != "BOOKMARK":
             raise ValueError(f"unexpected watch event {kind!r}")
         self._confirm(report=False)
-        version = (obj.get("metadata") or {}).get("resourceVersion")
+        version = _field(obj, "metadata").get("resourceVersion")
         return str(version) if version else None
 
     def _confirm(self, report: bool = True) -> None:

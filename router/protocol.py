@@ -161,6 +161,7 @@ class HttpProtocol(HttpToolsProtocol):
         self._line_open = True  # no line end seen yet in the current head
         self._exact = False  # the head began inside a read: `_head_bytes` missed part of it
         self._framing = 0  # read in a body since its last piece: trailers, chunk lines
+        self._extended = False  # the head timer was re-armed for unread bytes (`_expired`)
         self._deadline = Deadline(self.loop, self._expired)
         self._keep_alive = Deadline(self.loop, self.timeout_keep_alive_handler)
         self._send_timer: asyncio.TimerHandle | None = None
@@ -319,6 +320,7 @@ class HttpProtocol(HttpToolsProtocol):
         next request's first read) kept in a `Deadline` that moves without one; then, with
         no request left in flight, the next head is timed."""
         self.server_state.total_requests += 1
+        self._extended = False
         if not self.transport.is_closing():
             self.flow.resume_reading()
             if self.pipeline:
@@ -359,9 +361,12 @@ class HttpProtocol(HttpToolsProtocol):
         elif not self._in_flight():
             if self.reading is Reading.HEAD:
                 self._refuse(408, HEAD_TIMEOUT)
-            elif not self.flow.read_paused and unread(self.transport):  # a next request
-                # came during a long turn (`timeout_keep_alive_handler`): it is read in this
-                # turn, and its head timed from now
+            elif not (self._extended or self.flow.read_paused) and unread(self.transport):
+                # A next request came during a long turn (`timeout_keep_alive_handler`):
+                # it is read in this turn, and its head timed from now. Once per answer:
+                # bytes that begin no request (a blank line) would otherwise extend it
+                # at every long turn.
+                self._extended = True
                 self._deadline.start(self.options.header_timeout)
             else:
                 self.transport.close()

@@ -343,6 +343,44 @@ def test_a_request_waiting_through_a_long_loop_turn_is_served_not_dropped(
     busy.close()
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_blank_lines_during_long_turns_extend_an_idle_connection_once(
+    loop: str, start_pods: StartPods, start_router: StartRouter,
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A blank line begins no request, so the connection stays idle: had each long turn's
+    unread `\\r\\n` re-armed the head timer, a client could hold it for ever without
+    sending a request. It is closed within two head timeouts of its last answer."""
+    pod = start_pods(1)[0]
+    client = start_router(static_config([pod], timeout_keep_alive=30.0, header_timeout=0.5),
+                          loop=loop)
+    turning = threading.Event()
+    read = HttpProtocol.data_received
+
+    def slow_read(protocol: HttpProtocol, data: bytes) -> None:
+        if data.startswith(b"GET /turn "):
+            turning.set()
+            time.sleep(1.5)
+        read(protocol, data)
+
+    monkeypatch.setattr(HttpProtocol, "data_received", slow_read)
+    idle = RawClient(client.base_url.port or 0)
+    idle.send(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")
+    answer = idle.answer()
+    assert answer is not None and answer.status == 200
+    for _ in range(3):
+        turning.clear()
+        busy = RawClient(client.base_url.port or 0)
+        busy.send(b"GET /turn HTTP/1.1\r\nHost: r\r\n\r\n")
+        assert turning.wait(10)
+        idle.send(b"\r\n")
+        assert busy.answer() is not None
+        busy.close()
+    idle.sock.settimeout(0.2)  # closed already: at the second turn's end, not 0.5 s later
+    assert idle.closed()
+    idle.close()
+
+
 def test_a_fractional_keep_alive_timeout_is_honoured(
     start_pods: StartPods, start_router: StartRouter
 ) -> None:
