@@ -68,6 +68,21 @@ def test_a_malformed_pod_object_is_no_candidate_and_breaks_nothing(
     assert pod is None or pod.sandbox_id == "pod-0"
 
 
+def test_a_watch_event_for_a_nameless_object_is_skipped_not_a_relist(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    """It was taken for an unknown event type: the watch failed, backed off and listed
+    everything again."""
+    first, second = start_pods(2)
+    kube.add_pod(first.name, first.ip)
+    client = kube_router([first, second])
+    lists = kube.count("list")
+    kube.add_pod("", "10.0.0.9")  # no name: a fake can send what an API server never would
+    kube.add_pod(second.name, second.ip)
+    eventually(lambda: pool_names(client) == {first.name, second.name})
+    assert kube.count("list") == lists
+
+
 def test_schedule_follows_the_cache_ttl() -> None:
     assert Schedule.of(3.0) == Schedule(watch_window=3, relist_every=60.0,
                                         backoff_first=0.25, backoff_cap=3.0)
