@@ -1,7 +1,8 @@
-"""What the kernel holds for a connection, read without reading it: the bytes that wait in
-its socket to be read (`unread`) and those written but not yet taken by the peer
-(`unsent`). Both are Linux `ioctl`s (FIONREAD, TIOCOUTQ) and read 0 on a closed
-transport (uvloop's closed socket has descriptor -1: a ValueError) or where they fail.
+"""The kernel's side of a connection, which a transport does not show: the bytes that wait
+in its socket to be read (`unread`), those written but not yet taken by the peer
+(`unsent`), and closing it with a reset (`reset`). The reads are Linux `ioctl`s (FIONREAD,
+TIOCOUTQ) and read 0 on a closed transport (uvloop's closed socket has descriptor -1: a
+ValueError) or where they fail.
 
 Timers use them to tell a connection that only looks idle from the router's side from one
 that is: uvloop runs a turn's timers before its reads, so a request that came during a
@@ -12,18 +13,23 @@ nothing passes through the router's own buffers (router/tunnel.py)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
+import socket
 import struct
 import termios
 
 _INT = struct.Struct("i")
+_LINGER_0 = struct.pack("ii", 1, 0)
+_CLOSED = (AttributeError, OSError, ValueError)
+"""No socket, a closed one (uvloop's: descriptor -1), or a call the platform refuses."""
 
 
 def _queued(transport: asyncio.BaseTransport, request: int) -> int:
     sock = transport.get_extra_info("socket")
     try:
         count: int = _INT.unpack(fcntl.ioctl(sock.fileno(), request, bytes(_INT.size)))[0]
-    except (AttributeError, OSError, ValueError):
+    except _CLOSED:
         return 0
     return count
 
@@ -36,3 +42,13 @@ def unread(transport: asyncio.BaseTransport) -> int:
 def unsent(transport: asyncio.BaseTransport) -> int:
     """Bytes written to the socket that the peer has not taken yet (its send queue)."""
     return _queued(transport, termios.TIOCOUTQ)
+
+
+def reset(transport: asyncio.Transport) -> None:
+    """Close `transport` with a TCP reset (SO_LINGER 0): the kernel drops what it still
+    held to send, and the peer learns its connection was cut, not ended (a tunnel, which
+    has no framing to show a cut: router/tunnel.py)."""
+    with contextlib.suppress(*_CLOSED):
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                                      _LINGER_0)
+    transport.abort()

@@ -32,13 +32,10 @@ end would pass a cut download off as a whole one.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import socket
-import struct
 from collections import Counter
 
-from router.sockets import unsent
+from router.sockets import reset, unsent
 
 log = logging.getLogger("router.tunnel")
 
@@ -46,7 +43,6 @@ IDLE_CHECKS = 4
 """Idle checks per `--upgrade-idle-timeout`: bytes an end took are seen at the next check
 only, and dated at it, so an idle tunnel ends at most a quarter of the timeout late, and
 never early."""
-LINGER_0 = struct.pack("ii", 1, 0)
 
 
 class _Side(asyncio.Protocol):
@@ -174,8 +170,8 @@ class Tunnel:
         log.info("closing an upgraded connection: %s", why)
         self.closing = True
         self._cancel_timers()
-        _reset(self._client)
-        _reset(self._pod)
+        reset(self._client)
+        reset(self._pod)
 
     def _idle_check(self) -> None:
         now = self.loop.time()
@@ -202,16 +198,6 @@ class Tunnel:
         for timer in self._timers:
             timer.cancel()
         self._timers = []
-
-
-def _reset(transport: asyncio.Transport) -> None:
-    """Close `transport` with a TCP reset (SO_LINGER 0): the kernel drops what it still
-    held to send, and the end learns its connection was cut, not ended."""
-    sock = transport.get_extra_info("socket")
-    # Closed already: no socket, or (uvloop) one whose descriptor is -1, a ValueError.
-    with contextlib.suppress(AttributeError, OSError, ValueError):
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, LINGER_0)
-    transport.abort()
 
 
 class Tunnels:
