@@ -297,19 +297,22 @@ class PodWatch:
             raise ValueError(f"watch error {obj.get('code')}: {obj.get('message')}")
         key = _key(obj)
         if kind in ("ADDED", "MODIFIED", "DELETED"):
-            pod = candidate(obj, self._config.pod_port) if kind != "DELETED" else None
-            if not key:
-                pass  # an object with no name: no pod to keep or drop
-            elif pod is None:
-                self._changed = self._kept.pop(key, None) is not None or self._changed
-            elif self._kept.get(key) != pod:
-                self._kept[key] = pod
-                self._changed = True
+            if key:  # else an object with no name: no pod to keep or drop
+                self._keep(key, candidate(obj, self._config.pod_port)
+                           if kind != "DELETED" else None)
         elif kind != "BOOKMARK":
             raise ValueError(f"unexpected watch event {kind!r}")
         self._confirm(report=False)
         version = _field(obj, "metadata").get("resourceVersion")
         return str(version) if version else None
+
+    def _keep(self, key: str, pod: Pod | None) -> None:
+        """The pod an event leaves under `key`: kept, replaced, or (None) dropped."""
+        if pod is None:
+            self._changed = self._kept.pop(key, None) is not None or self._changed
+        elif self._kept.get(key) != pod:
+            self._kept[key] = pod
+            self._changed = True
 
     def _confirm(self, report: bool = True) -> None:
         """The API just vouched for the kept pods: publish them if they changed."""
