@@ -52,7 +52,7 @@ class Snapshot:
     pods: tuple[Pod, ...]
     by_name: Mapping[tuple[str, str], Pod]
     listed: tuple[Pod, ...]
-    shared: frozenset[tuple[str, str]] = frozenset()
+    shared: frozenset[tuple[str, str]]
 
     @classmethod
     def of(cls, pods: Iterable[Pod], sandboxes: Iterable[Pod] = ()) -> Snapshot:
