@@ -182,19 +182,20 @@ class TargetPolicy:
 
     def permits(self, host: str, address: str, port: int) -> bool:
         """Whether to connect to `address`, the IP literal `host` is or resolved to, on
-        `port`."""
+        `port`: a pod the router knows (the pool, the sandbox index, an operator's host on
+        the port chosen) or an address inside `--pod-cidr`, never a refused class. Nothing
+        else: with `--pod-cidr` empty, a pinned name whose DNS answer is not a known pod
+        (`kubernetes.default`, any other Service) is not connected to."""
         known = self._current()
         if (host, port) in known.chosen:
             return True
         try:
-            ip = parse(address)
+            ip = canonical(parse(address))
         except ValueError:
             return False
         if refused(ip, allow_loopback=self._allow_loopback):
             return False
-        if not self._pod_cidr:
-            return True
-        return str(canonical(ip)) in known.addresses or self._in_cidr(canonical(ip))
+        return str(ip) in known.addresses or self._in_cidr(ip)
 
     def _in_cidr(self, ip: Address) -> bool:
         return _within(ip, self._pod_cidr)

@@ -45,16 +45,22 @@ def test_pod_ip_header_targets_that_address(start_pods: StartPods, start_router:
     assert client.get("/", headers=headers).json()["pod"] == "pod-1"
 
 
-def test_unknown_sandbox_is_reached_by_its_cluster_dns_name(
-    start_pods: StartPods, start_router: StartRouter
+@pytest.mark.parametrize(("pod_cidr", "status"), [("127.0.0.0/8", 200), ("", 502)])
+def test_unknown_sandbox_is_reached_by_its_cluster_dns_name_inside_pod_cidr(
+    start_pods: StartPods, start_router: StartRouter, pod_cidr: str, status: int
 ):
+    """A sandbox the router does not list (another namespace, say) is its DNS name, whose
+    answer the router may connect to only inside --pod-cidr: without it, the router reaches
+    the pods it knows and nothing else."""
     pods = start_pods(1)
     names = {"sb-1.team.svc.cluster.test": pods[0].ip}
     config = static_config([], cluster_domain="cluster.test", pod_port=pods[0].port,
-                           allow_loopback_pod_ip=True)  # the answer is a loopback pod
+                           allow_loopback_pod_ip=True,  # the answer is a loopback pod
+                           pod_cidr=cidrs(pod_cidr))
     client = start_router(config, source=StaticPodSource([]), names=names)
     response = client.get("/", headers={"X-Sandbox-ID": "sb-1", "X-Sandbox-Namespace": "team"})
-    assert response.json()["pod"] == "pod-0"
+    assert response.status_code == status
+    assert pods[0].app.hits == (status == 200)
 
 
 def test_unresolvable_sandbox_answers_502(start_pods: StartPods, start_router: StartRouter):

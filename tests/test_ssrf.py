@@ -114,7 +114,8 @@ def test_an_ignored_address_falls_back_to_the_dns_name(
     start_pods: StartPods, observed_router: StartRouter
 ) -> None:
     pods = start_pods(1)
-    config = static_config([], pod_port=pods[0].port, allow_loopback_pod_ip=True)
+    config = static_config([], pod_port=pods[0].port, allow_loopback_pod_ip=True,
+                           pod_cidr=cidrs("127.0.0.0/8"))
     client = observed_router(config, source=listed([]), names={DNS_NAME: pods[0].ip})
     with recorded_connects() as connects:
         response = client.get("/", headers=by_name(**{"X-Sandbox-Pod-IP": "10.96.0.1"}))
@@ -161,6 +162,22 @@ def test_a_name_resolving_inside_pod_cidr_is_served(
                            pod_cidr=cidrs("127.0.0.2/32"))
     client = observed_router(config, source=listed([]), names={DNS_NAME: pods[0].ip})
     assert client.get("/", headers=by_name()).json()["pod"] == "pod-0"
+
+
+def test_a_name_resolving_to_a_known_pod_is_served_without_pod_cidr(
+    start_pods: StartPods, observed_router: StartRouter
+) -> None:
+    """A name the index leaves to DNS (one two pods answer to, say) whose answer is a pod
+    the router lists: a known pod, so no --pod-cidr is needed, and an unknown answer for
+    another name is still refused."""
+    pod, stranger = start_pods(2)
+    config = static_config([], pod_port=pod.port, allow_loopback_pod_ip=True)
+    client = observed_router(config, source=listed([pod]),
+                             names={DNS_NAME: pod.ip, "other.team.svc.cluster.local": stranger.ip})
+    assert client.get("/", headers=by_name()).json()["pod"] == "pod-0"
+    with recorded_connects() as connects:
+        response = client.get("/", headers=by_name("other"))
+    assert_not_allowed(response, connects, [stranger])
 
 
 def test_listed_pods_on_a_refused_address_are_never_connected(
@@ -210,12 +227,17 @@ def test_listed_loopback_pods_are_served_with_the_flag(
     assert client.get("/", headers={"X-Sandbox-ID": "pod-1"}).json()["pod"] == "pod-1"
 
 
-@pytest.mark.parametrize(("pod_cidr", "status"), [("127.0.0.2/32", 502), ("", 200)])
-def test_pod_cidr_keeps_a_service_name_from_reaching_the_api_server(
+@pytest.mark.parametrize(("pod_cidr", "status"), [
+    ("", 502),  # the default: only the pods the router knows
+    ("127.0.0.2/32", 502),  # the pod network
+    ("127.0.0.0/8", 200),  # a network the operator opened that holds the API server
+])
+def test_a_service_name_reaches_the_api_server_only_inside_pod_cidr(
     start_pods: StartPods, observed_router: StartRouter, pod_cidr: str, status: int
 ) -> None:
     """`X-Sandbox-ID: kubernetes` in `default` is the API server's Service name: its answer
-    (here a stand-in on 127.0.0.3) is outside the pod network, which --pod-cidr names."""
+    (here a stand-in on 127.0.0.3) is no pod the router knows. It was reached by default
+    (an empty --pod-cidr meant every address outside the refused classes)."""
     pod, api_server = start_pods(2)
     config = static_config([pod], allow_loopback_pod_ip=True, pod_cidr=cidrs(pod_cidr),
                            pod_port=pod.port)

@@ -165,20 +165,22 @@ def test_loopback_in_every_form_is_allowed_with_the_flag(text: str) -> None:
 def test_harmless_addresses_are_judged_by_what_they_carry(address: V4, carrier: str | None
                                                           ) -> None:
     """Not a policy that refuses everything: a mapped address is its IPv4 one, and it is
-    used only inside --pod-cidr."""
+    used only inside --pod-cidr (an empty one opens nothing beyond the known pods)."""
     text = str(address) if carrier is None else str(CARRIERS[carrier](address))
     assert targets.pod_ip_hint(text, allow_loopback=False) == str(address)
     assert policy().permits(text, text, 8888)
     inside = cidrs(f"{address}/32")
     assert policy(pod_cidr=inside).permits(text, text, 8888)
     assert not policy(pod_cidr=cidrs("192.0.2.0/24")).permits(text, text, 8888)
+    assert not policy(pod_cidr=()).permits(text, text, 8888)
 
 
-def test_a_known_pod_is_permitted_outside_pod_cidr_but_never_admitted_as_a_hint() -> None:
+def test_a_known_pod_is_permitted_without_pod_cidr_but_never_admitted_as_a_hint() -> None:
     """A known pod is reached through its own name; its address as a hint for another
     sandbox may be stale (the API gave it to a new sandbox), so it is not used."""
     narrow = policy(pod_cidr=cidrs("192.0.2.0/24"))
     assert narrow.permits("sb.default.svc.cluster.local", "::ffff:10.244.0.5", 8888)
+    assert policy(pod_cidr=()).permits("sb.default.svc.cluster.local", "10.244.0.5", 8888)
     assert not narrow.admits_hint("10.244.0.5")
     assert not narrow.admits_hint("10.244.0.6")
     assert narrow.admits_hint("192.0.2.6")
