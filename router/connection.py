@@ -22,7 +22,7 @@ import httptools
 from router import replay
 from router.body import ClientGone
 from router.errors import ProxyError, UpstreamFailed, UpstreamTimeout
-from router.limits import Deadline
+from router.limits import MAX_HEADERS, Deadline
 
 HIGH_WATER = 512 * 1024
 """Response bytes buffered before reading from the pod pauses (the client is slower)."""
@@ -126,6 +126,7 @@ class Connection(asyncio.Protocol):
                     else:
                         self._write(chunk)
                     await self._drain()
+                    response.progress()  # the pod takes the body: it is not silent
             if length is None and not self.closed:
                 self._write(b"0\r\n\r\n")
             response.body_sent = True
@@ -284,6 +285,9 @@ class Response:
         if self._head_size > self._max_head:
             raise UpstreamFailed(TOO_BIG)
         if not self._headers_done:  # a trailer is not merged into the head (RFC 9110 6.5.1)
+            if len(self.raw_headers) >= MAX_HEADERS:
+                # 64 KiB of empty header lines would hold 1.5 MB of tuples per answer.
+                raise UpstreamFailed(TOO_BIG)
             self.raw_headers.append((name.lower(), value))  # once: see router/headers.py
 
     def _grow(self, size: int) -> None:
@@ -309,8 +313,10 @@ class Response:
             return
         codings: list[bytes] = []
         for name, value in self.raw_headers:
-            if name == b"content-length" and value.isdigit():
-                self.content_length = int(value)
+            if name == b"content-length":
+                value = value.rstrip(b" \t")  # httptools keeps trailing OWS
+                if value.isdigit():
+                    self.content_length = int(value)
             elif name == b"transfer-encoding":
                 codings.extend(coding.strip().lower() for coding in value.split(b","))
         bodiless = self._no_body or status in (204, 304)
@@ -497,17 +503,23 @@ class Response:
         self._error = None
 
     def abandon(self) -> None:
-        """Nobody waits for this answer any more, and the request is at the pod. Closing
-        at once would cost a new connection for the next request whenever clients give
-        up on quick answers (a load generator stopping, a burst of client timeouts). So
-        the answer gets `LEAVE_GRACE` to arrive whole, if it is not declared or found to be
+        """Nobody waits for this answer any more (the client left, or it is a busy answer
+        the next pod replaces), and the request is at the pod. Closing at once would cost
+        a new connection for the next request whenever clients give up on quick answers
+        (a load generator stopping, a burst of client timeouts) or pods are busy. So the
+        answer gets `LEAVE_GRACE` to arrive whole, if it is not declared or found to be
         larger than `DRAIN_LIMIT`, and is dropped with the connection kept; otherwise the
-        connection is closed, so that a slow pod stops working for nobody, as before.
-        Nothing else of the request goes on: no retry, no answer to the client."""
+        connection is closed, so that a slow pod (one trickling its 503 included) stops
+        working for nobody and holds no request. Nothing else of the request goes on here:
+        no retry, no answer to the client."""
         if self._released or self._settling is not None:
             return
         if not self.body_sent:  # a streamed body still going out: nothing to wait for
             self.close()
+            return
+        if self._complete:  # already whole (a busy answer usually is): kept at once
+            self.whole()
+            self.release()
             return
         self._settling = asyncio.ensure_future(self._settle())
 
@@ -543,6 +555,15 @@ class Response:
         assert reading is not None  # a response exists only on a connected connection
         reading.start(self._read_timeout)
         return waiter
+
+    def progress(self) -> None:
+        """The pod took another piece of a streamed body before it answered: the wait for
+        its answer begins again, so an upload longer than the read timeout is no 504 (nginx
+        starts its read timeout once the request is sent). A pod that stops taking the
+        body blocks the writes, and then times out."""
+        reading = self._connection.reading
+        if not self._headers_done and reading is not None:
+            reading.start(self._read_timeout)
 
     def timed_out(self) -> None:
         """The wait ran out: the waiter is woken, not failed, and finds the error (an

@@ -92,16 +92,19 @@ class Pinned:
 
 
 def _connection_tokens(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """The hop-by-hop names, and those `Connection` names. Loops, not comprehensions, and
-    no new set for the usual `keep-alive`: this runs twice for every request (#13)."""
-    named = HOP_BY_HOP
+    """The hop-by-hop names, and those `Connection` names. No new set for the usual
+    `keep-alive` (this runs twice for every request, #13); else one set grown in place:
+    a set copied per token made a head of 12,000 tokens a 1.4 s turn of the event loop."""
+    extra: set[bytes] | None = None
     for name, value in headers:
         if name == b"connection":
             for token in value.split(b","):
                 token = token.strip().lower()
-                if token not in named:
-                    named = named | {token}
-    return named
+                if token not in HOP_BY_HOP:
+                    if extra is None:
+                        extra = set(HOP_BY_HOP)
+                    extra.add(token)
+    return HOP_BY_HOP if extra is None else frozenset(extra)
 
 
 def read_request(scope: Scope) -> Incoming:

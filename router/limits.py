@@ -12,7 +12,8 @@ import resource
 from collections.abc import Callable
 
 MAX_HEADERS = 100
-"""Request header lines, at most (nginx and Envoy default to about as many); 431 above."""
+"""Header lines of a request (431 above) or of a pod's answer head (502 above), at most:
+Envoy's `max_headers_count` and HAProxy's `tune.http.maxhdr` are as many, both ways."""
 
 
 def nothing() -> None:

@@ -26,7 +26,7 @@ from router.balancer import FirstIndex, RoundRobin
 from router.body import NO_BODY, ClientGone, RequestBody
 from router.clients import client_address
 from router.config import Config
-from router.connection import DRAIN_LIMIT, Response
+from router.connection import Response
 from router.errors import (
     ConnectFailed,
     ProxyError,
@@ -233,7 +233,7 @@ class Proxy:
                 self._observer.attempt("busy")
                 self._balancer.busy(pod)
                 saw_busy = True
-                await _discard(response)
+                response.abandon()  # the next pod does not wait for this one's body
                 continue
             self._observer.attempt("busy" if response.status == 503 else "ok")
             self._balancer.served(pod)
@@ -361,17 +361,6 @@ class Proxy:
         finally:
             self.tunnels.remove(tunnel)
             exchange.bytes_in, exchange.bytes_out = tunnel.bytes_in, tunnel.bytes_out
-
-
-async def _discard(response: Response) -> None:
-    """Read a small busy answer to the end so its connection goes back to the pool."""
-    try:
-        if response.content_length is not None and response.content_length <= DRAIN_LIMIT:
-            await response.read()
-    except (UpstreamTimeout, UpstreamFailed):
-        pass
-    finally:
-        response.release()
 
 
 def _raw_path_qs(scope: Scope) -> str:

@@ -19,6 +19,15 @@ def test_names_listed_in_connection_are_dropped_case_insensitively():
     assert forwarded["x-bar"] == "2"
 
 
+def test_every_one_of_many_connection_tokens_is_dropped_from_an_answer():
+    """12,000 tokens (a pod's head within its limits): each named header goes, however
+    many, in any `Connection` header; the others stay."""
+    names = [b"x-%x" % i for i in range(12000)]
+    raw = [(b"connection", b", ".join(names[:6000])), (b"connection", b",".join(names[6000:])),
+           (b"x-5", b"a"), (b"x-2edf", b"b"), (b"x-kept", b"c"), (b"keep-alive", b"5")]
+    assert response_headers(raw, []) == [(b"x-kept", b"c")]
+
+
 def test_an_unsafe_request_id_is_replaced():
     incoming = read_request(scope((b"x-request-id", b"has space")))
     assert incoming.request_id != "has space"

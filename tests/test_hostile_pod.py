@@ -14,7 +14,7 @@ import httpx
 import psutil
 import pytest
 
-from tests.conftest import StartRawPods, StartRouter, static_config
+from tests.conftest import StartRawPods, StartRouter, eventually, static_config
 from tests.process import RouterProcess
 from tests.rawclient import RawClient
 from tests.rawpod import OK, WAIT, PodConnection, answering
@@ -236,3 +236,73 @@ def test_hop_by_hop_headers_in_any_case_are_dropped(
     for name in ("x-secret", "keep-alive", "upgrade", "trailer"):
         assert name not in response.headers
     assert response.headers.get("connection", "keep-alive") == "keep-alive"
+
+
+@pytest.mark.parametrize("padding", [b" ", b"\t", b" \t "], ids=["space", "tab", "mixed"])
+def test_a_padded_content_length_still_frames_the_answer(
+    start_raw_pods: StartRawPods, start_router: StartRouter, caplog: pytest.LogCaptureFixture,
+    padding: bytes
+) -> None:
+    """The parser keeps a value's trailing blanks (RFC 9110 5.5 optional whitespace): read
+    as no length, an answer was taken as framed by the pod's close, so one cut short (3
+    bytes of 10, then a FIN) was relayed as whole, and uvicorn raised ("Exception in ASGI
+    application"). It is a pod failing mid-answer: the client's connection ends short,
+    with the router's warning. A whole one keeps its pod connection."""
+
+    def short(connection: PodConnection) -> None:
+        if connection.read_request() is not None:
+            connection.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10" + padding + b"\r\n\r\nabc")
+
+    pods = start_raw_pods(short, answering(b"HTTP/1.1 200 OK\r\ncontent-length: 2" + padding
+                                           + b"\r\n\r\nok"))
+    client = start_router(static_config(pods, proxy_timeout=120))
+    with caplog.at_level(logging.WARNING):
+        with pytest.raises(httpx.RemoteProtocolError):
+            client.get("/", headers={"X-Sandbox-ID": pods[0].name})
+        eventually(lambda: any("mid-response" in r.getMessage() for r in caplog.records))
+        pinned = {"X-Sandbox-ID": pods[1].name}
+        assert [client.get("/", headers=pinned).content for _ in range(2)] == [b"ok", b"ok"]
+    assert pods[1].connections == 1
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
+@pytest.mark.usefixtures("no_errors_logged")
+@pytest.mark.parametrize(("lines", "status"), [(99, 200), (100, 502)])
+def test_the_answer_header_line_limit_is_exact(
+    start_raw_pods: StartRawPods, start_router: StartRouter, lines: int, status: int
+) -> None:
+    """100 lines, as Envoy and HAProxy allow: within the byte limit, 64 KiB of empty lines
+    held 1.5 MB of the router's memory per answer in flight."""
+    answer = (STATUS + b"x-line: \r\n" * lines + b"content-length: 2\r\n\r\nok")
+    if status == 200:
+        client = start_router(static_config(start_raw_pods(answering(answer))))
+        assert client.get("/").content == b"ok"
+    else:
+        assert exchange(start_raw_pods, start_router, Hostile(answer)) == (status, TOO_BIG)
+
+
+def test_a_busy_answer_trickled_holds_no_request(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """A busy answer's body was read to its end before the next pod was tried, each read
+    bounded by the proxy timeout but not the whole: a pod trickling its 503 held the
+    request (answered nothing) for up to 64 Ki timeouts while another pod was free. Now
+    the next pod is asked at once, and the trickling connection is closed."""
+    stop = threading.Event()
+
+    def trickle(connection: PodConnection) -> None:
+        if connection.read_request() is not None and connection.send(
+                b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 1000\r\n\r\n"):
+            while connection.send(b"b") and not stop.wait(0.2):
+                pass
+            connection.pod.ended.set()
+
+    busy, free = start_raw_pods(trickle, answering(OK))
+    client = start_router(static_config([busy, free], proxy_timeout=1))
+    try:
+        # Two requests: one of them starts at the busy pod, wherever the counter starts.
+        assert [client.get("/", timeout=WAIT).content for _ in range(2)] == [b"ok", b"ok"]
+        assert len(busy.requests) == 1
+        assert busy.ended.wait(WAIT)  # the router closed it: it stopped taking bytes
+    finally:
+        stop.set()

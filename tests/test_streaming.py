@@ -18,7 +18,7 @@ from router import connection
 from router.observe import Exchange, NullObserver
 from router.server import ServerThread
 from tests.conftest import StartPods, StartRawPods, StartRouter, eventually, static_config
-from tests.rawpod import WAIT, PodConnection
+from tests.rawpod import OK, WAIT, PodConnection, answering
 from tests.sandbox import pattern, pattern_sha256
 
 BIG = 300 * 1024 * 1024
@@ -215,3 +215,25 @@ def test_a_streamed_answers_head_reaches_the_client_before_any_body(
             assert piece, "the router closed before the body"
             body += piece
     assert body == (b"5\r\nhello\r\n0\r\n\r\n" if chunked else b"hello")
+
+
+def test_an_upload_longer_than_the_proxy_timeout_is_no_504(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+):
+    """`--proxy-timeout` bounds each wait for the pod: a pod taking every piece of a
+    streamed body as it comes is not silent, however long the upload (nginx starts its read
+    timeout once the request is sent). The wait for its answer began when the head was
+    written and never moved, so an upload of more than a timeout was a 504, and cooled
+    the pod down. Paced: eight pieces a quarter of a timeout apart."""
+    pods = start_raw_pods(answering(OK))
+    client = start_router(static_config(pods, proxy_timeout=1))
+    pause = threading.Event()
+
+    def slow_body() -> Iterator[bytes]:
+        for _ in range(8):
+            yield b"x" * 100
+            pause.wait(0.25)
+
+    response = client.post("/", content=slow_body())  # chunked: streamed
+    assert (response.status_code, response.content) == (200, b"ok")
+    assert pods[0].requests[0].body == b"x" * 800
