@@ -17,13 +17,14 @@ from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
 import httptools
-from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl, service_unavailable
+from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT, FlowControl
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from router.accepting import AcceptBurst
+from router.asgi import Receive, Scope, Send
 from router.config import Config
 from router.cycle import MessageEvent, ProxyCycle
-from router.errors import ProxyError
+from router.errors import ProxyError, send_error
 from router.limits import MAX_HEADERS, Deadline, connections_to_drain, nothing, refusal
 from router.sockets import unread
 
@@ -56,10 +57,12 @@ class ClientWatch:
             self.task = None
 
     def expire(self, error: ProxyError) -> None:
-        """End the request with `error` (the client was too slow): cancelled wherever it
-        waits, a pod connection it holds is closed, so no pod gets a silently short body."""
+        """End the request with `error` (the client was too slow, or its body malformed):
+        cancelled wherever it waits, a pod connection it holds is closed, so no pod gets a
+        silently short body. A request whose task has not run yet (the error came in the
+        read that began it) meets the error as it starts (`router.proxy`)."""
+        self.expired = error
         if self.task is not None:
-            self.expired = error
             self.task.cancel()
             self.task = None
 
@@ -86,9 +89,24 @@ class Reading(enum.Enum):
     BODY = "body"  # the head is complete, the body is not
 
 
+MAX_PIPELINED = 16
+"""Requests parsed and queued behind the one being answered. The parser takes a whole read
+(up to 256 KiB) at once, so without a bound one read of tiny pipelined requests became
+thousands of queued ones, each with its cycle, scope and headers: about 8 MB a read, and
+seconds of parsing. Above it the connection closes (an answer is in flight)."""
 HEAD_TIMEOUT = "The request head did not arrive in time."
 BODY_TIMEOUT = ProxyError(408, "The request body did not arrive in time.")
 TRAILERS_TOO_LARGE = ProxyError(431, "The request trailers are too large.")
+BAD_REQUEST = "Invalid HTTP request received."
+BAD_BODY = ProxyError(400, BAD_REQUEST)
+OVER_LIMIT = ProxyError(503, "The router is at its concurrency limit.",
+                        ((b"retry-after", b"1"), (b"connection", b"close")))
+
+
+async def _over_limit(scope: Scope, receive: Receive, send: Send) -> None:
+    """Above `--limit-concurrency`: uvicorn's `service_unavailable` answers in plain text,
+    and every status of the router's own is JSON."""
+    await send_error(send, OVER_LIMIT)
 
 
 class HeadRefused(Exception):
@@ -227,10 +245,15 @@ class HttpProtocol(HttpToolsProtocol):
     def _bad_request(self) -> None:
         """uvicorn's 400 went out at once, even behind a pipelined request in flight: the
         client took it for that request's answer. `_refuse` keeps the order (and answers
-        in JSON, as every status of the router's own)."""
-        message = "Invalid HTTP request received."
-        self.logger.warning(message)
-        self._refuse(400, message)
+        in JSON, as every status of the router's own). In a body (a bad chunk line), the
+        request has begun: it answers the 400 itself, and closes its pod connection, so
+        the pod never takes what came for a whole request."""
+        self.logger.warning(BAD_REQUEST)
+        if self.reading is Reading.BODY:
+            self.transport.pause_reading()  # the parser is spent: nothing more to read
+            self._body_expired(BAD_BODY)
+        else:
+            self._refuse(400, BAD_REQUEST)
 
     def on_message_begin(self) -> None:
         HttpToolsProtocol.on_message_begin(self)  # not super(): an object per request
@@ -241,13 +264,13 @@ class HttpProtocol(HttpToolsProtocol):
         if (self._exact or self._head_bytes > self.options.max_request_head
                 or len(self.headers) > MAX_HEADERS):
             self._check_head()  # the head came in large reads, or after another: count exactly
-        self.reading = Reading.BODY
         self._framing = 0
         self._exact = False
         self._head_bytes = 0
         self._line_open = True
         self._deadline.stop()
         self._start_cycle()
+        self.reading = Reading.BODY  # once its request exists: else an error is the head's
         # The request's scope holds the list of its head; a chunked body's trailers, which
         # uvicorn's `on_header` appends too, go to a list nobody reads: never merged into
         # the headers (RFC 9110 6.5.1), else one in the head's read would route the request.
@@ -277,7 +300,7 @@ class HttpProtocol(HttpToolsProtocol):
         app = self.app
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
-            app = service_unavailable
+            app = _over_limit
             self.logger.warning("Exceeded concurrency limit.")
         existing = self.cycle
         self.cycle = ProxyCycle(
@@ -296,6 +319,8 @@ class HttpProtocol(HttpToolsProtocol):
         if existing is None or existing.response_complete:
             self._start_asgi_task(self.cycle, app)
         else:  # pipelined: waits for the answer before it
+            if len(self.pipeline) >= MAX_PIPELINED:
+                raise HeadRefused(429, "Too many pipelined requests.")  # in flight: closes
             self.flow.pause_reading()
             self.pipeline.appendleft((self.cycle, app))
 
@@ -322,7 +347,8 @@ class HttpProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         self._extended = False
         if not self.transport.is_closing():
-            self.flow.resume_reading()
+            if UPGRADE not in self._extensions:  # else the rest is the tunnel's, unparsed
+                self.flow.resume_reading()
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
                 self._start_asgi_task(cycle, app)
@@ -376,7 +402,7 @@ class HttpProtocol(HttpToolsProtocol):
         its pod connection on the way out; else the connection ends (an answer under way
         ends short, as when the client leaves)."""
         cycle = self.cycle
-        if self.serving is cycle and not cycle.response_started and self.watch.task is not None:
+        if self.serving is cycle and not cycle.response_started:
             cycle.keep_alive = False
             self.watch.expire(error)
         else:

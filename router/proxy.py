@@ -115,6 +115,8 @@ class Proxy:
         served: Pod | None = None  # the pool pod whose answer this is
         try:
             pinned = None
+            if watch is not None and watch.expired is not None:
+                raise watch.expired  # in the read that began it: a bad chunk line, say
             if incoming.refused is not None:
                 raise incoming.refused
             if incoming.sandbox_id is not None:  # refused before the body is read

@@ -19,7 +19,7 @@ import pytest
 from router.config import StaticPod
 from router.errors import ProxyError
 from router.headers import Incoming, parse_pinned
-from router.protocol import HttpProtocol
+from router.protocol import MAX_PIPELINED, HttpProtocol
 from router.server import ServerThread
 from tests import rawpod
 from tests.conftest import StartPods, StartRawPods, StartRouter, eventually, static_config
@@ -550,3 +550,78 @@ def test_a_malformed_request_is_answered_in_json(router: tuple[httpx.Client, Pod
     answer = refused(request(port_of(client), HEAD + b"X: a\x00b\r\n\r\n"), 400)
     assert answer.detail() == "Invalid HTTP request received."
     serves_next(client, pod, seen=0)
+
+
+# -- what a body's framing and a pipeline can make the router hold --
+
+
+@pytest.mark.parametrize("line", [b"1 \r\n", b"0x1\r\n", b"zz\r\n", b"1\n"],
+                         ids=["blank", "hex-prefix", "not-hex", "bare-lf"])
+def test_a_bad_chunk_line_in_the_first_read_is_answered_400(
+    router: tuple[httpx.Client, Pod], line: bytes
+):
+    """Found after the head began the request: the connection used to close without an
+    answer, logged as 499 (client gone)."""
+    client, pod = router
+    answer = request(port_of(client), b"POST / HTTP/1.1\r\nHost: r\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n" + line + b"a\r\n0\r\n\r\n")
+    assert refused(answer, 400).detail() == "Invalid HTTP request received."
+    serves_next(client, pod, seen=0)
+
+
+def test_a_bad_chunk_line_mid_body_is_answered_400_and_the_pod_gets_no_whole_request(
+    start_pods: StartPods, start_router: StartRouter, start_raw_pods: StartRawPods
+):
+    silent = start_raw_pods(rawpod.silent)[0]
+    client, pod = over_raw_pod(start_pods, start_router, silent)
+    raw = RawClient(port_of(client))
+    raw.send(b"POST /up HTTP/1.1\r\nHost: r\r\nX-Sandbox-ID: raw-0\r\n"
+             b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+    eventually(lambda: any(b"hello" in seen for seen in silent.raw_received()))
+    raw.send(b"zz\r\n")
+    assert refused(raw.answer(), 400).detail() == "Invalid HTTP request received."
+    assert raw.closed()
+    assert silent.ended.wait(10)  # its connection closed: never a whole (shorter) request
+    (received,) = silent.raw_received()
+    assert not bytes(received).endswith(b"0\r\n\r\n")
+    serves_next(client, pod)
+
+
+@pytest.mark.parametrize(("queued", "answered"), [(MAX_PIPELINED, True), (100, False)])
+def test_requests_pipelined_in_one_read_are_bounded(
+    router: tuple[httpx.Client, Pod], queued: int, answered: bool
+):
+    """The parser takes a whole read at once: 256 KiB of tiny pipelined requests behind
+    one in flight became some 9,000 queued ones (8 MB of the router's memory, seconds of
+    parsing, for each such read). Up to `MAX_PIPELINED` wait their turn and are answered
+    in order; beyond, the connection closes and no queued request reaches the pod."""
+    client, pod = router
+    raw = RawClient(port_of(client))
+    raw.send(b"".join(b"GET /%d HTTP/1.1\r\nHost: r\r\n\r\n" % i for i in range(queued + 1)))
+    if answered:
+        statuses = [answer.status if (answer := raw.answer()) else None
+                    for _ in range(queued + 1)]
+        assert statuses == [200] * (queued + 1)
+        assert [seen.raw_path for seen in pod.app.seen] == [
+            b"/%d" % i for i in range(queued + 1)]
+    else:
+        assert raw.closed()
+        assert pod.app.hits <= 1  # the first, begun before the rest was parsed
+    raw.close()
+    serves_next(client, pod)
+
+
+def test_above_limit_concurrency_the_503_is_json(
+    start_pods: StartPods, start_router: StartRouter
+) -> None:
+    """uvicorn's own answer was `text/plain` `Service Unavailable`."""
+    pod = start_pods(1)[0]
+    client = start_router(static_config([pod], limit_concurrency=2))
+    held = RawClient(port_of(client))  # with the next one, the limit
+    try:
+        answer = request(port_of(client), HEAD + b"\r\n")
+        assert refused(answer, 503).detail() == "The router is at its concurrency limit."
+        assert answer.headers["retry-after"] == "1"
+        assert pod.app.hits == 0
+    finally:
+        held.close()

@@ -32,7 +32,7 @@ from router.tunnel import Tunnel
 from tests.conftest import StartRawPods, StartRouter, eventually, scrape, static_config, value
 from tests.process import RouterProcess
 from tests.rawclient import RawClient
-from tests.rawpod import BUSY, WAIT, PodConnection, answering
+from tests.rawpod import BUSY, OK, WAIT, PodConnection, answering
 from tests.wspod import CLOSE_ME, SUBPROTOCOL, WsPod
 
 StartWsPods = Callable[[int], list[WsPod]]
@@ -1011,3 +1011,44 @@ def test_the_client_address_is_the_right_most_untrusted_hop(
     headers = [(b"x-forwarded-for", value.encode()) for value in forwarded]
     assert client_address(peer, headers, trusted) == expected
     assert client_address(peer, headers, ()) == peer  # no trusted proxy: never read
+
+
+def test_bytes_behind_a_handshake_pipelined_behind_a_request_reach_the_pod_after_its_101(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """A handshake queued behind a request in flight: the end of that request's answer
+    resumed reading, though the handshake had paused it, so bytes the client sent before
+    the 101 were parsed as HTTP (the connection then closed, no 101) instead of waiting
+    for the tunnel."""
+    later_sent = threading.Event()
+
+    def plain_then_switching(connection: PodConnection) -> None:
+        while (request := connection.read_request()) is not None:
+            if request.header(b"upgrade") is None:
+                connection.send(OK)
+                continue
+            if later_sent.wait(WAIT) and connection.send(
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                    b"Upgrade: foo\r\n\r\n"):
+                received = b""
+                while len(received) < len(b"EARLYLATER") and (data := connection._recv()):
+                    received += data
+                connection.send(received)  # what the tunnel brought, in one piece
+            return
+
+    pod = start_raw_pods(plain_then_switching)[0]
+    client = RawClient(start_router(static_config([pod])).base_url.port or 0)
+    client.send(b"GET /first HTTP/1.1\r\nHost: r\r\n\r\n"
+                b"GET /ws HTTP/1.1\r\nHost: r\r\nConnection: upgrade\r\nUpgrade: foo\r\n\r\n"
+                b"EARLY")
+    first = client.answer()
+    assert first is not None and first.body == b"ok"
+    client.send(b"LATER")  # after the first answer, before the 101
+    later_sent.set()
+    switched = client.answer()
+    assert switched is not None and switched.status == 101
+    received = client._pending
+    while len(received) < len(b"EARLYLATER") and (more := client._recv()):
+        received += more
+    assert received == b"EARLYLATER"
+    client.close()
