@@ -169,6 +169,9 @@ class Router:
             return "shutting down"
         if self._proxy is None:  # only the metrics thread can ask before start-up ends
             return "starting"
+        beat = self.heartbeat.age()
+        if beat is not None and beat > probes.STALL:  # the traffic port cannot answer
+            return "event loop stalled"
         return self.source.not_ready_reason()
 
     async def startup(self) -> None:

@@ -54,6 +54,10 @@ WATCH_READ_SLACK = 5.0
 LIST_READ_TIMEOUT = 30.0
 """Seconds to wait for a list answer: long enough for thousands of pods on a busy API."""
 
+MIN_WATCH = 0.5
+"""A watch that ended sooner than this (seconds) without failing is backed off from, as one
+that failed, rather than reopened at once (client-go's reflector does the same)."""
+
 WARN_EVERY = 60.0
 """Seconds between warning lines while the API keeps failing: one line a minute says the
 outage lasts without flooding the log at every retry."""
@@ -116,14 +120,16 @@ def connect(config: Config) -> k8s.ApiClient:
     Blocking (it reads files): called from a worker thread. Whatever is wrong with the
     configuration is one `ConfigError` naming it, never a traceback."""
     try:
+        configuration = k8s.Configuration()
+        # No silent re-sends by urllib3 (3 by default): a hung call would fail only after
+        # four read timeouts, unseen in /ready and the log; the watch loop retries itself.
+        configuration.retries = False
         if config.kubeconfig:
             check_kubeconfig(config.kubeconfig)
-            api_client: k8s.ApiClient = kubeconfig.new_client_from_config(
-                config_file=config.kubeconfig
-            )
-            return api_client
-        configuration = k8s.Configuration()
-        kubeconfig.load_incluster_config(client_configuration=configuration)
+            kubeconfig.load_kube_config(config_file=config.kubeconfig,
+                                        client_configuration=configuration)
+        else:
+            kubeconfig.load_incluster_config(client_configuration=configuration)
         return k8s.ApiClient(configuration)
     except (kubeconfig.ConfigException, OSError, ValueError) as exc:
         raise _unusable(config, str(exc)) from None
@@ -193,7 +199,8 @@ class PodWatch:
         self._on_change = on_change
         self._stopping = stopping
         self._schedule = Schedule.of(config.cache_ttl)
-        self._warned_at: float | None = None  # the last warning of the current outage
+        self._warned_at: float | None = None  # the last warning (at most one a minute)
+        self._warned = False  # a warning was logged that no "answers again" line followed
         self._kept: dict[str, Pod] = {}
         self._changed = False
         self._thread: threading.Thread | None = None
@@ -209,19 +216,26 @@ class PodWatch:
         if response is not None:
             response.shutdown()
 
-    def join(self) -> None:
+    def join(self, timeout: float | None = None) -> None:
         if self._thread is not None:
-            self._thread.join(self._schedule.watch_window + 1)
+            self._thread.join(self._schedule.watch_window + 1 if timeout is None else timeout)
 
     def _run(self) -> None:
         delay = self._schedule.backoff_first
         while not self._stopping.is_set():
             try:
                 version = self._list()
-                delay = self._schedule.backoff_first
                 relist_at = time.monotonic() + self._schedule.relist_every
                 while not self._stopping.is_set() and time.monotonic() < relist_at:
+                    opened = time.monotonic()
                     version = self._watch(version)
+                    if time.monotonic() - opened >= MIN_WATCH:
+                        # A watch ran its course: the API is healthy again (a list that
+                        # succeeds while every watch fails is still an outage).
+                        delay = self._schedule.backoff_first
+                    else:
+                        self._stopping.wait(random.uniform(delay / 2, delay))
+                        delay = min(delay * 2, self._schedule.backoff_cap)
             except Expired:
                 log.info("%s watch expired (410 Gone); re-listing", self.query.what)
             except Exception as exc:
@@ -323,11 +337,11 @@ class PodWatch:
             self._changed = False
             _log_change(self.query.what, previous, pods)
             self._on_change()
-        if self.error is not None and previous is not None:
+        if self.error is not None and previous is not None and self._warned:
             log.info("the Kubernetes API answers again: %s confirmed (%d pods)",
                      self.query.what, len(pods))
+            self._warned = False
         self.error = None
-        self._warned_at = None
         if report:
             self._observer.pod_list_refreshed("ok")
 
@@ -338,6 +352,7 @@ class PodWatch:
         if self._warned_at is not None and now - self._warned_at < WARN_EVERY:
             return
         self._warned_at = now
+        self._warned = True
         what = self.query.what
         if self.pods is None:
             log.warning("%s refresh failed: %s", what, self.error)

@@ -42,6 +42,9 @@ from router.sandbox_ids import SANDBOX_LABEL
 
 log = logging.getLogger("router.sandboxes")
 
+STOP_WAIT = 1.0
+"""Seconds the watch threads get, together, to end at shutdown."""
+
 
 class KubernetesPodSource:
     """The pool and the sandbox index, each kept by its own list + watch."""
@@ -107,8 +110,11 @@ class KubernetesPodSource:
         self._stopping.set()
         for watch in self._watches:
             watch.interrupt()
+        # A watch thread blocked in a call that hangs (no answer yet: nothing to
+        # interrupt) is a daemon: waited for briefly, together, not a window each.
+        deadline = time.monotonic() + STOP_WAIT
         for watch in self._watches:
-            await asyncio.to_thread(watch.join)
+            await asyncio.to_thread(watch.join, max(0.0, deadline - time.monotonic()))
         if self._api is not None:  # closing its pools may block: off the loop
             await asyncio.to_thread(self._api.api_client.close)
 

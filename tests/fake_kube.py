@@ -21,7 +21,7 @@ import time
 import urllib.parse
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -48,6 +48,7 @@ class Call:
     verb: str  # "list", "watch" or "tokenreview"
     namespace: str  # "" for every namespace
     query: Mapping[str, str]
+    at: float = field(default_factory=time.monotonic, compare=False)  # when it came
 
 
 def sandbox_labels(name: str) -> dict[str, str]:
@@ -168,6 +169,8 @@ class FakeKube:
         self.tokens: dict[str, tuple[str, ...]] = {}
         self.reviews: list[Obj] = []  # the spec of each TokenReview received
         self.failure: int | None = None
+        self.watch_failure: int | None = None  # watches only: lists still answer
+        self.empty_watches = False  # watches answer 200 and end at once, with no event
         self.garbage = False
         self.hanging = 0
         self.released = threading.Event()
@@ -215,6 +218,21 @@ class FakeKube:
         with self.changed:
             self._dropped += 1
             self.changed.notify_all()
+
+    def fail_watches(self, code: int | None) -> None:
+        """Answer every watch with `code` (a watch cache not ready, a front proxy that
+        cannot stream, long-running requests throttled) while lists answer."""
+        with self.changed:
+            self.watch_failure = code
+        if code is not None:
+            self.drop_watches()
+
+    def end_watches_at_once(self) -> None:
+        """Every watch answers 200 and ends with no event (a proxy that does not stream,
+        an API server closing watches as it shuts down)."""
+        with self.changed:
+            self.empty_watches = True
+        self.drop_watches()
 
     def fail(self, code: int | None) -> None:
         """Answer every call with `code` (e.g. 503) until `fail(None)`."""
@@ -403,7 +421,7 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         if not watch:
             return self._json(200, kube.list_pods(namespace, query))
-        self._stream(kube.watch_events(namespace, query))
+        self._stream(iter(()) if kube.empty_watches else kube.watch_events(namespace, query))
 
     def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)) or b"{}")
@@ -426,6 +444,8 @@ class _Handler(BaseHTTPRequestHandler):
         with kube.changed:
             kube.hanging -= 1
             failure = kube.failure
+            if failure is None and call.verb == "watch":
+                failure = kube.watch_failure
         if failure is not None:
             self._json(failure, status(failure, "InternalError", "fake outage"))
             return False

@@ -13,9 +13,10 @@ from typing import Any
 
 import httpx
 import pytest
+from urllib3.util import Retry
 
-from router.config import DEFAULT_SELECTOR
-from router.kube import Schedule, candidate
+from router.config import DEFAULT_SELECTOR, Config
+from router.kube import Schedule, candidate, connect
 from router.metrics import Metrics
 from router.observe import NullObserver, Refresh
 from router.sandbox_ids import SANDBOX_LABEL, fnv1a_32
@@ -456,3 +457,88 @@ def test_the_command_finds_the_api_through_kubeconfig(
         assert router.stop() == 0
     assert {call.query["labelSelector"] for call in kube.calls} == {DEFAULT_SELECTOR,
                                                                    SANDBOX_LABEL}
+
+
+def _gaps(kube: FakeKube, verb: str, since: int) -> list[float]:
+    """Seconds between the pool's `verb` calls, from its `since`-th on."""
+    with kube.changed:
+        times = [call.at for call in kube.calls
+                 if call.verb == verb and call.query.get("labelSelector") == DEFAULT_SELECTOR]
+    times = times[since:]
+    return [later - earlier for earlier, later in zip(times, times[1:], strict=False)]
+
+
+def test_watches_failing_while_lists_answer_are_backed_off_and_warned_of_once(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each good list reset the backoff and the warning's rate limit: with every watch
+    refused (a 429 from an API server throttling), the router re-listed four times a
+    second and warned at every round. Backoff from 0.25 s doubling to the cap (--cache-ttl
+    1 s here), jittered down to half: the waits before the later re-lists are at least
+    0.5 s (lower bounds: a slow machine only lengthens them)."""
+    caplog.set_level(logging.INFO, logger="router.kube")
+    client = kube_router(kube.add_pods(start_pods(2)), cache_ttl=1.0)
+    since = kube.count("list", DEFAULT_SELECTOR)
+    kube.fail_watches(429)
+    kube.wait_for(lambda: kube.count("list", DEFAULT_SELECTOR) >= since + 5, timeout=20)
+    gaps = _gaps(kube, "list", since)[:4]
+    assert min(gaps[2:]) >= 0.5, gaps
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING and r.getMessage().startswith("pod list")]
+    assert len(warned) == 1, warned  # at most once a minute
+    assert served_by(client, 4) == {"pod-0": 2, "pod-1": 2}
+    kube.fail_watches(None)
+    eventually(lambda: any("answers again" in r.getMessage() for r in caplog.records))
+
+
+def test_watches_that_end_at_once_are_backed_off_not_reopened_in_a_loop(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    """A watch answered and ended with no event (a proxy that does not stream) was
+    reopened at once: hundreds of calls a second. One that lasts under
+    `MIN_WATCH` is now backed off from as a failed one is (client-go's reflector does
+    the same)."""
+    client = kube_router(kube.add_pods(start_pods(2)), cache_ttl=1.0)
+    since = kube.count("watch", DEFAULT_SELECTOR)
+    kube.end_watches_at_once()
+    kube.wait_for(lambda: kube.count("watch", DEFAULT_SELECTOR) >= since + 5, timeout=20)
+    gaps = _gaps(kube, "watch", since)[:4]
+    assert min(gaps[2:]) >= 0.5, gaps
+    assert ready(client)
+
+
+def test_the_api_client_never_resends_a_call_itself(kube: FakeKube, tmp_path: Path) -> None:
+    """urllib3 re-sends a call 3 times by default: a hung watch then failed only after four
+    read timeouts, unseen in /ready and the log meanwhile. The watch loop retries, with
+    its backoff and its report."""
+    path = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    api = connect(Config(kubeconfig=str(path)))
+    try:
+        assert api.configuration.retries is False
+        pooled = api.rest_client.pool_manager.connection_pool_kw.get("retries")
+        assert Retry.from_int(pooled).total is False  # no key: urllib3's default, 3
+    finally:
+        api.close()
+
+
+def test_sigterm_while_the_api_hangs_ends_within_the_shutdown_timeout(
+    kube: FakeKube, tmp_path: Path, start_pods: StartPods
+) -> None:
+    """The watch threads, blocked in calls that get no answer (nothing to interrupt), were
+    each waited for up to a watch window (--cache-ttl 30 here): a minute past the drain
+    budget, where the kubelet's SIGKILL comes. They are daemons, given one second together."""
+    pods = kube.add_pods(start_pods(2))
+    path = kube.write_kubeconfig(tmp_path / "kubeconfig")
+    router = RouterProcess(["--pod-port", str(pods[0].port), "--allow-loopback-pod-ip",
+                            "--cache-ttl", "30", "--shutdown-timeout", "1",
+                            "--drain-grace", "0"], env={"KUBECONFIG": str(path)})
+    try:
+        with httpx.Client(base_url=router.url) as client:
+            eventually(lambda: ready(client))
+        with kube.hang():
+            kube.wait_for(lambda: kube.hanging == 2, timeout=15)
+            router.process.terminate()
+            assert router.process.wait(15) == 0  # while both calls still hang
+            assert kube.hanging == 2
+    finally:
+        router.kill()

@@ -88,7 +88,7 @@ def test_admin_probes_answer_while_the_router_is_saturated(
     assert answers[1].json()["status"] == "ok"
 
 
-def test_admin_healthz_fails_while_the_serving_loop_is_wedged(
+def test_admin_healthz_and_ready_fail_while_the_serving_loop_is_wedged(
     start_pods: StartPods, start_router: StartRouter, metrics: Metrics,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -105,12 +105,17 @@ def test_admin_healthz_fails_while_the_serving_loop_is_wedged(
         answer = admin(metrics, "/healthz")
         assert answer.json()["status"] == "event loop stalled"
         assert answer.json()["heartbeat_age"] > 1.0
+        # Readiness too: the traffic port cannot answer, so the Service must stop sending
+        # clients here (it kept saying ready until liveness restarted the router).
+        assert admin(metrics, "/ready").json() == {"status": "not ready",
+                                                   "reason": "event loop stalled"}
         with pytest.raises(httpx.TimeoutException):  # the main port cannot answer at all
             client.get("/healthz", timeout=0.5)
     finally:
         release.set()
     eventually(lambda: admin(metrics, "/healthz").status_code == 200)
     assert client.get("/healthz").json() == {"status": "ok"}
+    assert admin(metrics, "/ready").status_code == 200
 
 
 def test_admin_ready_fails_before_start_up_before_the_first_sync_and_on_drain(
