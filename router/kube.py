@@ -216,9 +216,9 @@ class PodWatch:
         if response is not None:
             response.shutdown()
 
-    def join(self, timeout: float | None = None) -> None:
+    def join(self, timeout: float) -> None:
         if self._thread is not None:
-            self._thread.join(self._schedule.watch_window + 1 if timeout is None else timeout)
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         delay = self._schedule.backoff_first
@@ -234,16 +234,19 @@ class PodWatch:
                         # succeeds while every watch fails is still an outage).
                         delay = self._schedule.backoff_first
                     else:
-                        self._stopping.wait(random.uniform(delay / 2, delay))
-                        delay = min(delay * 2, self._schedule.backoff_cap)
+                        delay = self._back_off(delay)
             except Expired:
                 log.info("%s watch expired (410 Gone); re-listing", self.query.what)
             except Exception as exc:
                 if self._stopping.is_set():
                     return
                 self._failed(exc)
-                self._stopping.wait(random.uniform(delay / 2, delay))
-                delay = min(delay * 2, self._schedule.backoff_cap)
+                delay = self._back_off(delay)
+
+    def _back_off(self, delay: float) -> float:
+        """Wait a jittered `delay` (or until stopping); returns the next one."""
+        self._stopping.wait(random.uniform(delay / 2, delay))
+        return min(delay * 2, self._schedule.backoff_cap)
 
     def _call(self, **options: Any) -> Any:
         """One list or watch call: namespaced, or across every namespace."""
