@@ -170,6 +170,8 @@ class FakeKube:
         self.reviews: list[Obj] = []  # the spec of each TokenReview received
         self.failure: int | None = None
         self.watch_failure: int | None = None  # watches only: lists still answer
+        self.page_sizes: list[int] = []  # items in each list answer
+        self._pages: dict[str, list[Obj]] = {}  # continue token -> its list's snapshot
         self.empty_watches = False  # watches answer 200 and end at once, with no event
         self.garbage = False
         self.hanging = 0
@@ -341,12 +343,26 @@ class FakeKube:
                 "metadata": {}, "spec": spec, "status": status}
 
     def list_pods(self, namespace: str, query: Mapping[str, str]) -> Obj:
-        """`namespace` "" lists every namespace."""
+        """`namespace` "" lists every namespace. With `limit`, a page: `metadata.continue`
+        then names the next, of the same snapshot (the list's resourceVersion), as the API
+        server serves pages; `page_sizes` records how many items each answer held."""
         with self.changed:
-            items = [obj for (ns, _), obj in sorted(self.objects.items())
-                     if namespace in ("", ns) and selected(obj, query)]
-            return {"kind": "PodList", "apiVersion": "v1",
-                    "metadata": {"resourceVersion": str(self.version)}, "items": items}
+            token = query.get("continue")
+            if token:
+                version, offset = (int(part) for part in token.split(":"))
+                items = self._pages[token]
+            else:
+                version, offset = self.version, 0
+                items = [obj for (ns, _), obj in sorted(self.objects.items())
+                         if namespace in ("", ns) and selected(obj, query)]
+            limit = int(query.get("limit") or 0) or len(items) - offset
+            page = items[offset:offset + limit]
+            metadata: Obj = {"resourceVersion": str(version)}
+            if offset + limit < len(items):
+                metadata["continue"] = f"{version}:{offset + limit}"
+                self._pages[metadata["continue"]] = items
+            self.page_sizes.append(len(page))
+            return {"kind": "PodList", "apiVersion": "v1", "metadata": metadata, "items": page}
 
     def watch_events(self, namespace: str, query: Mapping[str, str]) -> Iterator[Obj | None]:
         """Events after `resourceVersion` until `timeoutSeconds`; None means: cut the

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from urllib3.util import Retry
 
+from router import kube as kube_module
 from router.config import DEFAULT_SELECTOR, Config
 from router.kube import Schedule, candidate, connect
 from router.metrics import Metrics
@@ -542,3 +543,23 @@ def test_sigterm_while_the_api_hangs_ends_within_the_shutdown_timeout(
             assert kube.hanging == 2
     finally:
         router.kill()
+
+
+def test_a_list_is_read_a_page_at_a_time(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A whole list in one answer made the router's memory follow every pod object of the
+    namespace (5,000 pods of 8 KB: 401 MiB, over the manifest's limit, at every start).
+    Pages of `LIST_PAGE` (2 here), one snapshot: every pod is served, the watch goes on
+    from the list's version, and no answer held more than a page."""
+    monkeypatch.setattr(kube_module, "LIST_PAGE", 2)
+    pods = kube.add_pods(start_pods(5))
+    for index in range(3):  # pods that are not ready: listed, never served
+        kube.add_pod(f"pending-{index}", f"10.1.0.{index}", ready=False)
+    client = kube_router(pods)
+    assert served_by(client, 10) == {pod.name: 2 for pod in pods}
+    assert kube.page_sizes and max(kube.page_sizes) == 2
+    assert {call.query.get("limit") for call in kube.calls if call.verb == "list"} == {"2"}
+    assert kube.count("list", DEFAULT_SELECTOR) == 4  # 8 pool pods in pages of 2
+    kube.delete_pod("pod-0")  # the watch follows from the version of the paged list
+    eventually(lambda: pool_names(client) == {"pod-1", "pod-2", "pod-3", "pod-4"})
