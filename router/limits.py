@@ -10,6 +10,7 @@ import functools
 import json
 import resource
 from collections.abc import Callable
+from http import HTTPStatus
 
 MAX_HEADERS = 100
 """Header lines of a request (431 above) or of a pod's answer head (502 above), at most:
@@ -83,8 +84,7 @@ class Deadline:
 def refusal(status: int, detail: str) -> bytes:
     """A whole answer, written by the protocol itself to a request that never reaches the
     app (its head is malformed, too large or too slow), closing the connection."""
-    reason = {400: b"Bad Request", 408: b"Request Timeout", 414: b"URI Too Long",
-              431: b"Request Header Fields Too Large"}[status]
+    reason = HTTPStatus(status).phrase.encode()
     body = json.dumps({"detail": detail}, separators=(",", ":")).encode()
     return b"".join([
         b"HTTP/1.1 %d %s\r\n" % (status, reason),

@@ -287,6 +287,8 @@ class HttpProtocol(HttpToolsProtocol):
         http_version = parser.get_http_version()
         scope["method"] = parser.get_method().decode("ascii")
         if http_version != "1.1":
+            if http_version != "1.0":  # the parser takes 2.0, and 0.9 (no version at all)
+                raise HeadRefused(505, "The HTTP version is not supported.")
             scope["http_version"] = http_version
         if parser.should_upgrade() and self._should_upgrade():
             return

@@ -356,6 +356,17 @@ def test_malformed_request_is_refused_and_reaches_no_pod(
     serves_next(client, pod, seen=0)
 
 
+@pytest.mark.parametrize("line", [b"GET / HTTP/2.0\r\nHost: r\r\n", b"GET /\r\n"],
+                         ids=["2.0", "0.9"])
+def test_an_http_version_other_than_1_x_is_refused(router: tuple[httpx.Client, Pod],
+                                                    line: bytes):
+    """The parser takes them, and they were forwarded as HTTP/1.1 (0.9 needing no Host)."""
+    client, pod = router
+    answer = refused(request(port_of(client), line + b"\r\n"), 505)
+    assert answer.detail() == "The HTTP version is not supported."
+    serves_next(client, pod, seen=0)
+
+
 def test_http_10_needs_no_host(router: tuple[httpx.Client, Pod]):
     client, pod = router
     answer = request(port_of(client), b"GET / HTTP/1.0\r\n\r\n")
