@@ -238,10 +238,12 @@ class PodWatch:
                         # A watch ran its course: the API is healthy again (a list that
                         # succeeds while every watch fails is still an outage).
                         delay = self._schedule.backoff_first
+                        self._recovered()
                     else:
                         delay = self._back_off(delay)
             except Expired:
                 log.info("%s history expired (410 Gone); re-listing", self.query.what)
+                delay = self._back_off(delay)  # once is routine; again and again, no loop
             except Exception as exc:
                 if self._stopping.is_set():
                     return
@@ -277,9 +279,9 @@ class PodWatch:
                     _request_timeout=(self._config.connect_timeout, LIST_READ_TIMEOUT),
                     **options)
             except k8s.ApiException as exc:
-                if exc.status == 410:  # the snapshot of the pages is compacted: start over
+                if exc.status == 410 and token:  # the pages' snapshot is compacted: again
                     raise Expired() from None
-                raise
+                raise  # a first page refused is a failure like any other
             body = _json(response.data)
             items, metadata = body.get("items"), body.get("metadata") or {}
             version = metadata.get("resourceVersion")
@@ -363,13 +365,17 @@ class PodWatch:
             self._changed = False
             _log_change(self.query.what, previous, pods)
             self._on_change()
-        if self.error is not None and previous is not None and self._warned:
-            log.info("the Kubernetes API answers again: %s confirmed (%d pods)",
-                     self.query.what, len(pods))
-            self._warned = False
-        self.error = None
         if report:
             self._observer.pod_list_refreshed("ok")
+
+    def _recovered(self) -> None:
+        """A watch ran its course: the outage, if any, is over (a list alone does not end
+        it: lists may answer while every watch is refused)."""
+        if self._warned and self.pods is not None:
+            log.info("the Kubernetes API answers again: %s confirmed (%d pods)",
+                     self.query.what, len(self.pods))
+            self._warned = False
+        self.error = None
 
     def _failed(self, exc: Exception) -> None:
         self.error = _describe(exc)

@@ -487,9 +487,26 @@ def test_watches_failing_while_lists_answer_are_backed_off_and_warned_of_once(
     warned = [r.getMessage() for r in caplog.records
               if r.levelno >= logging.WARNING and r.getMessage().startswith("pod list")]
     assert len(warned) == 1, warned  # at most once a minute
+    # Nor is a good list the end of the outage: the watches have not answered once.
+    assert not any("answers again" in r.getMessage() for r in caplog.records)
+    assert "429" in client.get("/ready").json()["last_error"]
     assert served_by(client, 4) == {"pod-0": 2, "pod-1": 2}
     kube.fail_watches(None)
     eventually(lambda: any("answers again" in r.getMessage() for r in caplog.records))
+
+
+def test_a_list_answered_410_is_backed_off_not_repeated_in_a_loop(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods
+) -> None:
+    """410 on a first page (no continue token to start over from) is a failure, not
+    expired history to re-list from at once: that was dozens of lists a second."""
+    kube_router(kube.add_pods(start_pods(2)), cache_ttl=1.0)
+    since = kube.count("list", DEFAULT_SELECTOR)
+    kube.fail(410)
+    kube.wait_for(lambda: kube.count("list", DEFAULT_SELECTOR) >= since + 5, timeout=20)
+    gaps = _gaps(kube, "list", since)[:4]
+    kube.fail(None)
+    assert min(gaps[2:]) >= 0.5, gaps
 
 
 def test_watches_that_end_at_once_are_backed_off_not_reopened_in_a_loop(
