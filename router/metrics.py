@@ -239,7 +239,11 @@ def serve_registry(registry: CollectorRegistry, sock: socket.socket,
     routes = {} if routes is None else routes
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
-        return routes.get(environ["PATH_INFO"], metrics)(environ, start_response)
+        try:
+            return routes.get(environ["PATH_INFO"], metrics)(environ, start_response)
+        except Unanswered as exc:
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain")])
+            return [f"{exc}\n".encode()]
 
     server.set_app(app)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
@@ -258,6 +262,11 @@ def _collector_families() -> Iterable[Metric]:
                    "Objects the garbage collector freed (unreachable reference cycles), by "
                    "generation.", "generation",
                    [(str(generation), stat["collected"]) for generation, stat in stats])
+
+
+class Unanswered(Exception):
+    """A worker did not answer a scrape: the scrape is a 503 naming it, rather than totals
+    that drop (a counter going down reads as a reset) or a 500 with a traceback."""
 
 
 class Gathered:
@@ -279,8 +288,12 @@ class Gathered:
         families: dict[str, Metric] = {}
         values: dict[tuple[str, str, tuple[tuple[str, str], ...]], float] = {}
         for port in self._ports():
-            with _LOOPBACK.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
-                text = page.read().decode()
+            try:
+                with _LOOPBACK.open(f"http://127.0.0.1:{port}/metrics", timeout=5) as page:
+                    text = page.read().decode()
+            except OSError as exc:  # a worker gone (the others stop then) or stuck
+                raise Unanswered(f"a worker's metrics (port {port}) did not answer: "
+                                 f"{exc}") from None
             for family in text_string_to_metric_families(text):
                 families.setdefault(family.name,
                                     Metric(family.name, family.documentation, family.type))

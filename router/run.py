@@ -31,11 +31,13 @@ log = logging.getLogger("router.run")
 def serve(options: config.Config, sock: socket.socket | None = None,
           metrics: Metrics | None = None) -> int:
     """Serve until SIGTERM (drained: exit 0) or SIGINT. A start-up failure (a port in use)
-    exits 3 from inside uvicorn."""
+    exits 3 from inside uvicorn. `sock`: a `--workers` process's, whose supervisor passes
+    every stop signal on (`supervise`)."""
     raise_fd_limit()  # here, so that each `--workers` process raises its own
     app = Router(options, metrics=metrics)
     server = DrainingServer(
-        server_config(options, app, log_config=logs.logging_config(options.log_level)), options
+        server_config(options, app, log_config=logs.logging_config(options.log_level)), options,
+        supervised=sock is not None,
     )
     _settle_heap()
     server.run(sockets=[sock] if sock is not None else None)
@@ -68,6 +70,9 @@ def _settle_heap() -> None:
     gc.set_threshold(YOUNG_THRESHOLD, *gc.get_threshold()[1:])
 
 
+STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def supervise(options: config.Config) -> int:
     """`--workers N`: N processes, each accepting from its own socket on the port
     (`bind_group`) and with its own pod cache, counter and upstream pool; `/metrics` is
@@ -83,26 +88,42 @@ def supervise(options: config.Config) -> int:
     stopping = False
 
     def forward(sig: int, frame: FrameType | None) -> None:
+        """SIGTERM, or SIGINT (a terminal's Ctrl-C, which reaches the workers too, or a
+        process manager's stop signal): each worker is told once, with SIGTERM, and
+        drains. The workers ignore SIGINT (`_worker`), so a Ctrl-C is never a second
+        signal that would cut their drain short."""
         nonlocal stopping
         stopping = True
         for worker in workers:
             if worker.pid is not None and worker.exitcode is None:
-                os.kill(worker.pid, sig)
+                os.kill(worker.pid, signal.SIGTERM)
 
     signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the workers directly
-    # A SIGTERM while workers start waits until every one has a PID to pass it on to.
+    signal.signal(signal.SIGINT, forward)
+    # A signal while workers start waits until every one has a PID to pass it on to.
     # Threads started meanwhile (the metrics server's) keep it blocked, so it always
     # reaches this thread, the one waiting on the workers.
-    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     metrics_server = _gather(options, reports) if reports is not None else None
+    failed = None
     for worker in workers:
-        worker.start()
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
-    host, port = socks[0].getsockname()[:2]
-    log.info("running on http://%s:%d with %d workers", host, port, len(workers))
+        try:
+            worker.start()
+        except OSError as exc:  # fork or exec failed (EMFILE, ENOMEM, EAGAIN ...)
+            failed = exc
+            log.error("%s could not start (%s); stopping the others", worker.name, exc)
+            break
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     listening = dict(zip(workers, socks, strict=True))
-    running = list(workers)
+    running = [worker for worker in workers if worker.pid is not None]
+    if failed is not None:
+        for worker in workers:
+            if worker.pid is None:
+                listening[worker].close()  # off the port: nobody would accept from it
+        forward(signal.SIGTERM, None)
+    else:
+        host, port = socks[0].getsockname()[:2]
+        log.info("running on http://%s:%d with %d workers", host, port, len(workers))
     while running:
         multiprocessing.connection.wait([worker.sentinel for worker in running])
         for worker in [w for w in running if w.exitcode is not None]:
@@ -118,7 +139,7 @@ def supervise(options: config.Config) -> int:
     if metrics_server is not None:
         metrics_server.shutdown()
         metrics_server.server_close()
-    return int(any(worker.exitcode for worker in workers))
+    return int(failed is not None or any(worker.exitcode for worker in workers))
 
 
 def _gather(options: config.Config, reports: SimpleQueue[int]) -> ThreadingWSGIServer:
@@ -153,7 +174,8 @@ def _worker(options: config.Config, sock: socket.socket,
     # takes the signal over ends the worker cleanly, not by the default action (exit -15,
     # which the supervisor reports as a failure).
     signal.signal(signal.SIGTERM, _stopped_before_serving)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes it on as SIGTERM
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     logging.config.dictConfig(logs.logging_config(options.log_level))
     metrics = None
     if reports is not None:  # served on loopback for the supervisor to gather

@@ -122,12 +122,15 @@ class DrainingServer(AcceptingServer):
 
     SIGINT (Ctrl-C) skips the grace window; a second signal ends the drain at once, also
     with exit 0. The grace window is clipped to the budget, which includes it, and both
-    are honoured to the fraction of a second.
+    are honoured to the fraction of a second. A `--workers` process (`supervised`) takes
+    no SIGINT: a Ctrl-C reaches it and its supervisor, which passes it on as SIGTERM.
     """
 
-    def __init__(self, config: uvicorn.Config, options: Config) -> None:
+    def __init__(self, config: uvicorn.Config, options: Config, supervised: bool = False
+                 ) -> None:
         super().__init__(config)
         self._options = options
+        self._supervised = supervised
         self._grace = min(options.drain_grace, options.shutdown_timeout)
         if self._grace < options.drain_grace:
             log.warning("--drain-grace %g s is longer than --shutdown-timeout %g s, which "
@@ -136,13 +139,15 @@ class DrainingServer(AcceptingServer):
         self._drain_started: float | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig == signal.SIGINT and self._supervised:
+            return
         if self.should_exit or self._drain_started is not None:
             if not self.force_exit:
                 log.info("second signal: ending the drain now")
             self.should_exit = self.force_exit = True
             return
         self._drain_started = time.monotonic()
-        app = self.config.loaded_app
+        app = getattr(self.config, "loaded_app", None)  # None: a signal before the app loads
         while app is not None and not hasattr(app, "draining"):
             app = getattr(app, "app", None)  # uvicorn's wrappers, e.g. at --log-level trace
         if app is not None:

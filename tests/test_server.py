@@ -7,6 +7,8 @@ import contextlib
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from typing import Any
@@ -18,7 +20,10 @@ import uvicorn
 from uvicorn.protocols.http.flow_control import HIGH_WATER_LIMIT
 from uvicorn.server import ServerState
 
+from router.app import Router
+from router.config import Config
 from router.protocol import HttpProtocol
+from router.server import DrainingServer, server_config
 from tests.conftest import (
     StartPods,
     StartRouter,
@@ -396,3 +401,115 @@ def test_a_fractional_keep_alive_timeout_is_honoured(
     assert pod.app.hits == 2
     assert raw.closed()  # and the idle connection is still closed in the end
     raw.close()
+
+
+# -- --workers: stopping, whatever the signal and however the start went --
+
+
+def _both_started(router: RouterProcess) -> None:
+    eventually(lambda: sum("startup complete" in line for line in router.lines) == 2)
+
+
+def test_ctrl_c_to_the_workers_group_lets_every_request_finish(start_pods: StartPods) -> None:
+    """A terminal's Ctrl-C reaches the supervisor and every worker. Each worker drained on
+    it; the idle one ended first, the supervisor (ignoring SIGINT, so not stopping) took
+    that for a failure, logged an error and sent the busy one SIGTERM: a second signal,
+    which cut its request in flight (503). Now the workers take no SIGINT and the
+    supervisor passes it on once, as SIGTERM."""
+    pod = start_pods(1)[0]
+    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--workers", "2",
+                            "--drain-grace", "0"])
+    try:
+        _both_started(router)
+        answers: list[httpx.Response] = []
+        slow = threading.Thread(target=lambda: answers.append(
+            httpx.get(router.url + "/slow?seconds=2", timeout=30)))
+        slow.start()
+        eventually(lambda: pod.app.hits == 1)  # held at the pod by one of the workers
+        os.killpg(router.process.pid, signal.SIGINT)
+        assert router.process.wait(timeout=20) == 0
+        slow.join(timeout=30)
+    finally:
+        router.stop()
+    assert (answers[0].status_code, answers[0].text) == (200, "slow")
+    assert not any("second signal" in line or '"level": "error"' in line
+                   for line in router.lines), "".join(router.lines)
+
+
+def test_sigint_to_the_supervisor_alone_stops_the_workers(start_pods: StartPods) -> None:
+    """`kill -INT` of the supervisor (a process manager's stop signal) was ignored."""
+    pod = start_pods(1)[0]
+    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--workers", "2",
+                            "--drain-grace", "0"])
+    try:
+        _both_started(router)
+        router.process.send_signal(signal.SIGINT)
+        assert router.process.wait(timeout=20) == 0
+    finally:
+        router.kill()
+
+
+FAIL_SECOND_START = """
+import multiprocessing.context, sys
+from router.__main__ import main
+real, calls = multiprocessing.context.SpawnProcess._Popen, []
+def popen(process_obj):
+    calls.append(1)
+    if len(calls) == 2:  # as fork or exec fails on a loaded node: EMFILE, ENOMEM, EAGAIN
+        raise OSError(24, "Too many open files")
+    return real(process_obj)
+multiprocessing.context.SpawnProcess._Popen = staticmethod(popen)
+main(sys.argv[1:])
+"""
+
+
+def test_a_worker_that_cannot_be_started_stops_the_others_and_fails(
+    start_pods: StartPods
+) -> None:
+    """The exception left the supervisor with the first worker serving, unstopped, and
+    the supervisor waiting on it for ever at exit: a pod that never restarts."""
+    pod = start_pods(1)[0]
+    process = subprocess.Popen(
+        [sys.executable, "-c", FAIL_SECOND_START, "--host", "127.0.0.1", "--port", "0",
+         "--metrics-port", "0", "--drain-grace", "0", "--pods", f"{pod.ip}:{pod.port}",
+         "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        status = process.wait(timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate(timeout=10)[0]
+    assert status == 1, output
+    assert "worker-1 could not start" in output
+
+
+def test_a_sigterm_before_the_app_is_loaded_starts_the_drain() -> None:
+    """uvicorn takes the signals before it loads the app: a SIGTERM in between raised
+    AttributeError (`config.loaded_app` not set yet) in the main thread."""
+    options = Config(port=0, drain_grace=0)
+    server = DrainingServer(server_config(options, Router(options)), options)
+    server.handle_exit(signal.SIGTERM, None)
+    assert server.should_exit or server._drain_started is not None
+
+
+def test_a_scrape_while_a_worker_is_gone_is_a_503_naming_it(start_pods: StartPods) -> None:
+    """It was a 500 and a traceback (the dead worker's port refused the connection)."""
+    pod = start_pods(1)[0]
+    metrics_port = free_port()
+    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--workers", "2",
+                            "--metrics-port", str(metrics_port), "--drain-grace", "10",
+                            "--shutdown-timeout", "10"])
+    try:
+        _both_started(router)
+        assert httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").status_code == 200
+        workers = [child for child in psutil.Process(router.process.pid).children()
+                   if "spawn_main" in " ".join(child.cmdline())]
+        workers[0].kill()
+        eventually(lambda: any("stopping the others" in line for line in router.lines))
+        scraped = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10)
+    finally:
+        router.stop()
+    assert scraped.status_code == 503
+    assert "did not answer" in scraped.text
+    assert not any("Traceback" in line for line in router.lines), "".join(router.lines)
