@@ -293,11 +293,12 @@ class HttpProtocol(HttpToolsProtocol):
         if parser.should_upgrade() and self._should_upgrade():
             return
         url = httptools.parse_url(self.url)
-        path = url.path.decode("ascii")
+        raw_path = url.path or b"/"  # absolute form with no path: "/" (RFC 9112 3.2.1)
+        path = raw_path.decode("ascii")
         if "%" in path:
             path = urllib.parse.unquote(path)
         scope["path"] = self.root_path + path
-        scope["raw_path"] = self.root_path.encode("ascii") + url.path
+        scope["raw_path"] = self.root_path.encode("ascii") + raw_path
         scope["query_string"] = url.query or b""
         app = self.app
         limit = self.limit_concurrency

@@ -269,13 +269,16 @@ def test_request_targets_in_other_forms(router: tuple[httpx.Client, Pod]):
     assert answer is not None and answer.status == 200
     answer = request(port, b"OPTIONS * HTTP/1.1\r\nHost: r\r\n\r\n")
     assert answer is not None and answer.status == 200
-    absolute, star = pod.app.seen
+    answer = request(port, b"GET http://other.example?q=2 HTTP/1.1\r\nHost: r\r\n\r\n")
+    assert answer is not None and answer.status == 200  # no path: "/" (it was a 400)
+    absolute, star, no_path = pod.app.seen
     assert (absolute.method, absolute.raw_path, absolute.query) == ("GET", b"/x", b"q=1")
     assert (star.method, star.raw_path) == ("OPTIONS", b"*")
+    assert (no_path.raw_path, no_path.query) == (b"/", b"q=2")
     connect = request(port, b"CONNECT other.example:443 HTTP/1.1\r\nHost: other.example:443"
                             b"\r\n\r\n")
     assert refused(connect, 400).detail() == "Invalid HTTP request received."
-    assert len(pod.app.seen) == 2  # nothing of the CONNECT reached the pod
+    assert len(pod.app.seen) == 3  # nothing of the CONNECT reached the pod
 
 
 def test_request_trailers_neither_route_nor_reach_the_pod(router: tuple[httpx.Client, Pod]):
