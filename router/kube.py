@@ -227,6 +227,7 @@ class PodWatch:
 
     def _run(self) -> None:
         delay = self._schedule.backoff_first
+        expired = 0  # 410s since a watch last ran its course
         while not self._stopping.is_set():
             try:
                 version = self._list()
@@ -234,16 +235,24 @@ class PodWatch:
                 while not self._stopping.is_set() and time.monotonic() < relist_at:
                     opened = time.monotonic()
                     version = self._watch(version)
-                    if time.monotonic() - opened >= MIN_WATCH:
+                    lasted = time.monotonic() - opened
+                    if self._stopping.is_set():
+                        return
+                    if lasted >= MIN_WATCH:
                         # A watch ran its course: the API is healthy again (a list that
                         # succeeds while every watch fails is still an outage).
-                        delay = self._schedule.backoff_first
+                        delay, expired = self._schedule.backoff_first, 0
+                        self._confirm()
                         self._recovered()
-                    else:
+                    else:  # nothing vouched for meanwhile: an outage, not a confirmation
+                        self._failed(ValueError(f"a watch ended after {lasted:.2f} s"))
                         delay = self._back_off(delay)
             except Expired:
                 log.info("%s history expired (410 Gone); re-listing", self.query.what)
-                delay = self._back_off(delay)  # once is routine; again and again, no loop
+                expired += 1
+                if expired > 1:  # once is routine; again and again, an outage
+                    self._failed(ValueError(f"history expired {expired} times in a row"))
+                delay = self._back_off(delay)
             except Exception as exc:
                 if self._stopping.is_set():
                     return
@@ -326,7 +335,6 @@ class PodWatch:
         finally:
             self._response.release_conn()
             self._response = None
-        self._confirm()
         return version
 
     def _apply(self, event: Object) -> str | None:

@@ -13,6 +13,7 @@ import os
 import signal
 import socket
 import threading
+from multiprocessing import resource_tracker
 from multiprocessing.queues import SimpleQueue
 from types import FrameType
 
@@ -102,21 +103,24 @@ def supervise(options: config.Config) -> int:
     signal.signal(signal.SIGINT, forward)
     # A signal while workers start waits until every one has a PID to pass it on to.
     # Threads started meanwhile (the metrics server's) keep it blocked, so it always
-    # reaches this thread, the one waiting on the workers.
+    # reaches this thread, the one waiting on the workers. multiprocessing's resource
+    # tracker, started by the first spawn, unblocks both signals in its caller: started
+    # first, it leaves the block alone.
+    resource_tracker.ensure_running()
     signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     metrics_server = _gather(options, reports) if reports is not None else None
-    failed = None
+    failed = False  # a worker could not start, or ended of its own: the pod must restart
     for worker in workers:
         try:
             worker.start()
         except OSError as exc:  # fork or exec failed (EMFILE, ENOMEM, EAGAIN ...)
-            failed = exc
+            failed = True
             log.error("%s could not start (%s); stopping the others", worker.name, exc)
             break
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
     listening = dict(zip(workers, socks, strict=True))
     running = [worker for worker in workers if worker.pid is not None]
-    if failed is not None:
+    if failed:
         for worker in workers:
             if worker.pid is None:
                 listening[worker].close()  # off the port: nobody would accept from it
@@ -133,13 +137,14 @@ def supervise(options: config.Config) -> int:
             listening[worker].close()
             if not stopping:
                 log.error("%s exited with %s; stopping the others", worker.name, worker.exitcode)
+                failed = True  # a clean exit of its own too
                 forward(signal.SIGTERM, None)
     for sock in socks:
         sock.close()
     if metrics_server is not None:
         metrics_server.shutdown()
         metrics_server.server_close()
-    return int(failed is not None or any(worker.exitcode for worker in workers))
+    return int(failed or any(worker.exitcode for worker in workers))
 
 
 def _gather(options: config.Config, reports: SimpleQueue[int]) -> ThreadingWSGIServer:

@@ -84,11 +84,11 @@ class KubernetesPodSource:
     def not_ready_reason(self) -> str | None:
         age = self.age()
         error = self.last_error()
+        detail = f": {error}" if error else ""
         if age is None:
-            detail = f": {error}" if error else ""
             return f"pod list not synced yet{detail}"
         if self._config.max_stale and age > self._config.max_stale:
-            return f"pod list is stale ({age:.0f} s since the last sync): {error}"
+            return f"pod list is stale ({age:.0f} s since the last sync){detail}"
         return None
 
     # Lifecycle, from the app's lifespan.

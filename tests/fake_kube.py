@@ -349,7 +349,7 @@ class FakeKube:
         with self.changed:
             token = query.get("continue")
             if token:
-                version, offset = (int(part) for part in token.split(":"))
+                _, version, offset = (int(part) for part in token.split(":"))
                 items = self._pages[token]
             else:
                 version, offset = self.version, 0
@@ -358,8 +358,8 @@ class FakeKube:
             limit = int(query.get("limit") or 0) or len(items) - offset
             page = items[offset:offset + limit]
             metadata: Obj = {"resourceVersion": str(version)}
-            if offset + limit < len(items):
-                metadata["continue"] = f"{version}:{offset + limit}"
+            if offset + limit < len(items):  # a token of this list's own: lists interleave
+                metadata["continue"] = f"{len(self._pages)}:{version}:{offset + limit}"
                 self._pages[metadata["continue"]] = items
             self.page_sizes.append(len(page))
             return {"kind": "PodList", "apiVersion": "v1", "metadata": metadata, "items": page}

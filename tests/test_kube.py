@@ -4,10 +4,12 @@ through the official client, and routes to pods that are real servers on 127.0.0
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import os
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +23,9 @@ from router.kube import Schedule, candidate, connect
 from router.metrics import Metrics
 from router.observe import NullObserver, Refresh
 from router.sandbox_ids import SANDBOX_LABEL, fnv1a_32
+from tests import fake_kube
 from tests.conftest import StartPods, eventually
-from tests.fake_kube import FakeKube, pod_object
+from tests.fake_kube import TOKEN, Call, FakeKube, adopted_by, pod_object
 from tests.kube_router import pool_names, ready, served_by
 from tests.process import RouterProcess, run_router
 
@@ -610,3 +613,87 @@ def test_a_large_pod_list_syncs_within_the_manifests_memory_request(
     finally:
         assert router.stop() == 0
     assert peak < 256 * 1024 * 1024, f"{peak / 2**20:.0f} MiB"  # the manifest's request
+
+
+def _get(kube: FakeKube, query: str) -> dict[str, Any]:
+    request = urllib.request.Request(f"{kube.url}/api/v1/namespaces/default/pods?{query}",
+                                     headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=5) as answer:
+        return json.loads(answer.read())  # type: ignore[no-any-return]
+
+
+def test_the_fake_apis_continue_token_serves_its_own_lists_pages(kube: FakeKube) -> None:
+    """The pool's and the index's lists page side by side at the same version: a token
+    of version and offset alone made the pool's next page the index's."""
+    for index in range(3):
+        kube.add_pod(f"warm-{index}", f"10.0.0.{index + 1}")
+    for index in range(3):
+        kube.add_pod(f"claimed-{index}", f"10.0.1.{index + 1}", **adopted_by(f"sb-{index}"))
+    first = _get(kube, f"labelSelector={DEFAULT_SELECTOR}&limit=2")
+    _get(kube, f"labelSelector={SANDBOX_LABEL}&limit=2")  # the index's first page
+    rest = _get(kube, f"labelSelector={DEFAULT_SELECTOR}&limit=2"
+                      f"&continue={first['metadata']['continue']}")
+    names = [item["metadata"]["name"] for item in first["items"] + rest["items"]]
+    assert sorted(names) == ["warm-0", "warm-1", "warm-2"]
+
+
+def test_the_pool_and_the_index_paging_at_once_keep_their_own_pods(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kube_module, "LIST_PAGE", 2)
+    pods = start_pods(8)
+    kube.add_pods(pods[:4])
+    for pod in pods[4:]:  # claimed: in the index, not in the pool
+        kube.add_pod(pod.name, pod.ip, **adopted_by(f"sb-{pod.name}"))
+    client = kube_router(pods)
+    assert pool_names(client) == {"pod-0", "pod-1", "pod-2", "pod-3"}
+
+
+def test_watches_that_always_end_at_once_show_as_an_outage(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each empty watch counted as the API vouching for the list: no error, no warning,
+    the age metric fresh, while a deleted pod stayed routed until the next full re-list."""
+    caplog.set_level(logging.INFO, logger="router.kube")
+    kube.empty_watches = True  # from the start: no watch was ever cut, nothing failed
+    client = kube_router(kube.add_pods(start_pods(3)), cache_ttl=1.0)
+    since = kube.count("watch", DEFAULT_SELECTOR)
+    kube.wait_for(lambda: kube.count("watch", DEFAULT_SELECTOR) >= since + 3, timeout=20)
+    body = client.get("/ready").json()
+    assert body["status"] == "ready" and "a watch ended after" in body["last_error"]
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING and r.getMessage().startswith("pod list")]
+    assert len(warned) == 1
+
+
+def test_continue_pages_expiring_every_time_are_reported(
+    kube: FakeKube, kube_router: Any, start_pods: StartPods, monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every continue token answered 410: the list never completes. Backed off from, but
+    it was never reported (no warning, no error; with --max-stale the reason ended in
+    `: None`)."""
+    monkeypatch.setattr(kube_module, "LIST_PAGE", 2)
+    expiring: list[bool] = []
+    admit = fake_kube._Handler._admit
+
+    def expire_continues(self: Any, call: Call) -> bool:
+        if expiring and call.verb == "list" and call.query.get("continue"):
+            with self.kube.changed:
+                self.kube.calls.append(call)
+                self.kube.changed.notify_all()
+            self._json(410, fake_kube.status(410, "Expired", "continue token expired"))
+            return False
+        return admit(self, call)
+
+    monkeypatch.setattr(fake_kube._Handler, "_admit", expire_continues)
+    caplog.set_level(logging.INFO, logger="router.kube")
+    client = kube_router(kube.add_pods(start_pods(5)), cache_ttl=1.0, max_stale=2.0)
+    expiring.append(True)
+    kube.compact()  # the next watch gets 410: a routine re-list, whose pages then expire
+    eventually(lambda: not ready(client), timeout=40)  # the list is never confirmed again
+    reason = client.get("/ready").json()["reason"]
+    assert "history expired" in reason and not reason.endswith(": None"), reason
+    warned = [r.getMessage() for r in caplog.records
+              if r.levelno >= logging.WARNING and r.getMessage().startswith("pod list")]
+    assert len(warned) == 1, warned

@@ -513,3 +513,58 @@ def test_a_scrape_while_a_worker_is_gone_is_a_503_naming_it(start_pods: StartPod
     assert scraped.status_code == 503
     assert "did not answer" in scraped.text
     assert not any("Traceback" in line for line in router.lines), "".join(router.lines)
+
+
+SIGNAL_DURING_SECOND_SPAWN = """
+import multiprocessing.context, os, signal, sys
+from router.__main__ import main
+real, calls = multiprocessing.context.SpawnProcess._Popen, []
+def popen(process_obj):
+    calls.append(1)
+    if len(calls) == 2:  # a stop signal while worker-1 is being spawned
+        os.kill(os.getpid(), signal.SIG%s)
+    return real(process_obj)
+multiprocessing.context.SpawnProcess._Popen = staticmethod(popen)
+main(sys.argv[1:])
+"""
+
+
+@pytest.mark.parametrize("sig", ["TERM", "INT"])
+def test_a_stop_signal_while_workers_spawn_reaches_every_worker(
+    start_pods: StartPods, sig: str
+) -> None:
+    """The signal waits, blocked, until every worker has a PID to pass it on to. The
+    first spawn starts multiprocessing's resource tracker, which unblocked both signals
+    in the supervisor (with `--metrics-port 0`; its queue started the tracker earlier
+    otherwise): the signal then reached worker-0 only, and the supervisor waited on
+    worker-1 for ever."""
+    pod = start_pods(1)[0]
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_DURING_SECOND_SPAWN % sig, "--host", "127.0.0.1",
+         "--port", "0", "--metrics-port", "0", "--drain-grace", "0",
+         "--pods", f"{pod.ip}:{pod.port}", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        status = process.wait(timeout=20)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate(timeout=10)[0]
+    assert status == 0, output
+
+
+def test_a_worker_that_exits_0_on_its_own_fails_the_supervisor(start_pods: StartPods) -> None:
+    """A stray SIGTERM to one worker: it drains and exits 0, the supervisor stops the
+    other, and now exits 1, so that a restart policy restarts the whole router."""
+    pod = start_pods(1)[0]
+    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--workers", "2",
+                            "--drain-grace", "0"])
+    try:
+        _both_started(router)
+        workers = [child for child in psutil.Process(router.process.pid).children()
+                   if "spawn_main" in " ".join(child.cmdline())]
+        workers[0].send_signal(signal.SIGTERM)
+        assert router.process.wait(timeout=30) == 1
+    finally:
+        router.stop()
+    assert any("exited with 0; stopping the others" in line for line in router.lines)
