@@ -147,11 +147,7 @@ class DrainingServer(AcceptingServer):
             self.should_exit = self.force_exit = True
             return
         self._drain_started = time.monotonic()
-        app = getattr(self.config, "loaded_app", None)  # None: a signal before the app loads
-        while app is not None and not hasattr(app, "draining"):
-            app = getattr(app, "app", None)  # uvicorn's wrappers, e.g. at --log-level trace
-        if app is not None:
-            app.draining = True
+        self._mark_draining()
         if sig == signal.SIGINT:
             log.info("interrupted: finishing in-flight requests")
             self._stop_accepting()
@@ -159,6 +155,21 @@ class DrainingServer(AcceptingServer):
             log.info("draining: /ready fails now; accepting for %g s, then finishing in-flight "
                      "requests within %g s of this signal",
                      self._grace, self._options.shutdown_timeout)
+
+    def _mark_draining(self) -> None:
+        """`/ready` fails from now: the app's `draining` flag, once the app is loaded."""
+        app = getattr(self.config, "loaded_app", None)  # None: a signal before the app loads
+        while app is not None and not hasattr(app, "draining"):
+            app = getattr(app, "app", None)  # uvicorn's wrappers, e.g. at --log-level trace
+        if app is not None:
+            app.draining = True
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        """uvicorn's, after the app has loaded: a signal that came before found no app to
+        mark, so the drain it began is marked now, before anything is accepted."""
+        if self._drain_started is not None:
+            self._mark_draining()
+        await super().startup(sockets)
 
     async def on_tick(self, counter: int) -> bool:
         started = self._drain_started

@@ -484,13 +484,25 @@ def test_a_worker_that_cannot_be_started_stops_the_others_and_fails(
     assert "worker-1 could not start" in output
 
 
-def test_a_sigterm_before_the_app_is_loaded_starts_the_drain() -> None:
+def test_a_sigterm_before_the_app_is_loaded_starts_the_drain(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
     """uvicorn takes the signals before it loads the app: a SIGTERM in between raised
-    AttributeError (`config.loaded_app` not set yet) in the main thread."""
-    options = Config(port=0, drain_grace=0)
-    server = DrainingServer(server_config(options, Router(options)), options)
+    AttributeError (`config.loaded_app` not set yet) in the main thread; then it began
+    the drain's clock but found no app to mark, so `/ready` kept answering 200."""
+    options = Config(port=0, metrics_port=0, drain_grace=5)
+    app = Router(options)
+    server = DrainingServer(server_config(options, app), options)
     server.handle_exit(signal.SIGTERM, None)
-    assert server.should_exit or server._drain_started is not None
+    assert server._drain_started is not None and not app.draining
+    server.config.load()  # what uvicorn's `_serve` does next, then `startup`
+
+    async def listens(self: uvicorn.Server, sockets: object = None) -> None:
+        assert app.draining  # marked before anything is accepted
+
+    monkeypatch.setattr(uvicorn.Server, "startup", listens)
+    asyncio.run(server.startup())
+    assert app.draining
 
 
 def test_a_scrape_while_a_worker_is_gone_is_a_503_naming_it(start_pods: StartPods) -> None:
