@@ -35,6 +35,7 @@ from tests.conftest import (
 )
 from tests.process import RouterProcess
 from tests.rawclient import RawClient
+from tests.sandbox import Pod
 
 
 def test_sigterm_drains_in_flight_requests_then_exits_0(start_pods: StartPods) -> None:
@@ -449,28 +450,25 @@ def test_sigint_to_the_supervisor_alone_stops_the_workers(start_pods: StartPods)
         router.kill()
 
 
-FAIL_SECOND_START = """
-import multiprocessing.context, sys
+SECOND_SPAWN = """
+import multiprocessing.context, os, signal, sys
 from router.__main__ import main
 real, calls = multiprocessing.context.SpawnProcess._Popen, []
 def popen(process_obj):
     calls.append(1)
-    if len(calls) == 2:  # as fork or exec fails on a loaded node: EMFILE, ENOMEM, EAGAIN
-        raise OSError(24, "Too many open files")
+    if len(calls) == 2:  # while worker-1 is being spawned
+        %s
     return real(process_obj)
 multiprocessing.context.SpawnProcess._Popen = staticmethod(popen)
 main(sys.argv[1:])
 """
 
 
-def test_a_worker_that_cannot_be_started_stops_the_others_and_fails(
-    start_pods: StartPods
-) -> None:
-    """The exception left the supervisor with the first worker serving, unstopped, and
-    the supervisor waiting on it for ever at exit: a pod that never restarts."""
-    pod = start_pods(1)[0]
+def supervised_until_the_second_spawn(action: str, pod: Pod) -> tuple[int, str]:
+    """`--workers 2` over `pod`, `action` done as worker-1 is spawned; the supervisor's
+    exit status (within 20 s) and output."""
     process = subprocess.Popen(
-        [sys.executable, "-c", FAIL_SECOND_START, "--host", "127.0.0.1", "--port", "0",
+        [sys.executable, "-c", SECOND_SPAWN % action, "--host", "127.0.0.1", "--port", "0",
          "--metrics-port", "0", "--drain-grace", "0", "--pods", f"{pod.ip}:{pod.port}",
          "--workers", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -480,6 +478,17 @@ def test_a_worker_that_cannot_be_started_stops_the_others_and_fails(
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         output = process.communicate(timeout=10)[0]
+    return status, output
+
+
+def test_a_worker_that_cannot_be_started_stops_the_others_and_fails(
+    start_pods: StartPods
+) -> None:
+    """The exception left the supervisor with the first worker serving, unstopped, and
+    the supervisor waiting on it for ever at exit: a pod that never restarts."""
+    # as fork or exec fails on a loaded node: EMFILE, ENOMEM, EAGAIN
+    status, output = supervised_until_the_second_spawn(
+        'raise OSError(24, "Too many open files")', start_pods(1)[0])
     assert status == 1, output
     assert "worker-1 could not start" in output
 
@@ -527,18 +536,6 @@ def test_a_scrape_while_a_worker_is_gone_is_a_503_naming_it(start_pods: StartPod
     assert not any("Traceback" in line for line in router.lines), "".join(router.lines)
 
 
-SIGNAL_DURING_SECOND_SPAWN = """
-import multiprocessing.context, os, signal, sys
-from router.__main__ import main
-real, calls = multiprocessing.context.SpawnProcess._Popen, []
-def popen(process_obj):
-    calls.append(1)
-    if len(calls) == 2:  # a stop signal while worker-1 is being spawned
-        os.kill(os.getpid(), signal.SIG%s)
-    return real(process_obj)
-multiprocessing.context.SpawnProcess._Popen = staticmethod(popen)
-main(sys.argv[1:])
-"""
 
 
 @pytest.mark.parametrize("sig", ["TERM", "INT"])
@@ -550,18 +547,8 @@ def test_a_stop_signal_while_workers_spawn_reaches_every_worker(
     in the supervisor (with `--metrics-port 0`; its queue started the tracker earlier
     otherwise): the signal then reached worker-0 only, and the supervisor waited on
     worker-1 for ever."""
-    pod = start_pods(1)[0]
-    process = subprocess.Popen(
-        [sys.executable, "-c", SIGNAL_DURING_SECOND_SPAWN % sig, "--host", "127.0.0.1",
-         "--port", "0", "--metrics-port", "0", "--drain-grace", "0",
-         "--pods", f"{pod.ip}:{pod.port}", "--workers", "2"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    try:
-        status = process.wait(timeout=20)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGKILL)
-        output = process.communicate(timeout=10)[0]
+    status, output = supervised_until_the_second_spawn(
+        f"os.kill(os.getpid(), signal.SIG{sig})", start_pods(1)[0])
     assert status == 0, output
 
 
