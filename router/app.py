@@ -34,6 +34,7 @@ from router.metrics import Metrics
 from router.observe import Observer, combine
 from router.pods import Pod, PodSource, StaticPodSource
 from router.proxy import Proxy
+from router.resolver import Lookup, system_lookup
 from router.server import bind
 from router.targets import TargetPolicy
 
@@ -94,13 +95,13 @@ class Router:
         config: Config,
         source: PodSource | None = None,
         observer: Observer | None = None,
-        resolver: upstream.Resolver | None = None,
+        lookup: Lookup = system_lookup,
         metrics: Metrics | None = None,
         clock: Clock = time.monotonic,
         first: FirstIndex = random.randrange,
     ) -> None:
         self.config = config
-        self._resolver = resolver
+        self._lookup = lookup
         self._clock = clock
         self._first = first
         if metrics is None and config.metrics_port:
@@ -190,7 +191,7 @@ class Router:
             pod_cidr=self.config.pod_cidr,
             operator_chosen=self.config.static or self.source.operator_chosen,
         )
-        self._client = upstream.Client(self._resolver, targets.permits,
+        self._client = upstream.Client(self._lookup, targets.permits,
                                        self.config.max_response_head)
         self._proxy = Proxy(self.config, self.source, self._client, self.observer, targets,
                             self._gate, self._clock, self._first)

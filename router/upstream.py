@@ -22,27 +22,19 @@ import asyncio
 import collections
 import ipaddress
 import logging
-import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
-
-from cachetools import TTLCache
 
 from router.config import Config
 from router.connection import Body, Connection, Response, Unsent
 from router.errors import ConnectFailed, TargetRefused
+from router.resolver import Lookup, Resolver, system_lookup
 
 log = logging.getLogger("router.upstream")
 
 KEEPALIVE_SECONDS = 4.0
 """Below the 5 s idle timeout of uvicorn, node and most sandbox servers, so the router
 drops a pooled connection before the pod does and rarely writes into a closing one."""
-
-DNS_CACHE_SECONDS = 10.0
-
-Resolver = Callable[[str], Awaitable[str]]
-"""A host name to one IP address; raises OSError when there is none."""
 
 Permit = Callable[[str, str, int], bool]
 """Whether to connect to an address: (the host asked for, the IP literal it is or resolved
@@ -63,10 +55,10 @@ class Client:
     number (the pods' own capacity is what limits a pool). Made inside the event loop
     that uses it, which it keeps rather than look up on every request."""
 
-    def __init__(self, resolve: Resolver | None = None, permit: Permit | None = None,
+    def __init__(self, lookup: Lookup = system_lookup, permit: Permit | None = None,
                  max_response_head: int = Config.max_response_head) -> None:
         self._loop = asyncio.get_running_loop()
-        self._resolve = resolve or _system_resolver()
+        self._resolve = Resolver(lookup)
         self._permit = permit or _any_address
         self._max_head = max_response_head
         self._idle: dict[tuple[str, int], collections.deque[Connection]] = {}
@@ -166,6 +158,7 @@ class Client:
 
     async def close(self) -> None:
         self._closed = True
+        self._resolve.close()
         if self._sweeper is not None:
             self._sweeper.cancel()
             self._sweeper = None
@@ -204,20 +197,3 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
-
-
-def _system_resolver() -> Resolver:
-    """The system's lookups, each name cached for `DNS_CACHE_SECONDS` (pinned sandboxes by
-    DNS name get many requests in a row)."""
-    cache: TTLCache[str, str] = TTLCache(maxsize=4096, ttl=DNS_CACHE_SECONDS)
-
-    async def resolve(host: str) -> str:
-        address = cache.get(host)
-        if address is None:
-            infos: list[Any] = await asyncio.get_running_loop().getaddrinfo(
-                host, None, type=socket.SOCK_STREAM
-            )
-            address = cache[host] = str(infos[0][4][0])
-        return address
-
-    return resolve

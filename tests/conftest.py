@@ -19,8 +19,8 @@ from router.config import Config, StaticPod
 from router.metrics import Metrics
 from router.observe import Observer
 from router.pods import PodSource
+from router.resolver import Lookup, system_lookup
 from router.server import ServerThread, bind, server_config
-from router.upstream import Resolver
 from tests.clock import ManualClock
 from tests.fake_kube import FakeKube
 from tests.kube_router import ready
@@ -30,7 +30,7 @@ from tests.sandbox import Pod
 StartPods = Callable[..., list[Pod]]
 
 
-def names_resolver(names: dict[str, str]) -> Resolver:
+def names_lookup(names: dict[str, str]) -> Lookup:
     """Name lookups from a dict, so cluster DNS names can point at loopback pods with no
     query leaving the machine; unknown names fail as NXDOMAIN would."""
 
@@ -168,7 +168,8 @@ def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
     `loop="asyncio"` serves on the standard event loop, whose connects the audit hook of
     `tests/connects.py` sees (uvloop, the default, connects in C). The pods' cooldowns run
     on `clock`, by default one that stands still (see tests/clock.py); the round robin
-    starts at `first`, by default the first pod."""
+    starts at `first`, by default the first pod. Names are looked up in `names`, or by
+    `lookup`, else by the system."""
     clients: list[httpx.Client] = []
 
     def start(
@@ -180,9 +181,11 @@ def start_router(servers: list[ServerThread]) -> Iterator[StartRouter]:
         loop: str = "auto",
         clock: ManualClock | None = None,
         first: FirstIndex = first_pod,
+        lookup: Lookup | None = None,
     ) -> httpx.Client:
-        resolver = names_resolver(names) if names is not None else None
-        app = Router(config, source=source, observer=observer, resolver=resolver,
+        if lookup is None:
+            lookup = names_lookup(names) if names is not None else system_lookup
+        app = Router(config, source=source, observer=observer, lookup=lookup,
                      metrics=metrics, clock=clock or ManualClock(), first=first)
         serving = server_config(config, app)
         serving.loop = loop
