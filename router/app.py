@@ -75,6 +75,10 @@ def build_authorizer(config: Config) -> Authorizer | None:
         return ScopedTokens(read_secret(config.authz_scoped_token_secret_file))
     from router.tokenreview import TokenReviewer, kube_review
 
+    if not config.authz_tokenreview_audiences:
+        log.warning("--authz-mode tokenreview without --authz-tokenreview-audiences: any "
+                    "token the API server accepts is let in, the ServiceAccount token of "
+                    "every pod (a sandbox's included)")
     review, close = kube_review(config)
     return TokenReviewer(review, config.authz_tokenreview_ttl, close)
 

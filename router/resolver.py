@@ -9,11 +9,10 @@ abandons the wait, not the lookup. Unbounded, every request for a name nobody kn
 during a DNS outage, queued another lookup behind the ones holding the threads, and
 after the outage the backlog still had to run before a new name was looked up. So:
 
-- one lookup per name at a time, which every request for that name waits on;
-- answers kept `ANSWER_SECONDS`, failures `FAILURE_SECONDS` (a name that does not exist
-  costs a lookup a second, not one per request);
-- at most `MAX_LOOKUPS` lookups under way (libuv's threads); a request for another name
-  waits for one to end, within its connect timeout, and starts none if it has left.
+one lookup per name at a time, answers kept `ANSWER_SECONDS` and failures
+`FAILURE_SECONDS` (a name that does not exist costs a lookup a second, not one per
+request), at most `MAX_LOOKUPS` under way (libuv's threads), a request for another name
+waiting for one to end within its connect timeout (`router.shared_calls`).
 
 nginx's `resolver` caches answers and failures alike, and Envoy's DNS cache bounds its
 hosts and pending lookups, for the same reasons."""
@@ -28,6 +27,8 @@ from typing import Any
 
 from cachetools import TTLCache
 
+from router.shared_calls import CallFailed, SharedCalls
+
 Lookup = Callable[[str], Awaitable[str]]
 """A host name to one IP address; raises OSError when there is none."""
 
@@ -35,12 +36,9 @@ ANSWER_SECONDS = 10.0
 FAILURE_SECONDS = 1.0
 MAX_LOOKUPS = 4
 """libuv's thread pool: lookups beyond it would only queue there, out of reach."""
+MAX_WAITING = 1024
+"""Requests for other names waiting for a lookup to end; beyond, a 502 at once."""
 CACHED_NAMES = 4096
-
-
-class Failure(str):
-    """Why a lookup failed (kept `FAILURE_SECONDS`); each request raises its own
-    `LookupFailed` from it, so no exception object is shared between requests."""
 
 
 class LookupFailed(OSError):
@@ -60,67 +58,24 @@ async def system_lookup(host: str) -> str:
 class Resolver:
     """`lookup`, cached and bounded as the module says. One per upstream client."""
 
-    __slots__ = ("_lookup", "_answers", "_failures", "_pending", "_slots")
+    __slots__ = ("_lookup", "_answers", "_calls")
 
     def __init__(self, lookup: Lookup = system_lookup,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._lookup = lookup
         self._answers: TTLCache[str, str] = TTLCache(CACHED_NAMES, ANSWER_SECONDS, clock)
-        self._failures: TTLCache[str, Failure] = TTLCache(CACHED_NAMES, FAILURE_SECONDS, clock)
-        self._pending: dict[str, asyncio.Future[str | Failure]] = {}
-        self._slots = asyncio.Semaphore(MAX_LOOKUPS)
+        self._calls: SharedCalls[str, str] = SharedCalls(
+            self._answers.get, MAX_LOOKUPS, MAX_WAITING, FAILURE_SECONDS, clock)
 
     async def __call__(self, host: str) -> str:
-        known = self._known(host)
-        if known is None:
-            known = await self._start(host)
-        if isinstance(known, str):
-            return known
-        # Shielded: a request that leaves does not end the lookup others wait on.
-        result = await asyncio.shield(known)
-        if isinstance(result, Failure):
-            raise LookupFailed(result)
-        return result
-
-    async def _start(self, host: str) -> str | asyncio.Future[str | Failure]:
-        """A lookup of `host`, once a slot is free (the wait is cancelled with the request:
-        no lookup then), unless another request's ended or began meanwhile."""
-        await self._slots.acquire()
-        started = False
         try:
-            known = self._known(host)
-            if known is None:
-                known = self._pending[host] = asyncio.ensure_future(self._resolve(host))
-                started = True  # the lookup releases the slot as it ends
-            return known
-        finally:
-            if not started:
-                self._slots.release()
+            return await self._calls(host, lambda: self._look_up(host))
+        except CallFailed as exc:
+            raise LookupFailed(str(exc)) from None
+
+    async def _look_up(self, host: str) -> str:
+        answer = self._answers[host] = await self._lookup(host)
+        return answer
 
     def close(self) -> None:
-        """At shutdown: lookups nobody will wait for are not left pending in a closed loop."""
-        for lookup in self._pending.values():
-            lookup.cancel()
-
-    def _known(self, host: str) -> str | asyncio.Future[str | Failure] | None:
-        """The cached answer or the lookup under way; raises a cached failure."""
-        answer = self._answers.get(host)
-        if answer is not None:
-            return answer
-        failure = self._failures.get(host)
-        if failure is not None:
-            raise LookupFailed(failure)
-        return self._pending.get(host)
-
-    async def _resolve(self, host: str) -> str | Failure:
-        """Holds its slot until the lookup ends, however long after its requests left. A
-        failure is returned, not raised: a lookup nobody waits for any more is no error."""
-        try:
-            answer = self._answers[host] = await self._lookup(host)
-            return answer
-        except OSError as exc:
-            failure = self._failures[host] = Failure(str(exc) or f"{host}: no address")
-            return failure
-        finally:
-            del self._pending[host]
-            self._slots.release()
+        self._calls.close()

@@ -9,7 +9,8 @@ resourceVersion, ended by the server after `timeoutSeconds`; an object leaving a
 selector is sent as DELETED, as the real API server does. Tests drive it: add, change and
 delete pods, compact history (410 Gone), fail with a status, hang, drop open watches; every
 call is counted. `POST /apis/authentication.k8s.io/v1/tokenreviews` answers TokenReviews
-from `tokens` (a token and the audiences it was minted for), counted as "tokenreview".
+from `tokens` (a token and the audiences it was minted for) and `audience_blind`, counted as
+"tokenreview".
 """
 
 from __future__ import annotations
@@ -168,6 +169,9 @@ class FakeKube:
         self.calls: list[Call] = []
         self.tokens: dict[str, tuple[str, ...]] = {}
         self.reviews: list[Obj] = []  # the spec of each TokenReview received
+        # Tokens an authenticator unaware of audiences accepts (a webhook's): authenticated
+        # whatever the review asks, and answered with no `status.audiences`.
+        self.audience_blind: set[str] = set()
         self.failure: int | None = None
         self.watch_failure: int | None = None  # watches only: lists still answer
         self.page_sizes: list[int] = []  # items in each list answer
@@ -332,13 +336,15 @@ class FakeKube:
         with self.changed:
             self.reviews.append(spec)
             minted_for = self.tokens.get(spec.get("token", ""))
+            blind = spec.get("token", "") in self.audience_blind
         asked = spec.get("audiences") or []
-        authenticated = minted_for is not None and (
+        authenticated = blind or minted_for is not None and (
             not asked or bool(set(asked) & set(minted_for)))
         status: Obj = {"authenticated": authenticated}
         if authenticated:
             status["user"] = {"username": "system:serviceaccount:default:agent"}
-            status["audiences"] = [a for a in asked if a in (minted_for or ())]
+            if not blind:
+                status["audiences"] = [a for a in asked if a in (minted_for or ())]
         return {"apiVersion": "authentication.k8s.io/v1", "kind": "TokenReview",
                 "metadata": {}, "spec": spec, "status": status}
 

@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
+from router import tokenreview
 from router.authz import BearerTokens, Claims, ScopedTokens
 from router.config import DEFAULT_SELECTOR, Config
 from router.logs import access_line
@@ -482,6 +483,66 @@ def test_a_cached_answer_expires_after_the_ttl(kube: FakeKube, reviewed: Any) ->
 
     eventually(lambda: client.get("/", headers=bearer("sa-token")).status_code == 401)
     assert kube.count("tokenreview") >= 2
+
+
+def test_a_flood_of_tokens_queues_no_reviews_and_holds_no_request(
+    kube: FakeKube, reviewed: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Random tokens while the API hangs: at most THREADS reviews reach it, at most
+    MAX_WAITING requests wait for a thread (the rest are 503 at once), none waits past
+    REVIEW_WAIT (503), and once the API answers again a valid token is reviewed at once:
+    nothing was queued behind the flood. Before, every token queued a review, and every
+    request waited for its own however long the queue."""
+    monkeypatch.setattr(tokenreview, "MAX_WAITING", 4)
+    monkeypatch.setattr(tokenreview, "REVIEW_WAIT", 1.0)
+    client, pods = reviewed()
+    flood = [f"random-{i}" for i in range(tokenreview.THREADS + 8)]
+    with ThreadPoolExecutor(len(flood)) as pool, kube.hang():
+        futures = [pool.submit(client.get, "/", headers=bearer(token)) for token in flood]
+        eventually(lambda: all(future.done() for future in futures))
+        assert kube.count("tokenreview") == tokenreview.THREADS
+    answers = [future.result() for future in futures]
+    assert [answer.status_code for answer in answers] == [503] * len(flood)
+    assert {answer.headers["retry-after"] for answer in answers} == {"1"}
+    eventually(lambda: client.get("/", headers=bearer("sa-token")).status_code == 200)
+    assert kube.count("tokenreview") == tokenreview.THREADS + 1
+    assert sum(pod.app.hits for pod in pods) == 1
+
+
+def test_denied_tokens_never_push_an_approved_one_out(
+    kube: FakeKube, reviewed: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tokenreview, "CACHE_SIZE", 8)
+    client, _ = reviewed()
+    assert client.get("/", headers=bearer("sa-token")).status_code == 200
+    for i in range(20):
+        assert_unauthenticated(client.get("/", headers=bearer(f"random-{i}")))
+    assert client.get("/", headers=bearer("sa-token")).status_code == 200
+    assert [review["token"] for review in kube.reviews].count("sa-token") == 1
+
+
+def test_an_answer_that_names_no_audience_asked_for_is_a_denial(
+    kube: FakeKube, reviewed: Any
+) -> None:
+    """An authenticator unaware of audiences (a webhook) authenticates a token minted for
+    anyone: with audiences asked for, the answer must name one (the API's advice)."""
+    kube.audience_blind.add("webhook-token")
+    client, _ = reviewed(authz_tokenreview_audiences=("sandbox-router",))
+    assert_unauthenticated(client.get("/", headers=bearer("webhook-token")))
+    client, _ = reviewed()  # no audiences asked for: any authenticated token
+    assert client.get("/", headers=bearer("webhook-token")).status_code == 200
+
+
+def test_tokenreview_without_audiences_warns_at_start_up(
+    reviewed: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="router.app")
+    client, _ = reviewed(authz_tokenreview_audiences=("sandbox-router",))
+    assert client.get("/", headers=bearer("sa-token")).status_code == 401
+    assert "without --authz-tokenreview-audiences" not in caplog.text
+    client, _ = reviewed()
+    assert client.get("/", headers=bearer("sa-token")).status_code == 200
+    assert "--authz-mode tokenreview without --authz-tokenreview-audiences" in caplog.text
 
 
 # -- start-up --

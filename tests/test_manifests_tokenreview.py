@@ -54,6 +54,8 @@ def test_the_deployment_runs_the_router_in_tokenreview_mode() -> None:
     container = only(rendered(), "Deployment")["spec"]["template"]["spec"]["containers"][0]
     options = config.load(container["args"], env={})
     assert options.authz_mode == "tokenreview"
+    # Without an audience every mounted ServiceAccount token would pass, a sandbox's too.
+    assert options.authz_tokenreview_audiences == ("warmpool-router",)
     assert not options.static  # the same in-cluster API client reviews the tokens
 
 
@@ -64,4 +66,5 @@ def test_kubectl_builds_an_overlay_with_the_component(tmp_path: Path) -> None:
     assert binding["subjects"][0]["namespace"] == "sandboxes"  # follows the overlay
     assert "namespace" not in binding["metadata"]  # cluster-scoped
     container = only(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert container["args"][-1] == "--authz-mode=tokenreview"
+    assert container["args"][-2:] == ["--authz-mode=tokenreview",
+                                      "--authz-tokenreview-audiences=warmpool-router"]
