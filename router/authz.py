@@ -39,8 +39,11 @@ _CHALLENGE = ((b"www-authenticate", b"Bearer"),)
 NO_CREDENTIAL = "Missing or invalid Authorization header."  # the Python router's words
 BAD_CREDENTIAL = "Invalid token."
 NOT_ALLOWED = "The token does not grant access to this sandbox."
-POOL_NAME = "pool"
-"""The sandbox name a scoped token carries for pool requests of a static or selector pool."""
+POOL_PREFIX = "pool:"
+"""Begins the name a pool request is authorized as (`pool_name`). No sandbox name (a DNS
+label) holds a colon, so no sandbox's token is a pool token, nor a pool token any sandbox's:
+when it was the bare pool name, a sandbox named `pool`, or named like the warm pool, was
+the pool to a scoped token."""
 
 
 def unauthenticated(detail: str = BAD_CREDENTIAL) -> ProxyError:
@@ -299,9 +302,9 @@ class ScopedTokens:
 
 
 def pool_name(config: Config) -> str:
-    """The name a pool request is authorized as: the `--warm-pool` the router lists, else
-    (a static pool, or one chosen by `--selector`) `pool`."""
-    return config.warm_pool if config.warm_pool and not config.static else POOL_NAME
+    """The name a pool request is authorized as: `pool:` and the `--warm-pool` the router
+    lists, or `pool:` alone for a static pool or one chosen by `--selector`."""
+    return POOL_PREFIX + (config.warm_pool if config.warm_pool and not config.static else "")
 
 
 def check_files(config: Config) -> None:

@@ -20,7 +20,7 @@ import pytest
 
 from router import tokenreview
 from router.authz import BearerTokens, Claims, ScopedTokens
-from router.config import DEFAULT_SELECTOR, Config
+from router.config import DEFAULT_SELECTOR, Config, StaticPod
 from router.logs import access_line
 from router.metrics import Metrics
 from router.observe import Exchange, NullObserver, Observer, Route
@@ -385,7 +385,26 @@ def test_pool_requests_of_a_static_pool_need_the_pool_token(
     start_pods: StartPods, start_router: StartRouter, scoped_config: Any
 ) -> None:
     pods = start_pods(2)
-    assert_pool_needs(start_router(scoped_config(pods)), pods, "pool")
+    assert_pool_needs(start_router(scoped_config(pods)), pods, "pool:")
+
+
+def test_a_sandbox_named_like_the_pool_is_not_the_pool(
+    start_pods: StartPods, start_router: StartRouter, scoped_config: Any
+) -> None:
+    """A sandbox named `pool` (or like the warm pool): its token reaches it and not the
+    pool, and the pool's token reaches the pool and not it."""
+    pods = start_pods(2)
+    config = dataclasses.replace(scoped_config(pods), pods=(
+        StaticPod("pool", pods[0].ip, pods[0].port), StaticPod("sb-b", pods[1].ip, pods[1].port)))
+    client = start_router(config)
+    sandbox = mint(SECRET, "default", "pool", LATER)
+    pool = mint(SECRET, "default", "pool:", LATER)
+    as_sandbox = {"X-Sandbox-ID": "pool"}
+    assert client.get("/", headers={**bearer(sandbox), **as_sandbox}).status_code == 200
+    assert_forbidden(client.get("/", headers=bearer(sandbox)))
+    assert_forbidden(client.get("/", headers={**bearer(pool), **as_sandbox}))
+    assert client.get("/", headers=bearer(pool)).status_code == 200
+    assert pods[0].app.hits + pods[1].app.hits == 2
 
 
 def test_pool_requests_of_a_warm_pool_need_its_token(
@@ -400,7 +419,7 @@ def test_pool_requests_of_a_warm_pool_need_its_token(
         allow_loopback_pod_ip=True)  # the fake API lists pods on 127.0.0.x
     client = start_router(config)
     eventually(lambda: client.get("/ready").status_code == 200)
-    assert_pool_needs(client, pods, "python-pool")
+    assert_pool_needs(client, pods, "pool:python-pool")
 
 
 # -- tokenreview --
