@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
+from router.limits import UPGRADE_MAX_FLOOR
+
 DEFAULT_SELECTOR = "agents.x-k8s.io/warm-pool-sandbox"
 SERVICE_ACCOUNT_NAMESPACE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
@@ -87,6 +89,7 @@ class Config:
     authz_scoped_token_secret_file: str | None = None
     upgrade_idle_timeout: float = 3600.0
     upgrade_max_lifetime: float = 86400.0
+    upgrade_max: int | None = None  # None: from the descriptor limit, once it is raised
     upgrade_max_per_client: int = 64
     trusted_proxy_cidrs: tuple[Network, ...] = ()
 
@@ -346,8 +349,12 @@ OPTIONS: tuple[_Option, ...] = (
             "way (s; 0 = off)"),
     _Option("upgrade_max_lifetime", _seconds(allow_zero=True),
             "close an upgraded connection this long after its 101 (s; 0 = off)"),
+    _Option("upgrade_max", _whole(0),
+            "upgraded connections (and handshakes under way) this process may hold in all "
+            "(503 above; per worker; 0 = off)"),
     _Option("upgrade_max_per_client", _whole(0),
-            "upgraded connections one client address may hold open (429 above; 0 = off)"),
+            "upgraded connections one client (IPv4 address, IPv6 /64) may hold open "
+            "(429 above; 0 = off)"),
     _Option("trusted_proxy_cidrs", cidrs,
             "proxies whose X-Forwarded-For names the client (right-most untrusted hop)",
             metavar="CIDR,..."),
@@ -418,6 +425,8 @@ def build_parser() -> argparse.ArgumentParser:
             shown = "the kubeconfig context's, else own namespace, else default"
         elif option.field in {"pod_cidr", "authz_tokenreview_audiences", "trusted_proxy_cidrs"}:
             shown = "none"
+        elif option.field == "upgrade_max":
+            shown = f"a quarter of the descriptor limit, at least {UPGRADE_MAX_FLOOR}"
         help_text = f"{option.help} [default: {shown}; env: {envs}]"
         if option.flag:
             parser.add_argument(option.cli, action=argparse.BooleanOptionalAction, help=help_text)

@@ -1,6 +1,7 @@
 """What a client can make the router hold, bounded: the per-connection timer behind
-`--header-timeout` and `--body-timeout`, the answers a refused connection gets, and the
-file-descriptor reserve (the protocol in `router.protocol` applies them)."""
+`--header-timeout` and `--body-timeout`, the answers a refused connection gets, the
+file-descriptor reserve (the protocol in `router.protocol` applies them), and the
+descriptors' share of upgraded connections (`--upgrade-max`'s default)."""
 
 from __future__ import annotations
 
@@ -116,6 +117,26 @@ def fd_reserve(limit: int) -> int:
     """Descriptors kept free for new clients and their pod connections; as many idle
     clients are closed at once when the reserve is reached (nginx drains 32)."""
     return max(16, limit // 64)
+
+
+UPGRADE_MAX_FLOOR = 16
+"""The least `--upgrade-max` derived from the descriptor limit: below 64 descriptors a
+quarter would leave hardly any upgrade, and a router that small serves little anyway."""
+UNBOUNDED_TABLE = 1 << 20
+"""The descriptor limit assumed when the soft limit is unlimited (not possible on Linux,
+whose `fs.nr_open`, by default this, bounds it): a finite `--upgrade-max` still."""
+
+
+def upgrade_max_default() -> int:
+    """`--upgrade-max` when not given: a quarter of the soft descriptor limit (call it
+    after `raise_fd_limit`), at least `UPGRADE_MAX_FLOOR`. Each tunnel (and handshake)
+    holds two descriptors, the client's and the pod's, so tunnels hold at most half the
+    table: the other half, less `fd_reserve`, stays for HTTP clients and their pod
+    connections whatever clients upgrade, and a full table is never the tunnels' doing."""
+    limit = _soft_limit()
+    if limit == resource.RLIM_INFINITY:
+        limit = UNBOUNDED_TABLE
+    return max(UPGRADE_MAX_FLOOR, limit // 4)
 
 
 def descriptors_plentiful(fileno: int) -> bool:

@@ -557,7 +557,7 @@ class HttpProtocol(HttpToolsProtocol):
     def become_tunnel(self) -> asyncio.Transport:
         """The pod answered 101: this connection leaves uvicorn's books (its connections
         and tasks, which `--limit-concurrency` and uvicorn's shutdown count: tunnels have
-        their own limit and drain, `router.tunnel.Tunnels`), and the request counts as
+        their own limits and drain, `router.tunnel.Tunnels`), and the request counts as
         done for uvicorn, which must not answer when the request's task returns."""
         self.connections.discard(self)
         task = asyncio.current_task()

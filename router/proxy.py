@@ -24,7 +24,7 @@ from router.asgi import Receive, Scope, Send
 from router.authz import Gate
 from router.balancer import FirstIndex, RoundRobin
 from router.body import NO_BODY, ClientGone, RequestBody
-from router.clients import client_address
+from router.clients import client_address, client_key
 from router.config import Config
 from router.connection import Response
 from router.errors import (
@@ -52,6 +52,7 @@ from router.headers import (
     upstream_timeout,
 )
 from router.health import Clock, Health
+from router.limits import upgrade_max_default
 from router.observe import Exchange, Observer, Outcome
 from router.pods import Pod, PodSource
 from router.protocol import DISCONNECT, UPGRADE, ClientUpgrade, ClientWatch
@@ -63,7 +64,6 @@ log = logging.getLogger("router.proxy")
 # nginx's code for "client closed the request", for the access log.
 CLIENT_CLOSED = 499
 SHUTTING_DOWN = ProxyError(503, "The router is shutting down.")
-TOO_MANY_UPGRADES = ProxyError(429, "Too many upgraded connections from this client.")
 
 
 class Proxy:
@@ -90,7 +90,9 @@ class Proxy:
         self._balancer = RoundRobin(config.max_attempts, self._health, first, clock)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
         self._loop = asyncio.get_running_loop()  # made at start-up, in the serving loop
-        self.tunnels = Tunnels(config.upgrade_max_per_client)
+        self.tunnels = Tunnels(config.upgrade_max_per_client,
+                               upgrade_max_default() if config.upgrade_max is None
+                               else config.upgrade_max)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         extensions = scope.get("extensions")
@@ -126,9 +128,8 @@ class Proxy:
             if upgrade is not None:
                 if declares_body(scope["headers"]):
                     raise UPGRADE_WITH_BODY
-                reserved = self.tunnels.reserve(upgrade[1])
-                if not reserved:
-                    raise TOO_MANY_UPGRADES
+                self.tunnels.reserve(upgrade[1])  # before any pod is asked
+                reserved = True
             if incoming.bodiless:
                 body = NO_BODY
             else:
@@ -184,7 +185,7 @@ class Proxy:
     def _upgrade(self, scope: Scope, incoming: Incoming, extensions: dict[str, object] | None
                  ) -> tuple[ClientUpgrade, str] | None:
         """For a request asking for an upgrade (`router.protocol.UPGRADE`): its client
-        connection and the client's address for `--upgrade-max-per-client`; its headers
+        connection and who the client is for `--upgrade-max-per-client`; its headers
         for the pod become a handshake's (`upgrade_request`)."""
         handle = extensions.get(UPGRADE) if extensions else None
         if not isinstance(handle, ClientUpgrade):
@@ -196,7 +197,7 @@ class Proxy:
         peer = scope.get("client")
         address = client_address(peer[0] if peer else "", scope["headers"],
                                  self._config.trusted_proxy_cidrs)
-        return handle, address
+        return handle, client_key(address)
 
     async def _pool(
         self, scope: Scope, incoming: Incoming, body: RequestBody, exchange: Exchange,

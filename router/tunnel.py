@@ -1,6 +1,6 @@
 """Upgraded connections (WebSocket and any other HTTP/1.1 `Upgrade`): after the pod's 101,
 the client's and the pod's connections are joined byte for byte (`Tunnel`), and every open
-tunnel is known to one `Tunnels` registry (the per-client limit, the drain).
+tunnel is known to one `Tunnels` registry (the per-client and total limits, the drain).
 
 No frame is parsed: extensions, subprotocols, compression and close codes are the two
 ends' business. Each direction has back-pressure: when one side's write buffer passes its
@@ -35,9 +35,13 @@ import asyncio
 import logging
 from collections import Counter
 
+from router.errors import ProxyError
 from router.sockets import reset, unsent
 
 log = logging.getLogger("router.tunnel")
+
+TOO_MANY_FROM_CLIENT = ProxyError(429, "Too many upgraded connections from this client.")
+TOO_MANY_UPGRADES = ProxyError(503, "Too many upgraded connections.", ((b"retry-after", b"1"),))
 
 IDLE_CHECKS = 4
 """Idle checks per `--upgrade-idle-timeout`: bytes an end took are seen at the next check
@@ -202,23 +206,32 @@ class Tunnel:
 
 class Tunnels:
     """Every open tunnel of this process, and the upgrade handshakes under way, counted per
-    client address for `--upgrade-max-per-client`."""
+    client (`router.clients.client_key`) for `--upgrade-max-per-client` and in all for
+    `--upgrade-max`: once a connection is a tunnel, `--limit-concurrency` no longer counts
+    it, and every pod has an address of its own, so without the total the clients
+    together could hold every descriptor (two a tunnel). 0: no limit."""
 
-    def __init__(self, max_per_client: int) -> None:
+    def __init__(self, max_per_client: int, max_total: int) -> None:
         self._max_per_client = max_per_client
+        self._max_total = max_total
         self._per_client: Counter[str] = Counter()
+        self._reserved = 0
         self._open: set[Tunnel] = set()
         self._empty: asyncio.Event | None = None
 
-    def reserve(self, client: str) -> bool:
-        """Count one more upgraded connection for `client`, if under the limit; each
-        reservation that succeeded is given back with `release`."""
+    def reserve(self, client: str) -> None:
+        """Count one more upgraded connection for `client`, or raise why not: the client's
+        own limit first (429: its doing), then the process's (503: the server's state,
+        whoever asks); each reservation made is given back with `release`."""
         if self._max_per_client and self._per_client[client] >= self._max_per_client:
-            return False
+            raise TOO_MANY_FROM_CLIENT
+        if self._max_total and self._reserved >= self._max_total:
+            raise TOO_MANY_UPGRADES
         self._per_client[client] += 1
-        return True
+        self._reserved += 1
 
     def release(self, client: str) -> None:
+        self._reserved -= 1
         self._per_client[client] -= 1
         if not self._per_client[client]:
             del self._per_client[client]

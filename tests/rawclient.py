@@ -21,12 +21,16 @@ class Answer:
 
 
 class RawClient:
-    """One TCP connection to `port` on 127.0.0.1; every wait is bounded by `timeout`."""
+    """One TCP connection to `port` on 127.0.0.1 (from `source`, another loopback address,
+    to be another client); every wait is bounded by `timeout`."""
 
-    def __init__(self, port: int, timeout: float = 10.0, buffer: int | None = None) -> None:
+    def __init__(self, port: int, timeout: float = 10.0, buffer: int | None = None,
+                 source: str | None = None) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if buffer is not None:  # a small receive window makes "stops reading" bite early
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, buffer)
+        if source is not None:
+            self.sock.bind((source, 0))
         self.sock.settimeout(timeout)
         self.sock.connect(("127.0.0.1", port))
         self._pending = b""

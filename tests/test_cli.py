@@ -43,6 +43,8 @@ def test_every_option_is_a_config_field():
         (["--pods", "127.0.0.1:1", "--demo", "2"], {}, "--demo"),
         (["--nonsense"], {}, "--nonsense"),
         (["--drain-grace", "soon"], {}, "--drain-grace"),
+        (["--upgrade-max", "-1"], {}, "--upgrade-max"),
+        ([], {"ROUTER_UPGRADE_MAX": "many"}, "ROUTER_UPGRADE_MAX"),
     ],
 )
 def test_bad_values_exit_2_with_one_line_naming_the_option(
@@ -75,6 +77,19 @@ def test_options_parse_to_typed_values():
     assert loaded.allow_loopback_pod_ip is True
     assert loaded.access_log is False
     assert loaded.max_attempts == 2
+
+
+def test_upgrade_max_is_derived_unless_given_and_0_is_no_limit():
+    """As every limit here, 0 is none; unset, each process derives it from its descriptor
+    limit (`router.limits.upgrade_max_default`), which `--help` says."""
+    assert config.load([], {}).upgrade_max is None
+    assert config.load([], {"ROUTER_UPGRADE_MAX": "500"}).upgrade_max == 500
+    assert config.load(["--upgrade-max", "0"], {"ROUTER_UPGRADE_MAX": "500"}).upgrade_max == 0
+    loaded = config.load(["--upgrade-max", "7", "--upgrade-max-per-client", "3"])
+    assert (loaded.upgrade_max, loaded.upgrade_max_per_client) == (7, 3)
+    shown = " ".join(run_router(["--help"]).stdout.split())
+    assert "[default: a quarter of the descriptor limit, at least 16; env: ROUTER_UPGRADE_MAX]" \
+        in shown
 
 
 def test_demo_pool_serves_round_robin_out_of_the_box():

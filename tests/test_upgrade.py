@@ -9,6 +9,7 @@ import gc
 import ipaddress
 import json
 import logging
+import resource
 import signal
 import socket
 import threading
@@ -21,17 +22,19 @@ import aiohttp
 import psutil
 import pytest
 
-from router.clients import client_address
+from router import limits
+from router.clients import client_address, client_key
 from router.config import Config
+from router.errors import ProxyError
 from router.logs import access_line
 from router.metrics import Metrics
 from router.observe import Exchange
 from router.protocol import ClientUpgrade, HttpProtocol
 from router.server import bind
-from router.tunnel import Tunnel
+from router.tunnel import Tunnel, Tunnels
 from tests.conftest import StartRawPods, StartRouter, eventually, scrape, static_config, value
 from tests.process import RouterProcess
-from tests.rawclient import RawClient
+from tests.rawclient import Answer, RawClient
 from tests.rawpod import BUSY, OK, WAIT, PodConnection, answering
 from tests.wspod import CLOSE_ME, SUBPROTOCOL, WsPod
 
@@ -115,9 +118,11 @@ def url_of(client: Any) -> str:
 @asynccontextmanager
 async def websocket(
     url: str, headers: dict[str, str] | None = None, protocols: tuple[str, ...] = (),
-    path: str = "/ws",
+    path: str = "/ws", source: str | None = None,
 ) -> AsyncIterator[aiohttp.ClientWebSocketResponse]:
-    async with aiohttp.ClientSession() as session, session.ws_connect(
+    """A WebSocket client, from `source` (another loopback address: another client)."""
+    connector = aiohttp.TCPConnector(local_addr=(source, 0) if source else None)
+    async with aiohttp.ClientSession(connector=connector) as session, session.ws_connect(
         url + path, headers=headers, protocols=protocols, max_msg_size=0, autoping=False
     ) as ws:
         yield ws
@@ -312,19 +317,179 @@ def test_per_client_limit_reads_x_forwarded_for_from_a_trusted_proxy(
     recorder = Recorder()
     url = url_of(start_router(config([pod], upgrade_max_per_client=1,
                                      trusted_proxy_cidrs=trusted), observer=recorder))
-
-    async def second(first: str, other: str) -> int | None:
-        async with websocket(url, {"X-Forwarded-For": first}):
-            try:
-                async with websocket(url, {"X-Forwarded-For": other}):
-                    return None
-            except aiohttp.WSServerHandshakeError as exc:
-                return exc.status
-
     # The right-most untrusted hop is the client: 10.0.0.1 behind 192.0.2.7 twice.
-    assert run(lambda: second("6.6.6.6, 10.0.0.1, 192.0.2.7", "10.0.0.1, 192.0.2.7")) == 429
+    assert run(lambda: second(url, "6.6.6.6, 10.0.0.1, 192.0.2.7",
+                              "10.0.0.1, 192.0.2.7")) == 429
     eventually(lambda: len(recorder.finished) == 2)  # 10.0.0.1's slot is free again
-    assert run(lambda: second("10.0.0.1", "10.0.0.2")) is None  # two clients
+    assert run(lambda: second(url, "10.0.0.1", "10.0.0.2")) is None  # two clients
+
+
+async def second(url: str, first: str, other: str) -> int | None:
+    """The status refusing a handshake forwarded for `other` while one forwarded for
+    `first` is open; None if it went through."""
+    async with websocket(url, {"X-Forwarded-For": first}):
+        try:
+            async with websocket(url, {"X-Forwarded-For": other}):
+                return None
+        except aiohttp.WSServerHandshakeError as exc:
+            return exc.status
+
+
+@pytest.mark.parametrize(("first", "other", "status"), [
+    ("2001:db8::1", "2001:db8::ffff:0:0:2", 429),  # one /64: one host's privacy addresses
+    ("2001:db8::1", "2001:db8:0:1::1", None),  # the next /64: another client
+    ("::ffff:192.0.2.9", "192.0.2.9", 429),  # IPv4-mapped: the IPv4 client
+    ("192.0.2.9", "192.0.2.10", None),  # IPv4: each address
+])
+def test_per_client_limit_counts_an_ipv6_client_per_64(
+    first: str, other: str, status: int | None, start_ws_pods: StartWsPods,
+    start_router: StartRouter
+) -> None:
+    """Through a real router: the loopback peer is a trusted proxy, so the clients are
+    the addresses it forwards for (the test machine has no IPv6 loopback beyond ::1)."""
+    pod = start_ws_pods(1)[0]
+    trusted = (ipaddress.ip_network("127.0.0.0/8"),)
+    url = url_of(start_router(config([pod], upgrade_max_per_client=1,
+                                     trusted_proxy_cidrs=trusted)))
+    assert run(lambda: second(url, first, other)) == status
+    assert len(pod.handshakes) == (1 if status else 2)  # a refused one reached no pod
+
+
+@pytest.mark.parametrize(("address", "key"), [
+    ("192.0.2.1", "192.0.2.1"),
+    ("::ffff:192.0.2.1", "192.0.2.1"),
+    ("2001:db8:1:2:3:4:5:6", "2001:db8:1:2::/64"),
+    ("2001:db8:1:2::", "2001:db8:1:2::/64"),
+    ("::1", "::/64"),
+    ("fe80::1%eth0", "fe80::/64"),
+    ("unknown", "unknown"),  # an X-Forwarded-For hop that is no address: as written
+])
+def test_a_client_is_an_ipv4_address_or_an_ipv6_64(address: str, key: str) -> None:
+    assert client_key(address) == key
+
+
+def test_tunnels_count_each_client_and_all_clients_together() -> None:
+    tunnels = Tunnels(max_per_client=2, max_total=3)
+    tunnels.reserve("a")
+    tunnels.reserve("a")
+    assert _refusal(tunnels, "a") == (429, "Too many upgraded connections from this client.")
+    tunnels.reserve("b")
+    assert _refusal(tunnels, "c") == (503, "Too many upgraded connections.")
+    assert _refusal(tunnels, "a") == (429, "Too many upgraded connections from this client.")
+    tunnels.release("a")
+    tunnels.reserve("c")  # the slot "a" gave back
+    unlimited = Tunnels(max_per_client=0, max_total=0)  # 0: no limit, as every 0 limit
+    for _ in range(1000):
+        unlimited.reserve("a")
+
+
+def _refusal(tunnels: Tunnels, client: str) -> tuple[int, str]:
+    with pytest.raises(ProxyError) as refused:
+        tunnels.reserve(client)
+    return refused.value.status, refused.value.detail
+
+
+@pytest.mark.parametrize(("soft", "default"), [
+    (1024, 256), (20_000, 5_000), (40, limits.UPGRADE_MAX_FLOOR),
+    (resource.RLIM_INFINITY, limits.UNBOUNDED_TABLE // 4),
+])
+def test_upgrade_max_defaults_to_a_quarter_of_the_descriptor_limit(
+    soft: int, default: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two descriptors a tunnel: upgraded connections can hold half the table at most."""
+    monkeypatch.setattr(limits, "_soft_limit", lambda: soft)
+    assert limits.upgrade_max_default() == default
+
+
+def test_upgrade_max_is_the_derived_default_unless_given(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    pod = start_ws_pods(1)[0]
+    derived = start_router(config([pod])).app._proxy.tunnels  # type: ignore[attr-defined]
+    given = start_router(config([pod], upgrade_max=0)).app._proxy.tunnels  # type: ignore[attr-defined]
+    assert derived._max_total == limits.upgrade_max_default()
+    assert given._max_total == 0
+
+
+def test_upgrade_max_bounds_the_upgraded_connections_of_all_clients_together(
+    start_ws_pods: StartWsPods, start_router: StartRouter
+) -> None:
+    """Four clients (four loopback addresses), each under its own limit: the process holds
+    three upgraded connections, the fourth client's handshake is a 503 that reaches no
+    pod, and a tunnel that ends frees its slot. Tunnels leave `--limit-concurrency`'s
+    count, and every pod has its own address: this is the bound on them all."""
+    pod = start_ws_pods(1)[0]
+    recorder = Recorder()
+    client = start_router(config([pod], upgrade_max=3, upgrade_max_per_client=2,
+                                 limit_concurrency=2), observer=recorder)
+    url, port = url_of(client), client.base_url.port or 0
+
+    async def session() -> None:
+        async with contextlib.AsyncExitStack() as held:
+            sockets = [await held.enter_async_context(websocket(url, source=f"127.0.0.{20 + i}"))
+                       for i in range(3)]
+            for ws in sockets:
+                await echo(ws, "hi")
+            refused = await asyncio.to_thread(_handshake, port, "127.0.0.23")
+            assert refused.status == 503
+            assert refused.detail() == "Too many upgraded connections."
+            assert refused.headers["retry-after"] == "1"
+            assert len(pod.handshakes) == 3  # the refused one never reached the pod
+            await sockets[0].close()
+            await asyncio.to_thread(eventually, lambda: len(recorder.finished) == 2)
+            async with websocket(url, source="127.0.0.23") as ws:  # the freed slot
+                await echo(ws, "in")
+
+    run(session)
+    assert len(pod.handshakes) == 4
+    assert [exchange.status for exchange in recorder.finished[:2]] == [503, 101]
+
+
+def test_a_handshake_under_way_holds_its_slot_of_upgrade_max(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """Counted from the handshake, as the per-client limit counts: else clients could
+    start any number of handshakes that all become tunnels."""
+    switch = threading.Event()
+
+    def switching_when_told(connection: PodConnection) -> None:
+        if connection.read_request() is not None and switch.wait(WAIT):
+            connection.send(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\n"
+                            b"Upgrade: websocket\r\n\r\n")
+
+    pod = start_raw_pods(switching_when_told)[0]
+    port = start_router(static_config([pod], upgrade_max=1)).base_url.port or 0
+    first = RawClient(port, source="127.0.0.20")
+    try:
+        first.send(HANDSHAKE)
+        eventually(lambda: len(pod.requests) == 1)  # at the pod, not answered yet
+        refused = _handshake(port, "127.0.0.21")
+        assert refused.status == 503
+        switch.set()
+        switched = first.answer()
+        assert switched is not None and switched.status == 101
+    finally:
+        switch.set()
+        first.close()
+    assert len(pod.requests) == 1
+
+
+HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: sandbox\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+             b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
+
+
+def _handshake(port: int, source: str) -> Answer:
+    """The answer to a WebSocket handshake from `source` that is not switched (the
+    connection closes after it)."""
+    raw = RawClient(port, source=source)
+    try:
+        raw.send(HANDSHAKE)
+        answer = raw.answer()
+        assert answer is not None
+        assert raw.closed()
+        return answer
+    finally:
+        raw.close()
 
 
 def test_upgraded_connections_do_not_use_up_limit_concurrency(
@@ -950,7 +1115,7 @@ def test_300_idle_upgraded_connections_cost_little_memory(
 ) -> None:
     pod = start_ws_pods(1)[0]
     router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--upgrade-max-per-client", "0",
-                            "--no-access-log"])
+                            "--upgrade-max", "0", "--no-access-log"])
     process = psutil.Process(router.process.pid)
     count = 300
 
