@@ -2,8 +2,7 @@
 address, or, when the peer is a proxy the operator trusts (`--trusted-proxy-cidrs`), the
 right-most `X-Forwarded-For` hop that is not one of those proxies. Hops left of it could
 be anything the client wrote, so they are never read; with no trusted proxy configured,
-`X-Forwarded-For` is never read at all. One client is then an IPv4 address or an IPv6
-/64 (`client_key`)."""
+`X-Forwarded-For` is never read at all. One client is then one address (`client_key`)."""
 
 from __future__ import annotations
 
@@ -11,12 +10,6 @@ import ipaddress
 from collections.abc import Sequence
 
 from router.config import Network
-
-IPV6_CLIENT_PREFIX = 64
-"""An IPv6 client is its /64: a host commonly has a whole one (SLAAC, privacy addresses,
-a delegated prefix), so counting each /128 apart would let one host take any number of
-slots. In an IPv6 cluster the pods of one node often share one (the controller manager's
-default node mask is /64): they are then one client."""
 
 
 def client_address(peer: str, raw: Sequence[tuple[bytes, bytes]],
@@ -34,15 +27,14 @@ def client_address(peer: str, raw: Sequence[tuple[bytes, bytes]],
 
 
 def client_key(address: str) -> str:
-    """What a client is counted as: an IPv4 address as it is (an IPv4-mapped IPv6 one as
-    its IPv4: a dual-stack listener's view of an IPv4 client), an IPv6 one as its /64, and
-    anything else (an `X-Forwarded-For` hop that is no address) as written."""
+    """What a client is counted as: its address in one spelling (`2001:DB8:0::1` is
+    `2001:db8::1`; an IPv4-mapped IPv6 address, a dual-stack listener's view of an IPv4
+    client, is its IPv4), anything else (an `X-Forwarded-For` hop that is no address) as
+    written. Not an IPv6 /64, as rate limits on the internet often count: in an IPv6
+    cluster the pods of one node share a /64 (the controller manager's default node mask),
+    and each is a client of its own. Many addresses together are `--upgrade-max`'s."""
     ip = _ip(address)
-    if ip is None:
-        return address
-    if isinstance(ip, ipaddress.IPv4Address):
-        return str(ip)
-    return str(ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False))
+    return address if ip is None else str(ip)
 
 
 def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

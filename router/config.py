@@ -353,7 +353,7 @@ OPTIONS: tuple[_Option, ...] = (
             "upgraded connections (and handshakes under way) this process may hold in all "
             "(503 above; per worker; 0 = off)"),
     _Option("upgrade_max_per_client", _whole(0),
-            "upgraded connections one client (IPv4 address, IPv6 /64) may hold open "
+            "upgraded connections one client address may hold open "
             "(429 above; 0 = off)"),
     _Option("trusted_proxy_cidrs", cidrs,
             "proxies whose X-Forwarded-For names the client (right-most untrusted hop)",
