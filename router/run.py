@@ -41,6 +41,12 @@ def serve(options: config.Config, sock: socket.socket | None = None,
         supervised=sock is not None,
     )
     _settle_heap()
+    if sock is not None:
+        # From here a stop signal is the server's: a drain (`DrainingServer.startup` marks
+        # the app once it loads). One that came while the worker started was only noted.
+        signal.signal(signal.SIGTERM, server.handle_exit)
+        if _stop_noted:
+            return 0  # nothing accepted yet, so nothing to drain: a clean stop
     server.run(sockets=[sock] if sock is not None else None)
     return 0 if server.started else 1
 
@@ -169,15 +175,23 @@ def _gather(options: config.Config, reports: SimpleQueue[int]) -> ThreadingWSGIS
                           f"{options.host}: {exc.strerror}")
 
 
+_stop_noted: list[int] = []
+"""The stop signals a starting worker got before its server took them over (`serve`)."""
+
+
 def _stopped_before_serving(sig: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)  # nothing accepted yet, so nothing to drain: a clean stop
+    """Noted, for `serve` to act on. A Python signal handler runs wherever the main thread
+    is, finalizers and weakref callbacks included (a garbage collection runs them), and
+    those print an exception they raise and drop it: a SystemExit raised here was lost
+    so, and the worker went on to serve, never told again, its supervisor waiting on it."""
+    _stop_noted.append(sig)
 
 
 def _worker(options: config.Config, sock: socket.socket,
             reports: SimpleQueue[int] | None) -> None:
-    # A SIGTERM that came while we started (blocked meanwhile) or comes before uvicorn
-    # takes the signal over ends the worker cleanly, not by the default action (exit -15,
-    # which the supervisor reports as a failure).
+    # A SIGTERM that came while we started (blocked meanwhile) or comes before the server
+    # takes the signal over ends the worker cleanly before it serves, not by the default
+    # action (exit -15, which the supervisor reports as a failure).
     signal.signal(signal.SIGTERM, _stopped_before_serving)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor passes it on as SIGTERM
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)

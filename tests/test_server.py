@@ -567,3 +567,45 @@ def test_a_worker_that_exits_0_on_its_own_fails_the_supervisor(start_pods: Start
     finally:
         router.stop()
     assert any("exited with 0; stopping the others" in line for line in router.lines)
+
+
+SIGNAL_IN_A_FINALIZER = """
+import gc, os, signal, sys
+from router import config, run
+from router.server import bind
+
+class Stop:
+    def __del__(self):  # the supervisor's SIGTERM, handled while a finalizer runs
+        os.kill(os.getpid(), signal.SIGTERM)
+
+gc.disable()  # so that the worker's own full collection (`run._settle_heap`) finds it
+cycle = Stop()
+cycle.self = cycle
+del cycle
+run._worker(config.load(sys.argv[1:]), bind("127.0.0.1"), None)
+"""
+
+
+def test_a_stop_signal_handled_in_a_finalizer_still_stops_a_starting_worker(
+    start_pods: StartPods
+) -> None:
+    """A Python signal handler runs wherever the main thread is, finalizers and weakref
+    callbacks included (a garbage collection runs them), which print an exception they
+    raise and drop it: the SystemExit a starting worker raised on SIGTERM was lost there
+    ("Exception ignored in: <function WeakSet.__init__.<locals>._remove ...>"), and the
+    worker served on, never told again, while its supervisor waited on it for ever."""
+    pod = start_pods(1)[0]
+    process = subprocess.Popen(
+        [sys.executable, "-c", SIGNAL_IN_A_FINALIZER, "--host", "127.0.0.1", "--port", "0",
+         "--drain-grace", "0", "--pods", f"{pod.ip}:{pod.port}", "--workers", "2"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        status: int | None = process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        status = None  # serving, the signal lost
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        output = process.communicate(timeout=10)[0]
+    assert status == 0, output
+    assert "Exception ignored" not in output, output
