@@ -2,7 +2,9 @@
 address, or, when the peer is a proxy the operator trusts (`--trusted-proxy-cidrs`), the
 right-most `X-Forwarded-For` hop that is not one of those proxies. Hops left of it could
 be anything the client wrote, so they are never read; with no trusted proxy configured,
-`X-Forwarded-For` is never read at all. One client is then one address (`client_key`)."""
+`X-Forwarded-For` is never read at all. One client is then one address (`client_key`).
+The same trust decides whether a request's `X-Forwarded-Proto`, `X-Forwarded-Host`,
+`Forwarded` and `X-Real-IP` reach the pod (router/headers.py)."""
 
 from __future__ import annotations
 
@@ -12,9 +14,15 @@ from collections.abc import Sequence
 from router.config import Network
 
 
+def is_trusted_peer(peer: str, trusted: Sequence[Network]) -> bool:
+    """Whether the peer is one of the operator's proxies; no address is parsed when none
+    is configured (the default, and every request asks)."""
+    return bool(trusted) and _is_trusted(peer, trusted)
+
+
 def client_address(peer: str, raw: Sequence[tuple[bytes, bytes]],
                    trusted: Sequence[Network]) -> str:
-    if not trusted or not _is_trusted(peer, trusted):
+    if not is_trusted_peer(peer, trusted):
         return peer
     hops = [hop.strip() for name, value in raw if name.lower() == b"x-forwarded-for"
             for hop in value.decode("latin-1").split(",")]

@@ -356,7 +356,8 @@ OPTIONS: tuple[_Option, ...] = (
             "upgraded connections one client address may hold open "
             "(429 above; 0 = off)"),
     _Option("trusted_proxy_cidrs", cidrs,
-            "proxies whose X-Forwarded-For names the client (right-most untrusted hop)",
+            "proxies believed about their clients: X-Forwarded-For (right-most untrusted "
+            "hop), X-Forwarded-Proto/-Host, Forwarded, X-Real-IP",
             metavar="CIDR,..."),
 )
 

@@ -24,7 +24,7 @@ from router.asgi import Receive, Scope, Send
 from router.authz import Gate
 from router.balancer import FirstIndex, RoundRobin
 from router.body import NO_BODY, ClientGone, RequestBody
-from router.clients import client_address, client_key
+from router.clients import client_address, client_key, is_trusted_peer
 from router.config import Config
 from router.connection import Response
 from router.errors import (
@@ -99,8 +99,9 @@ class Proxy:
         watch: ClientWatch | None = extensions.get(DISCONNECT) if extensions else None
         if watch is not None:
             watch.task = asyncio.current_task(self._loop)
-        incoming = read_request(scope)
         client = scope.get("client")
+        incoming = read_request(scope, trusted_peer=is_trusted_peer(
+            client[0] if client else "", self._config.trusted_proxy_cidrs))
         exchange = Exchange(
             method=scope["method"],
             path=scope["path"],

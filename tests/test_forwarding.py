@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import gzip
 import http.client
+import ipaddress
 import json
 import socket
 
+import httpx
 import pytest
 
-from tests.conftest import StartPods, StartRouter, static_config
+from tests import rawpod
+from tests.conftest import StartPods, StartRawPods, StartRouter, static_config
+from tests.rawpod import RawPod
 
 
 def raw_request(url: str, request: bytes) -> bytes:
@@ -84,6 +88,102 @@ def test_hop_by_hop_and_routing_headers_are_not_forwarded(
     assert seen.header("x-custom") == "kept"
     assert seen.header("authorization") == "Bearer sandbox-token"
     assert seen.header("host") == f"{pods[0].ip}:{pods[0].port}"
+
+
+def header_lines(message: bytes) -> list[bytes]:
+    """The header lines of a message's head, as they came on the wire."""
+    return message.partition(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+
+
+def exchange(client: httpx.Client, pod: RawPod, headers: bytes) -> tuple[list[bytes], list[bytes]]:
+    """Send a GET with `headers` (raw lines) as written: the header lines of the answer,
+    and of the request the raw pod read."""
+    answer = raw_request(str(client.base_url).rstrip("/"), b"GET / HTTP/1.1\r\nHost: r\r\n"
+                         + headers + b"Connection: close\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 200 ")
+    return header_lines(answer), header_lines(pod.requests[0].head)
+
+
+def names(lines: list[bytes]) -> set[bytes]:
+    return {line.partition(b":")[0].lower() for line in lines}
+
+
+PROXY_ANSWER = (b"HTTP/1.1 200 OK\r\nProxy: http://evil:1\r\nProxy-Status: pod\r\n"
+                b"PROXY-Foo: z\r\nX-Kept: yes\r\ncontent-length: 2\r\n\r\nok")
+
+
+def test_proxy_headers_are_not_forwarded_to_the_pod(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+):
+    """`Proxy` and every `Proxy-*` are hop-by-hop: `Proxy` would become a CGI sandbox's
+    HTTP_PROXY (httpoxy), the outgoing proxy of the code it runs."""
+    pod = start_raw_pods(rawpod.answering(rawpod.OK))[0]
+    client = start_router(static_config([pod]))
+    _, lines = exchange(client, pod, b"Proxy: http://evil:1\r\nProxy-Foo: y\r\n"
+                        b"PROXY-Authorization: Basic eA==\r\nX-Custom: kept\r\n")
+    assert not any(name.startswith(b"proxy") for name in names(lines))
+    assert b"x-custom: kept" in lines
+
+
+def test_proxy_headers_are_not_forwarded_to_the_client(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+):
+    pod = start_raw_pods(rawpod.answering(PROXY_ANSWER))[0]
+    client = start_router(static_config([pod]))
+    answer, _ = exchange(client, pod, b"")
+    assert not any(name.startswith(b"proxy") for name in names(answer))
+    assert b"x-kept" in names(answer)
+
+
+def test_underscore_spellings_of_the_routers_own_headers_are_dropped(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+):
+    """A WSGI or CGI sandbox reads `X_Forwarded_For` as it reads `X-Forwarded-For`
+    (HTTP_X_FORWARDED_FOR): a name with `_` that reads as a header the router strips or
+    sets is dropped; any other passes, as the agent-sandbox routers pass it."""
+    pod = start_raw_pods(rawpod.answering(rawpod.OK))[0]
+    client = start_router(static_config([pod]))
+    spoofs = [b"X_Forwarded_For", b"x_forwarded_proto", b"X-Forwarded_Host", b"X_Real_IP",
+              b"X_Request_ID", b"X-Sandbox_ID", b"X_Sandbox_Pod_IP", b"Proxy_Authorization",
+              b"Keep_Alive", b"Content_Length", b"Transfer_Encoding"]
+    _, lines = exchange(client, pod, b"".join(name + b": 6\r\n" for name in spoofs)
+                        + b"X_Api_Key: k\r\nX-Custom_Header: c\r\n")
+    assert not names(lines) & {name.lower() for name in spoofs}
+    assert b"x_api_key: k" in lines and b"x-custom_header: c" in lines
+    assert len([name for name in names(lines) if name.startswith(b"x-forwarded-")]) == 3
+
+
+CLAIMS = (b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n"
+          b"X-Forwarded-Host: bank.example\r\nForwarded: for=203.0.113.9;proto=https\r\n"
+          b"X-Real-IP: 203.0.113.9\r\n")
+
+
+@pytest.mark.parametrize(("trusted", "expected"), [
+    # No trusted proxy, or the peer (127.0.0.1) not one: the router's own values.
+    ((), [b"x-forwarded-for: 203.0.113.9, 127.0.0.1", b"x-forwarded-proto: http",
+          b"x-forwarded-host: r"]),
+    (("192.0.2.0/24",), [b"x-forwarded-for: 203.0.113.9, 127.0.0.1",
+                         b"x-forwarded-proto: http", b"x-forwarded-host: r"]),
+    # The peer is a trusted proxy: what it says of its client passes.
+    (("127.0.0.0/8",), [b"x-forwarded-proto: https", b"x-forwarded-host: bank.example",
+                        b"forwarded: for=203.0.113.9;proto=https", b"x-real-ip: 203.0.113.9",
+                        b"x-forwarded-for: 203.0.113.9, 127.0.0.1"]),
+])
+def test_only_a_trusted_proxy_says_how_and_where_the_client_came_from(
+    start_raw_pods: StartRawPods, start_router: StartRouter, trusted: tuple[str, ...],
+    expected: list[bytes]
+):
+    """Any client can write `X-Forwarded-Proto: https` or `Forwarded`: they reach the pod
+    only from a peer in --trusted-proxy-cidrs, as `X-Forwarded-For` is read only from one.
+    `X-Forwarded-For` is appended to either way: its right-most hop is the peer."""
+    pod = start_raw_pods(rawpod.answering(rawpod.OK))[0]
+    networks = tuple(ipaddress.ip_network(cidr) for cidr in trusted)
+    client = start_router(static_config([pod], trusted_proxy_cidrs=networks))
+    _, lines = exchange(client, pod, CLAIMS)
+    said = [line for line in lines if line.partition(b":")[0].lower() in
+            {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
+             b"x-real-ip"}]
+    assert sorted(said) == sorted(expected)
 
 
 def test_forwarding_headers_are_set(start_pods: StartPods, start_router: StartRouter):

@@ -13,7 +13,7 @@ def scope(*headers: tuple[bytes, bytes]) -> dict[str, object]:
 
 def test_names_listed_in_connection_are_dropped_case_insensitively():
     incoming = read_request(scope((b"connection", b"Upgrade, X-Foo"), (b"x-foo", b"1"),
-                                  (b"upgrade", b"h2c"), (b"x-bar", b"2")))
+                                  (b"upgrade", b"h2c"), (b"x-bar", b"2")), trusted_peer=False)
     forwarded = dict(incoming.forward)
     assert "x-foo" not in forwarded and "upgrade" not in forwarded
     assert forwarded["x-bar"] == "2"
@@ -28,8 +28,18 @@ def test_every_one_of_many_connection_tokens_is_dropped_from_an_answer():
     assert response_headers(raw, []) == [(b"x-kept", b"c")]
 
 
+def test_proxy_and_every_proxy_dash_name_are_dropped_both_ways_and_no_other():
+    names = [b"proxy", b"proxy-", b"proxy-status", b"proxy-z", b"proxy.x", b"proxyz",
+             b"prox", b"proxz", b"x-proxy"]
+    raw = [(name, b"1") for name in names]
+    kept = [b"proxy.x", b"proxyz", b"prox", b"proxz", b"x-proxy"]
+    assert [name for name, _ in response_headers(raw, [])] == kept
+    forward = read_request(scope(*raw), trusted_peer=False).forward
+    assert [name.encode() for name, _ in forward if name.encode() in names] == kept
+
+
 def test_an_unsafe_request_id_is_replaced():
-    incoming = read_request(scope((b"x-request-id", b"has space")))
+    incoming = read_request(scope((b"x-request-id", b"has space")), trusted_peer=False)
     assert incoming.request_id != "has space"
     assert len(incoming.request_id) == 32
 
