@@ -1,10 +1,13 @@
 """Logs as JSON, one object per line: the access log on stdout, everything else (errors,
 pod-list changes, API failures, start and shutdown) on stderr.
 
-The access log never writes on the event loop: the proxy hands each finished `Exchange` to
-a bounded buffer, and a writer thread formats and writes the lines ten times a second. If
-stdout stalls long enough to fill the buffer, lines are dropped and counted rather than
-slowing every request.
+Neither is written on the event loop. The proxy hands each finished `Exchange` to a
+bounded buffer, and a writer thread formats and writes the lines ten times a second; every
+other line is formatted where it is logged and written by a thread of `StderrLines`. If a
+stream stalls long enough to fill its buffer, lines are dropped and counted rather than
+stopping the loop: a log collector that falls behind, or a pipe nobody reads, had held
+every request still to be served at the next warning (and clients can make warnings: a
+malformed request is one).
 """
 
 from __future__ import annotations
@@ -60,6 +63,69 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
+class StderrLines(logging.Handler):
+    """Formatted lines for stderr, written by a thread of its own from a buffer of at most
+    `capacity` lines (see the module); past it, lines are dropped, and the next write says
+    how many so far. `flush` writes what is pending in the caller's thread: logging calls it
+    at exit, and at a reconfiguration, so no line of a clean exit is lost."""
+
+    def __init__(self, stream: TextIO | None = None, capacity: int = QUEUE_LINES) -> None:
+        super().__init__()
+        self._stream = stream if stream is not None else sys.stderr
+        self._capacity = capacity
+        self._pending: collections.deque[str] = collections.deque()
+        self._wake = threading.Event()
+        self._writing = threading.Lock()  # the thread's writes and `flush`'s, one at a time
+        self._thread: threading.Thread | None = None
+        self._closed = False
+        self.dropped = 0
+        self._reported = 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Called with the handler's lock held, so one emit at a time, whatever thread."""
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        if len(self._pending) < self._capacity:
+            self._pending.append(line)
+        else:
+            self.dropped += 1
+        if self._thread is None and not self._closed:
+            self._thread = threading.Thread(target=self._run, name="stderr-log", daemon=True)
+            self._thread.start()
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait()
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        with self._writing:
+            pending = self._pending
+            lines = [pending.popleft() for _ in range(len(pending))]
+            dropped = self.dropped
+            if dropped > self._reported:
+                self._reported = dropped
+                lines.append(json.dumps({
+                    "time": _timestamp(time.time()), "level": "warning", "logger": __name__,
+                    "message": f"{dropped} log lines dropped so far: stderr is not keeping up",
+                }))
+            if lines:
+                self._stream.write("\n".join(lines) + "\n")
+                self._stream.flush()
+
+    def close(self) -> None:
+        """At exit or a reconfiguration: what is pending is written, the thread ends."""
+        self.flush()
+        self._closed = True
+        self._wake.set()
+        super().close()
+
+
 def logging_config(level: str) -> dict[str, Any]:
     """A `dictConfig` for the process (and each worker): every logger, uvicorn's included,
     goes to one JSON handler on stderr."""
@@ -68,10 +134,7 @@ def logging_config(level: str) -> dict[str, Any]:
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"json": {"()": JsonFormatter}},
-        "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "json",
-                       "stream": "ext://sys.stderr"},
-        },
+        "handlers": {"stderr": {"()": StderrLines, "formatter": "json"}},
         "loggers": {
             "uvicorn": {"handlers": [], "propagate": True},
             "uvicorn.error": {"handlers": [], "propagate": True},

@@ -35,6 +35,8 @@ class RouterProcess:
             preexec_fn=preexec,
         )
         self.lines: list[str] = []
+        self._reading = threading.Event()  # cleared: its output is left unread (`pause`)
+        self._reading.set()
         self._queue: queue.Queue[str | None] = queue.Queue()
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -48,9 +50,17 @@ class RouterProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def pause(self) -> None:
+        """Stop reading its output: once the pipe is full, its writes block."""
+        self._reading.clear()
+
+    def resume(self) -> None:
+        self._reading.set()
+
     def _read(self) -> None:
         assert self.process.stdout is not None
         for line in self.process.stdout:
+            self._reading.wait()
             self.lines.append(line)
             self._queue.put(line)
         self._queue.put(None)
@@ -67,6 +77,7 @@ class RouterProcess:
     def stop(self, timeout: float = 20.0) -> int:
         """SIGTERM, then wait; returns the exit status once every line it wrote is in
         `lines` (the reader thread may still be behind when the process has exited)."""
+        self.resume()
         if self.process.poll() is None:
             self.process.terminate()
         try:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import logging
+import os
+import threading
 import time
 import types
 
@@ -12,10 +15,11 @@ import httpx
 import pytest
 
 from router import logs
-from router.logs import FLUSH_BATCH, AccessLog, access_line
+from router.logs import FLUSH_BATCH, AccessLog, JsonFormatter, StderrLines, access_line
 from router.observe import Exchange
 from tests.conftest import StartPods
 from tests.process import RouterProcess
+from tests.rawclient import request
 
 ACCESS_KEYS = {"time", "method", "path", "status", "duration_ms", "route", "pod", "namespace",
                "attempts", "bytes_in", "bytes_out", "client", "request_id"}
@@ -134,3 +138,61 @@ def test_access_lines_are_json_whatever_the_path_holds() -> None:
         "pod": "sbx", "namespace": "team", "attempts": 1, "bytes_in": 0, "bytes_out": 0,
         "client": "::1", "request_id": 'id-"1"',
     }
+
+
+MALFORMED = 1500
+"""Warnings of about 120 bytes each: three times what a pipe holds (64 KiB)."""
+
+
+def test_a_stalled_stderr_holds_no_request(start_pods: StartPods) -> None:
+    """Its reader stalled (a log collector behind), stderr fills; every malformed request
+    logs a warning. Written on the event loop, the line that found the pipe full had
+    stopped the router, every request with it; now a writer thread waits instead, and
+    the lines, below its buffer's 10,000, all come out once stderr drains."""
+    pod = start_pods(1)[0]
+    router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--no-access-log"])
+    try:
+        router.pause()
+        for _ in range(MALFORMED):
+            answer = request(router.port, b"NOT HTTP AT ALL\r\n\r\n")
+            assert answer is not None and answer.status == 400
+        assert httpx.get(router.url, timeout=10).status_code == 200
+    finally:
+        assert router.stop() == 0
+    warnings = [line for line in router.lines if "Invalid HTTP request received." in line]
+    assert len(warnings) == MALFORMED
+
+
+def test_stderr_lines_past_the_buffer_are_dropped_and_counted() -> None:
+    """A stream nobody reads: logging returns at once whatever it holds, what is past
+    the buffer is dropped, and the next write says how many lines were."""
+    read_end, write_end = os.pipe()
+    stream = os.fdopen(write_end, "w")
+    handler = StderrLines(stream, capacity=5)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.Logger("stalled")
+    logger.addHandler(handler)
+    message = "x" * 20_000  # three fill the pipe
+
+    def log_all() -> None:
+        for index in range(40):
+            logger.warning("%d %s", index, message)
+
+    logging_thread = threading.Thread(target=log_all, daemon=True)
+    logging_thread.start()
+    logging_thread.join(10)
+    assert not logging_thread.is_alive()  # no call waited for the stream
+    read: list[str] = []
+    reader = threading.Thread(target=lambda: read.extend(os.fdopen(read_end)), daemon=True)
+    reader.start()
+    handler.close()  # writes what is left, the reader draining the pipe
+    stream.close()
+    reader.join(10)
+    assert not reader.is_alive()
+    lines = [json.loads(line) for line in read]
+    kept = [line for line in lines if line["message"].endswith(message)]
+    assert [int(line["message"].split()[0]) for line in kept] == sorted(
+        int(line["message"].split()[0]) for line in kept)  # in order
+    assert lines[-1]["message"] == (
+        f"{handler.dropped} log lines dropped so far: stderr is not keeping up")
+    assert handler.dropped > 0 and len(kept) + handler.dropped == 40
