@@ -46,7 +46,13 @@ def client_key(address: str) -> str:
 
 
 def _ip(address: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """`address` parsed, an IPv4-mapped IPv6 one as its IPv4; None if it is none."""
+    """`address` parsed, an IPv4-mapped IPv6 one as its IPv4; None if it is none. A port
+    is no part of it: some proxies write their `X-Forwarded-For` hops `203.0.113.7:50001`
+    or `[2001:db8::1]:443`, and each connection would otherwise be a client of its own."""
+    if address.startswith("["):
+        address = address[1:].partition("]")[0]
+    elif address.count(":") == 1:
+        address = address.partition(":")[0]
     try:
         ip = ipaddress.ip_address(address)
     except ValueError:

@@ -9,10 +9,10 @@ abandons the wait, not the lookup. Unbounded, every request for a name nobody kn
 during a DNS outage, queued another lookup behind the ones holding the threads, and
 after the outage the backlog still had to run before a new name was looked up. So:
 
-one lookup per name at a time, answers kept `ANSWER_SECONDS` and failures
-`FAILURE_SECONDS` (a name that does not exist costs a lookup a second, not one per
-request), at most `MAX_LOOKUPS` under way (libuv's threads), a request for another name
-waiting for one to end within its connect timeout (`router.shared_calls`).
+one lookup per name at a time, answers kept `ANSWER_SECONDS` and failures 1 s (a name
+that does not exist costs a lookup a second, not one per request), at most four under way
+(libuv's threads), one of them for names that resolved before, a request for another name
+waiting for one to end within its connect timeout (`router.shared_calls`, `BOUNDS`).
 
 nginx's `resolver` caches answers and failures alike, and Envoy's DNS cache bounds its
 hosts and pending lookups, for the same reasons."""
@@ -27,22 +27,24 @@ from typing import Any
 
 from cachetools import TTLCache
 
-from router.shared_calls import CallFailed, SharedCalls
+from router.shared_calls import Bounds, CallFailed, SharedCalls
 
 Lookup = Callable[[str], Awaitable[str]]
 """A host name to one IP address; raises OSError when there is none."""
 
 ANSWER_SECONDS = 10.0
-FAILURE_SECONDS = 1.0
-MAX_LOOKUPS = 4
-"""libuv's thread pool: lookups beyond it would only queue there, out of reach."""
-MAX_WAITING = 1024
-"""Requests for other names waiting for a lookup to end; beyond, a 502 at once."""
+BOUNDS = Bounds(slots=3, renewal_slots=1, max_waiting=1024, failure_ttl=1.0,
+                renew_window=10 * ANSWER_SECONDS)
+"""Four lookups under way at most, libuv's threads (beyond, they would only queue there,
+out of reach): three for new names, one for names that resolved within the window, so
+random names cannot keep a sandbox's name from being looked up again. Failures kept 1 s;
+1024 requests waiting per lane, then a 502 at once."""
 CACHED_NAMES = 4096
 
 
 class LookupFailed(OSError):
-    """The name has no address (or the lookup failed) now or within `FAILURE_SECONDS`."""
+    """The name has no address (or the lookup failed) now or within a second; or too many
+    requests wait for a lookup already."""
 
 
 async def system_lookup(host: str) -> str:
@@ -64,8 +66,8 @@ class Resolver:
                  clock: Callable[[], float] = time.monotonic) -> None:
         self._lookup = lookup
         self._answers: TTLCache[str, str] = TTLCache(CACHED_NAMES, ANSWER_SECONDS, clock)
-        self._calls: SharedCalls[str, str] = SharedCalls(
-            self._answers.get, MAX_LOOKUPS, MAX_WAITING, FAILURE_SECONDS, clock)
+        self._calls: SharedCalls[str, str] = SharedCalls(self._answers.get, BOUNDS,
+                                                         clock=clock)
 
     async def __call__(self, host: str) -> str:
         try:

@@ -11,7 +11,12 @@ after the outage, before any new call. So, per `SharedCalls`:
   meanwhile: an outage costs a call per key and period, not one per request;
 - at most `slots` calls under way (the threads there are): a request for another key
   waits for one to end, and starts none if it leaves first; beyond `max_waiting` such
-  requests, the next fails at once.
+  requests, the next fails at once;
+- a key whose last answer `renews` (a name that resolved, a token approved) within
+  `renew_window` is asked again in `renewal_slots` of its own, with a queue of its own.
+  Anyone can send new keys (random tokens, random sandbox names), and without this lane
+  a flood of them took every slot and waiting place, so each working key failed as its
+  cached answer expired: one unauthenticated client locked every caller out.
 
 Answers are the caller's to keep (`cached` reads them), since what an answer is worth, and
 for how long, differs between callers."""
@@ -21,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable, Hashable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from cachetools import TTLCache
@@ -28,7 +34,8 @@ from cachetools import TTLCache
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
-KEPT_FAILURES = 4096
+KEPT_KEYS = 4096
+"""Failures, and keys that renew, remembered (the least recently used go first)."""
 
 
 class CallFailed(Exception):
@@ -41,19 +48,45 @@ class _Failure(str):
     exception object (and its traceback's frames) is shared between requests."""
 
 
+@dataclass(frozen=True)
+class Bounds:
+    """See the module."""
+
+    slots: int
+    renewal_slots: int
+    max_waiting: int
+    failure_ttl: float
+    renew_window: float
+
+
+class _Lane:
+    """Slots, and the requests waiting for one."""
+
+    __slots__ = ("slots", "waiting", "max_waiting")
+
+    def __init__(self, slots: int, max_waiting: int) -> None:
+        self.slots = asyncio.Semaphore(slots)
+        self.waiting = 0
+        self.max_waiting = max_waiting
+
+
 class SharedCalls(Generic[K, V]):
     """See the module. Touched only on its event loop."""
 
-    __slots__ = ("_cached", "_failures", "_pending", "_slots", "_max_waiting", "_waiting")
+    __slots__ = ("_cached", "_renews", "_failures", "_renewing", "_pending", "_lanes",
+                 "_closed")
 
-    def __init__(self, cached: Callable[[K], V | None], slots: int, max_waiting: int,
-                 failure_ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, cached: Callable[[K], V | None], bounds: Bounds,
+                 renews: Callable[[V], bool] = lambda answer: True,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self._cached = cached
-        self._failures: TTLCache[K, _Failure] = TTLCache(KEPT_FAILURES, failure_ttl, clock)
+        self._renews = renews
+        self._failures: TTLCache[K, _Failure] = TTLCache(KEPT_KEYS, bounds.failure_ttl, clock)
+        self._renewing: TTLCache[K, bool] = TTLCache(KEPT_KEYS, bounds.renew_window, clock)
         self._pending: dict[K, asyncio.Future[V | _Failure]] = {}
-        self._slots = asyncio.Semaphore(slots)
-        self._max_waiting = max_waiting
-        self._waiting = 0
+        self._lanes = (_Lane(bounds.slots, bounds.max_waiting),
+                       _Lane(bounds.renewal_slots, bounds.max_waiting))
+        self._closed = False
 
     async def __call__(self, key: K, call: Callable[[], Awaitable[V]]) -> V:
         """`call()`'s answer for `key`, or the one cached or under way. Raises `CallFailed`."""
@@ -79,39 +112,58 @@ class SharedCalls(Generic[K, V]):
 
     async def _start(self, key: K, call: Callable[[], Awaitable[V]]
                      ) -> V | asyncio.Future[V | _Failure]:
-        """A call for `key` once a slot is free (the wait is cancelled with the request: no
-        call then), unless another request's call for it ended or began meanwhile."""
-        if self._slots.locked() and self._waiting >= self._max_waiting:
+        """A call for `key` once a slot of its lane is free (the wait is cancelled with
+        the request: no call then), unless another request's call for it ended or began
+        meanwhile."""
+        lane = self._lanes[key in self._renewing]
+        if self._closed or lane.slots.locked() and lane.waiting >= lane.max_waiting:
             raise CallFailed("too many requests wait for a call already")
-        self._waiting += 1
+        lane.waiting += 1
         try:
-            await self._slots.acquire()
+            await lane.slots.acquire()
         finally:
-            self._waiting -= 1
+            lane.waiting -= 1
         started = False
         try:
             known = self._known(key)
             if known is None:
-                known = self._pending[key] = asyncio.ensure_future(self._run(key, call))
+                known = self._pending[key] = asyncio.ensure_future(self._run(key, call, lane))
                 started = True  # the call releases the slot as it ends
             return known
         finally:
             if not started:
-                self._slots.release()
+                lane.slots.release()
 
-    async def _run(self, key: K, call: Callable[[], Awaitable[V]]) -> V | _Failure:
+    async def _run(self, key: K, call: Callable[[], Awaitable[V]], lane: _Lane
+                   ) -> V | _Failure:
         """Holds its slot until the call ends, however long after its requests left. A
-        failure is returned, not raised: a call nobody waits for any more is no error."""
+        failure is returned, not raised: a call nobody waits for any more is no error.
+        A cancellation the call raised itself (its thread pool shut down) is a failure;
+        one of this task (`close`) ends it."""
         try:
-            return await call()
+            answer = await call()
         except Exception as exc:
-            failure = self._failures[key] = _Failure(str(exc) or type(exc).__name__)
-            return failure
+            return self._failed(key, str(exc) or type(exc).__name__)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise
+            return self._failed(key, "the call was cancelled")
         finally:
-            del self._pending[key]
-            self._slots.release()
+            self._pending.pop(key, None)
+            lane.slots.release()
+        if self._renews(answer):
+            self._renewing[key] = True
+        return answer
+
+    def _failed(self, key: K, why: str) -> _Failure:
+        failure = self._failures[key] = _Failure(why)
+        return failure
 
     def close(self) -> None:
-        """At shutdown: calls nobody will wait for are not left pending in a closed loop."""
-        for call in self._pending.values():
+        """At shutdown: no call starts any more, and those under way are not left pending
+        in a closed loop (one not started yet never runs its `finally`)."""
+        self._closed = True
+        pending, self._pending = self._pending, {}
+        for call in pending.values():
             call.cancel()

@@ -12,7 +12,8 @@ so an outage is neither a stampede on the API nor a denial that outlives it.
 Anyone who can reach the port can send tokens, each a review: so reviews are shared and
 bounded (`router.shared_calls`). One per token at a time; at most `THREADS` under way,
 with requests for other tokens waiting for one to end, at most `MAX_WAITING` of them (then
-503 at once), and no request waits longer than `REVIEW_WAIT` for its answer (then 503).
+503 at once), and no request waits longer than `REVIEW_WAIT` for its answer (then 503);
+two more for tokens approved before, so that a flood cannot lock their callers out.
 Unbounded, 200 random tokens against an API answering in 0.5 s held a new valid token 27 s,
 and every one of them reached the API server.
 
@@ -39,7 +40,7 @@ from router.authz import NO_CREDENTIAL, Target, unauthenticated
 from router.config import Config
 from router.errors import ProxyError
 from router.kube import connect
-from router.shared_calls import CallFailed, SharedCalls
+from router.shared_calls import Bounds, CallFailed, SharedCalls
 
 log = logging.getLogger("router.tokenreview")
 
@@ -47,14 +48,18 @@ FAILURE_TTL = 1.0
 """Seconds a failed review is remembered: long enough to spare a struggling API a retry per
 request, short enough that nobody is turned away for long once it is back."""
 REVIEW_TIMEOUT = 5.0
-"""The API call's own timeout (connect, then each read)."""
+"""The API call's own timeout, the whole call (the client makes a number a total)."""
 REVIEW_WAIT = 2 * REVIEW_TIMEOUT
 """The longest a request waits for its answer, a free thread included: then 503."""
 CACHE_SIZE = 10_000
 """Approvals kept; as many denials, apart."""
 THREADS = 4
+"""Reviews of new tokens under way at most; two more for tokens approved before."""
 MAX_WAITING = 256
-"""Requests for other tokens waiting for a thread: beyond, 503 at once."""
+"""Requests for other tokens waiting for a thread, per lane: beyond, 503 at once."""
+RENEW_WINDOW = 10
+"""A token approved within this many `--authz-tokenreview-ttl`s is reviewed again in
+slots of its own: random tokens cannot lock out a caller whose approval just expired."""
 
 Review = Callable[[str], bool]
 """A blocking call: is this token authenticated? Raises when the API cannot say."""
@@ -96,9 +101,12 @@ class TokenReviewer:
         self._close = close
         self._approved: TTLCache[bytes, bool] = TTLCache(CACHE_SIZE, ttl)
         self._denied: TTLCache[bytes, bool] = TTLCache(CACHE_SIZE, ttl)
+        bounds = Bounds(slots=THREADS, renewal_slots=2, max_waiting=MAX_WAITING,
+                        failure_ttl=FAILURE_TTL, renew_window=RENEW_WINDOW * ttl)
         self._calls: SharedCalls[bytes, bool] = SharedCalls(
-            self._decided, THREADS, MAX_WAITING, FAILURE_TTL)
-        self._threads = ThreadPoolExecutor(THREADS, thread_name_prefix="tokenreview")
+            self._decided, bounds, renews=lambda approved: approved)
+        self._threads = ThreadPoolExecutor(bounds.slots + bounds.renewal_slots,
+                                           thread_name_prefix="tokenreview")
 
     async def authorize(self, token: str | None, target: Target) -> None:
         if token is None:

@@ -20,7 +20,7 @@ import re
 import threading
 import time
 import urllib.parse
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -181,6 +181,7 @@ class FakeKube:
         self.hanging = 0
         self.released = threading.Event()
         self.released.set()
+        self.hangs: Callable[[Call], bool] = lambda call: True  # which calls `hang` holds
         self._dropped = 0
         self._stopping = False
         self.changed = threading.Condition()
@@ -248,8 +249,9 @@ class FakeKube:
             self.drop_watches()
 
     @contextmanager
-    def hang(self) -> Iterator[None]:
-        """Calls made inside the block hang until it ends."""
+    def hang(self, only: Callable[[Call], bool] = lambda call: True) -> Iterator[None]:
+        """Calls made inside the block (those `only` picks) hang until it ends."""
+        self.hangs = only
         self.released.clear()
         self.drop_watches()
         try:
@@ -451,7 +453,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._json(401, status(401, "Unauthorized", "Unauthorized"))
         if self.path.split("?")[0] != "/apis/authentication.k8s.io/v1/tokenreviews":
             return self._json(404, status(404, "NotFound", f"no route {self.path}"))
-        if self._admit(Call("tokenreview", "", {})):
+        token = (body.get("spec") or {}).get("token", "")
+        if self._admit(Call("tokenreview", "", {"token": token})):
             self._json(201, self.kube.review(body.get("spec") or {}))
 
     def _admit(self, call: Call) -> bool:
@@ -462,7 +465,8 @@ class _Handler(BaseHTTPRequestHandler):
             kube.calls.append(call)
             kube.hanging += 1
             kube.changed.notify_all()
-        kube.released.wait()
+        if kube.hangs(call):
+            kube.released.wait()
         with kube.changed:
             kube.hanging -= 1
             failure = kube.failure

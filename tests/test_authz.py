@@ -528,6 +528,32 @@ def test_a_flood_of_tokens_queues_no_reviews_and_holds_no_request(
     assert sum(pod.app.hits for pod in pods) == 1
 
 
+def test_a_flood_of_tokens_cannot_lock_out_a_caller_approved_before(
+    kube: FakeKube, reviewed: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While random tokens hold every slot and waiting place of new tokens, a token
+    approved before is reviewed again, as its approval expires, in slots of its own.
+    Before, its review queued behind the flood's: 503 at every expiry, for every caller."""
+    monkeypatch.setattr(tokenreview, "MAX_WAITING", 4)
+    client, pods = reviewed(authz_tokenreview_ttl=0.3)
+    assert client.get("/", headers=bearer("sa-token")).status_code == 200
+    flood = [f"random-{i}" for i in range(tokenreview.THREADS + 8)]
+    statuses = []
+
+    def renewed() -> bool:
+        statuses.append(client.get("/", headers=bearer("sa-token")).status_code)
+        return [review["token"] for review in kube.reviews].count("sa-token") >= 3
+
+    hung = kube.hang(only=lambda call: call.query.get("token", "").startswith("random-"))
+    with ThreadPoolExecutor(len(flood)) as pool, hung:
+        futures = [pool.submit(client.get, "/", headers=bearer(token)) for token in flood]
+        kube.wait_for(lambda: kube.hanging == tokenreview.THREADS)  # new tokens' slots taken
+        eventually(renewed)  # two expiries of its approval, each renewed
+    assert set(statuses) == {200}
+    # Past the waiting places 503 at once; the others denied once the API answers.
+    assert {future.result().status_code for future in futures} == {401, 503}
+
+
 def test_denied_tokens_never_push_an_approved_one_out(
     kube: FakeKube, reviewed: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -361,6 +361,8 @@ def test_per_client_limit_counts_an_address_whatever_its_spelling(
     ("2001:DB8:1:2:0:0:0:6", "2001:db8:1:2::6"),
     ("::1", "::1"),
     ("fe80::1%eth0", "fe80::1%eth0"),
+    ("203.0.113.7:50001", "203.0.113.7"),  # a proxy that writes the client's port too
+    ("[2001:db8::1]:443", "2001:db8::1"),
     ("unknown", "unknown"),  # an X-Forwarded-For hop that is no address: as written
 ])
 def test_a_client_is_its_address_in_one_spelling(address: str, key: str) -> None:
