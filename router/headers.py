@@ -293,9 +293,9 @@ def upgrade_protocol(raw: Sequence[tuple[bytes, bytes]]) -> str | None:
     return b", ".join(values).decode("latin-1") if values else None
 
 
-def switched_to_websocket(raw: Sequence[tuple[bytes, bytes]]) -> bool:
-    """Whether a 101 (its headers, names lower-cased) switched to WebSocket alone: every
-    token of its `Upgrade` headers, however many, is `websocket`."""
+def websocket_only(raw: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether a handshake or a 101 (its headers, names lower-cased) names WebSocket alone:
+    every token of its `Upgrade` headers, however many, is `websocket`."""
     tokens = {token.strip().lower() for name, value in raw if name == b"upgrade"
               for token in value.split(b",")}
     return tokens == {b"websocket"}

@@ -25,6 +25,7 @@ from router.asgi import Receive, Scope, Send
 from router.config import Config
 from router.cycle import MessageEvent, ProxyCycle
 from router.errors import ProxyError, send_error
+from router.headers import websocket_only
 from router.limits import MAX_HEADERS, Deadline, connections_to_drain, nothing, refusal
 from router.sockets import unread
 
@@ -136,24 +137,41 @@ UPGRADE = "router.upgrade"
 """The scope extension of a request that asks for an upgrade: a `ClientUpgrade`."""
 
 
+EARLY_LIMIT = HIGH_WATER_LIMIT
+"""Bytes a client may send behind its handshake before the 101: kept for the tunnel, and
+reading pauses past them."""
+
+
 class ClientUpgrade:
     """The handle on a client connection whose request asks for an upgrade (`Connection:
     upgrade` plus `Upgrade`, as the parser saw them). The parser stops at the end of that
     head, so the connection carries no other request: whatever the answer, it closes after
     it, unless the pod's 101 turns it into a tunnel (`take`). `early`: what the client
-    sent after the head in the same read, the tunnel's first bytes if there is one (the
-    head declared no body: router/proxy.py refuses one)."""
+    sends after the head (the head declared no body: router/proxy.py refuses one), the
+    tunnel's first bytes if there is one. Reading goes on meanwhile, into `early`, so a
+    client that leaves during the handshake is seen to: its request ends (499), and its
+    pod connection and upgrade slots are freed, not held until `--proxy-timeout` (reading
+    paused, its FIN went unseen). A FIN is leaving when the client asks for WebSocket
+    alone, which has no half-close; in another protocol it is a half-close (`fin`), passed
+    on once the tunnel is up."""
 
-    __slots__ = ("_protocol", "early")
+    __slots__ = ("_protocol", "early", "websocket", "fin")
 
-    def __init__(self, protocol: HttpProtocol, early: bytes) -> None:
+    def __init__(self, protocol: HttpProtocol, early: bytes, websocket: bool) -> None:
         self._protocol = protocol
-        self.early = early
+        self.early = bytearray(early)
+        self.websocket = websocket
+        self.fin = False
 
-    def take(self) -> tuple[asyncio.Transport, bytes]:
-        """The client's transport, for `router.tunnel.Tunnel` (see `become_tunnel`), and
-        `early`."""
-        return self._protocol.become_tunnel(), self.early
+    def hold(self, data: bytes) -> None:
+        self.early += data
+        if len(self.early) > EARLY_LIMIT:
+            self._protocol.transport.pause_reading()  # the tunnel resumes it
+
+    def take(self) -> tuple[asyncio.Transport, bytes, bool]:
+        """The client's transport, for `router.tunnel.Tunnel` (see `become_tunnel`),
+        `early` and `fin`."""
+        return self._protocol.become_tunnel(), bytes(self.early), self.fin
 
 
 class HttpProtocol(HttpToolsProtocol):
@@ -171,6 +189,7 @@ class HttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self.watch = ClientWatch(self)
+        self._handshake: ClientUpgrade | None = None  # the parser stopped at its head
         self._extensions = {DISCONNECT: self.watch}  # the same for every request on it
         self.serving: RequestResponseCycle | None = None
         self.reading = Reading.IDLE
@@ -197,6 +216,9 @@ class HttpProtocol(HttpToolsProtocol):
         """uvicorn's, with the head counted as it arrives: a head above
         `--max-request-head` is refused before it is all buffered (httptools keeps a
         header value whole until it ends)."""
+        if self._handshake is not None:
+            self._handshake.hold(data)
+            return
         if self.reading is not Reading.BODY:
             self._head_bytes += len(data)
             if self._line_open and b"\n" in data:
@@ -241,6 +263,15 @@ class HttpProtocol(HttpToolsProtocol):
                     self._refuse(414, "The request line is too long.")
                 else:
                     self._refuse(431, "The request headers are too large.")
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """The client sent a FIN: the connection closes, as in uvicorn, unless a handshake
+        is under way in a protocol that can half-close (`ClientUpgrade`)."""
+        handshake = self._handshake
+        if handshake is None or handshake.websocket:
+            return None
+        handshake.fin = True
+        return True
 
     def _bad_request(self) -> None:
         """uvicorn's 400 went out at once, even behind a pipelined request in flight: the
@@ -350,8 +381,7 @@ class HttpProtocol(HttpToolsProtocol):
         self.server_state.total_requests += 1
         self._extended = False
         if not self.transport.is_closing():
-            if UPGRADE not in self._extensions:  # else the rest is the tunnel's, unparsed
-                self.flow.resume_reading()
+            self.flow.resume_reading()  # a handshake's bytes go to its `early`, unparsed
             if self.pipeline:
                 cycle, app = self.pipeline.pop()
                 self._start_asgi_task(cycle, app)
@@ -523,6 +553,7 @@ class HttpProtocol(HttpToolsProtocol):
         `on_response`; a request that ran lets go when it ends) all held it."""
         self.watch.release()
         self._extensions.clear()
+        self._handshake = None
         self._stop_timers()
         self.parser = None  # type: ignore[assignment]
         for cycle in [self.cycle, *(cycle for cycle, _ in self.pipeline)]:
@@ -544,15 +575,15 @@ class HttpProtocol(HttpToolsProtocol):
         """uvicorn calls this (its `ws` setting is "none": `server_config`) when the parser
         stops at the end of a request head asking for an upgrade; that request's task has
         been started already. Instead of uvicorn's warning: the request gets a
-        `ClientUpgrade`, reading pauses (the parser cannot go on past an upgrade, and
-        bytes must wait for the pod's 101; a WebSocket client sends none before it), and
-        the connection closes after an answer that is not a 101. `early`: what followed the
-        head in the read, kept for the tunnel (`ClientUpgrade`)."""
-        if UPGRADE in self._extensions:
+        `ClientUpgrade`, which takes what the client sends from now on (the parser cannot
+        go on past an upgrade, and bytes must wait for the pod's 101; a WebSocket client
+        sends none before it), and the connection closes after an answer that is not a
+        101. `early`: what followed the head in the read, kept for the tunnel."""
+        if self._handshake is not None:
             return
-        self._extensions[UPGRADE] = ClientUpgrade(self, early)  # type: ignore[assignment]
+        self._handshake = ClientUpgrade(self, early, websocket_only(self.scope["headers"]))
+        self._extensions[UPGRADE] = self._handshake  # type: ignore[assignment]
         self.cycle.keep_alive = False
-        self.transport.pause_reading()
 
     def become_tunnel(self) -> asyncio.Transport:
         """The pod answered 101: this connection leaves uvicorn's books (its connections

@@ -45,11 +45,11 @@ from router.headers import (
     parse_pinned,
     read_request,
     response_headers,
-    switched_to_websocket,
     switching_head,
     upgrade_protocol,
     upgrade_request,
     upstream_timeout,
+    websocket_only,
 )
 from router.health import Clock, Health
 from router.limits import upgrade_max_default
@@ -350,10 +350,11 @@ class Proxy:
         head = switching_head(response.raw_headers, own_headers)
         if watch is not None:
             watch.task = None  # the tunnel sees the client leave from now on
-        client, client_early = upgrade.take()
+        client, client_early, client_fin = upgrade.take()
         tunnel = Tunnel(client, client_early, pod, pod_early, head,
                         self._config.upgrade_idle_timeout, self._config.upgrade_max_lifetime,
-                        half_close=not switched_to_websocket(response.raw_headers))
+                        half_close=not websocket_only(response.raw_headers),
+                        client_fin=client_fin)
         exchange.status = 101
         self.tunnels.add(tunnel)
         self._observer.upgraded(exchange)

@@ -97,7 +97,8 @@ class Tunnel:
 
     def __init__(self, client: asyncio.Transport, client_early: bytes,
                  pod: asyncio.Transport, pod_early: bytes, head: bytes,
-                 idle_timeout: float, max_lifetime: float, half_close: bool = True) -> None:
+                 idle_timeout: float, max_lifetime: float, half_close: bool = True,
+                 client_fin: bool = False) -> None:
         self.loop = asyncio.get_running_loop()
         self.last_active = self.loop.time()
         self.closing = False
@@ -128,9 +129,11 @@ class Tunnel:
         client.write(head + pod_early if pod_early else head)
         if client_early:
             pod.write(client_early)
-        # Both were paused during the handshake; each resumes unless its bytes' way is full.
+        if client_fin and not self.half_closed(self._from_client):  # before the 101
+            client.close()
+        # Each resumes reading unless its bytes' way is full (or it has nothing more to say).
         for source, way in ((client, self._from_pod), (pod, self._from_client)):
-            if not source.is_closing() and not way.full:  # closing: its end reaches its side
+            if not source.is_closing() and not way.full and not (source is client and client_fin):
                 source.resume_reading()
 
     @property

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from router.headers import read_request, response_headers, switched_to_websocket, upstream_timeout
+from router.headers import read_request, response_headers, upstream_timeout, websocket_only
 
 
 def scope(*headers: tuple[bytes, bytes]) -> dict[str, object]:
@@ -81,10 +81,10 @@ def test_a_bodyless_answer_loses_its_content_length() -> None:
         ([], False),
     ],
 )
-def test_a_101_switched_to_websocket_only_when_every_upgrade_token_says_so(
+def test_a_101_websocket_only_only_when_every_upgrade_token_says_so(
     upgrade: list[bytes], websocket: bool
 ) -> None:
     """Which tunnels have no half-close (router/tunnel.py): those the pod switched to
     WebSocket alone, however it spelt it."""
     raw = [(b"connection", b"upgrade"), *((b"upgrade", value) for value in upgrade)]
-    assert switched_to_websocket(raw) is websocket
+    assert websocket_only(raw) is websocket

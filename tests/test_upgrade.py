@@ -475,6 +475,33 @@ def test_a_handshake_under_way_holds_its_slot_of_upgrade_max(
     assert len(pod.requests) == 1
 
 
+def test_a_client_leaving_during_the_handshake_frees_its_slots_and_the_pod_at_once(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """The pod holds back its 101 and the client leaves. Reading was paused during a
+    handshake, so the client's FIN went unseen: the request held its upgrade slots and
+    the pod's connection until `--proxy-timeout` (180 s), and was then logged 504. A
+    never-answering pod could so fill `--upgrade-max` for clients that hold nothing."""
+    closed = threading.Event()
+
+    def never_switching(connection: PodConnection) -> None:
+        if connection.read_request() is not None and connection.closed_by_router():
+            closed.set()
+
+    pod = start_raw_pods(never_switching)[0]
+    recorder = Recorder()
+    client = start_router(static_config([pod], upgrade_max=1), observer=recorder)
+    tunnels = client.app._proxy.tunnels  # type: ignore[attr-defined]
+    port = client.base_url.port or 0
+    leaving = RawClient(port, source="127.0.0.20")
+    leaving.send(HANDSHAKE)
+    eventually(lambda: len(pod.requests) == 1)  # at the pod, not answered
+    leaving.close()
+    assert closed.wait(WAIT)  # the pod's connection closed: the router saw the client go
+    eventually(lambda: [exchange.status for exchange in recorder.finished] == [499])
+    assert tunnels._reserved == 0  # its slot of --upgrade-max is free
+
+
 HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: sandbox\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
              b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n")
 
