@@ -63,12 +63,14 @@ def router(start_pods: StartPods, start_router: StartRouter) -> tuple[httpx.Clie
     return start_router(static_config([pod], **LIMITS)), pod
 
 
-def over_raw_pod(start_pods: StartPods, start_router: StartRouter, raw: RawPod
-                 ) -> tuple[httpx.Client, Pod]:
-    """A router over the raw pod (pinned as `raw-0`) and a real one (`pod-0`)."""
+def over_raw_pod(start_pods: StartPods, start_router: StartRouter, raw: RawPod,
+                 **limits: float) -> tuple[httpx.Client, Pod]:
+    """A router over the raw pod (pinned as `raw-0`) and a real one (`pod-0`), with
+    `LIMITS` (or `limits` in their place)."""
     (pod,) = start_pods(1)
     pods = (StaticPod(raw.name, raw.ip, raw.port), StaticPod(pod.name, pod.ip, pod.port))
-    return start_router(dataclasses.replace(static_config([pod], **LIMITS), pods=pods)), pod
+    config = static_config([pod], **{**LIMITS, **limits})
+    return start_router(dataclasses.replace(config, pods=pods)), pod
 
 
 # -- request head size: 414 / 431 before the head is buffered --
@@ -299,8 +301,10 @@ def test_request_trailers_neither_route_nor_reach_the_pod(router: tuple[httpx.Cl
 def test_body_time_the_router_spends_not_reading_is_not_the_clients(
     start_pods: StartPods, start_router: StartRouter, start_raw_pods: StartRawPods
 ):
-    slow = start_raw_pods(rawpod.answering_late(1.5))[0]  # reads nothing for 3 body timeouts
-    client, pod = over_raw_pod(start_pods, start_router, slow)
+    slow = start_raw_pods(rawpod.answering_late(3.0))[0]  # reads nothing for 3 body timeouts
+    # 1 s, not LIMITS' 0.5: once the pod reads, the test's own client must not pause
+    # that long, which a loaded machine made it do once.
+    client, pod = over_raw_pod(start_pods, start_router, slow, body_timeout=1.0)
     body = b"a" * (32 * MiB)  # streamed (above --retry-body-limit), more than buffers hold
     response = client.post("/up", content=body, headers={"X-Sandbox-ID": "raw-0"})
     assert (response.status_code, response.text) == (200, "ok")
