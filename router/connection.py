@@ -145,6 +145,19 @@ class Connection(asyncio.Protocol):
             self._drained = self.loop.create_future()
             await self._drained
 
+    def discard(self) -> None:
+        """`loop.create_connection` gave up on this connection after `connection_made`
+        (the request was cancelled in between: its client left, or the connect timeout):
+        uvloop then closes the transport without `connection_lost`, so let go here of what
+        that would have (the deadline's callback and the transport both hold this
+        connection: two reference cycles, freed only by the collector)."""
+        self.closed = True
+        if self.reading is not None:
+            self.reading.close()
+        transport, self._transport = self._transport, None
+        if transport is not None and not transport.is_closing():
+            transport.abort()
+
     def close(self) -> None:
         if not self.closed:
             self.closed = True
@@ -160,6 +173,8 @@ class Connection(asyncio.Protocol):
             raise UpstreamFailed()
         self.closed = True
         self.response = None
+        if self.reading is not None:  # the tunnel's protocol gets its end, not this one:
+            self.reading.close()  # its timer's callback would hold this connection in a cycle
         return self._transport
 
     def release(self, keep: bool = True) -> None:

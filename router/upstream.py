@@ -121,10 +121,19 @@ class Client:
         if not self._permit(host, address, port):
             log.warning("refused to connect to %s (%s): address not allowed", host, address)
             raise TargetRefused()
-        _, connection = await self._loop.create_connection(
-            lambda: Connection(self, (host, port), self._loop), address, port
-        )
-        return connection
+        made: list[Connection] = []  # the protocol, if the connect got that far
+
+        def factory() -> Connection:
+            made.append(Connection(self, (host, port), self._loop))
+            return made[0]
+
+        try:
+            await self._loop.create_connection(factory, address, port)
+        except BaseException:
+            if made:  # cancelled after `connection_made`: see `Connection.discard`
+                made[0].discard()
+            raise
+        return made[0]
 
     def keep(self, connection: Connection) -> None:
         if self._closed:  # an answer dropped after shutdown began (`Response.abandon`)

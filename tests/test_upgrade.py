@@ -25,6 +25,7 @@ import pytest
 from router import limits
 from router.clients import client_address, client_key
 from router.config import Config
+from router.connection import Connection
 from router.errors import ProxyError
 from router.logs import access_line
 from router.metrics import Metrics
@@ -614,7 +615,7 @@ def _held() -> list[object]:
     """What of an upgraded connection is still alive (a client protocol whose connection
     ended has no parser)."""
     return [thing for thing in gc.get_objects()
-            if isinstance(thing, (Tunnel, ClientUpgrade))
+            if isinstance(thing, (Tunnel, ClientUpgrade, Connection))
             or (isinstance(thing, HttpProtocol) and thing.parser is None)]
 
 

@@ -275,6 +275,47 @@ def listener_that_accepts_nothing() -> tuple[socket.socket, list[socket.socket]]
     return full, waiting
 
 
+@pytest.mark.parametrize("loop_name", sorted(LOOPS))
+def test_a_connect_cancelled_once_made_leaves_no_cyclic_garbage(
+    loop_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The request is cancelled (its client left) after the pod's connection was made but
+    before `create_connection` returned it: uvloop then closes the transport without
+    `connection_lost`, which the connection relies on to let go of its deadline and
+    transport, each holding it in a cycle."""
+    pending: list[asyncio.Future[object]] = []
+
+    class CancelledOnceMade(upstream.Connection):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            super().connection_made(transport)
+            pending[0].cancel()
+
+    monkeypatch.setattr(upstream, "Connection", CancelledOnceMade)
+
+    async def scenario(server: Scripted, client: Client) -> None:
+        for _ in range(3):
+            pending[:] = [asyncio.ensure_future(
+                client.request("GET", "127.0.0.2", server.port, "/", [], None, LIMITS))]
+            with pytest.raises(asyncio.CancelledError):
+                await pending[0]
+        pending.clear()
+        for _ in range(10):  # loop turns: the transports' close callbacks run
+            await asyncio.sleep(0)
+
+    gc.collect()
+    gc.disable()
+    try:
+        run(scenario, answering(OK), LOOPS[loop_name])
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        gc.collect()
+        held = sorted({_describe(thing) for thing in gc.garbage if _describe(thing)})
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+    assert held == [], held
+
+
 def _describe(thing: object) -> str | None:
     """The router's own part of some cyclic garbage: its objects, its errors, its frames."""
     if isinstance(thing, types.FrameType):
