@@ -31,6 +31,10 @@ FLUSH_SECONDS = 0.1
 FLUSH_BATCH = 64
 """Lines formatted between two hand-overs of the GIL to the event loop (below)."""
 STOP_SECONDS = 5.0
+PIPE_BUF = 4096
+"""Bytes a pipe takes in one piece (POSIX's least, Linux's value): `--workers` processes
+share the supervisor's stdout and stderr, and a larger write of one is interleaved with
+the others' mid-line, which a log collector then reads as broken JSON."""
 
 log = logging.getLogger("router.access")
 
@@ -101,7 +105,10 @@ class StderrLines(logging.Handler):
         while not self._closed:
             self._wake.wait()
             self._wake.clear()
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # ENOSPC, EIO, EPIPE: those lines are lost, not the thread
+                time.sleep(FLUSH_SECONDS)  # and no spin against a stream that keeps failing
 
     def flush(self) -> None:
         with self._writing:
@@ -114,9 +121,7 @@ class StderrLines(logging.Handler):
                     "time": _timestamp(time.time()), "level": "warning", "logger": __name__,
                     "message": f"{dropped} log lines dropped so far: stderr is not keeping up",
                 }))
-            if lines:
-                self._stream.write("\n".join(lines) + "\n")
-                self._stream.flush()
+            write_lines(self._stream, lines)
 
     def close(self) -> None:
         """At exit or a reconfiguration: what is pending is written, the thread ends."""
@@ -160,6 +165,23 @@ def access_line(exchange: Exchange, finished: float) -> str:
         f'"bytes_out": {exchange.bytes_out}, "client": {_string(exchange.client)}, '
         f'"request_id": {_string(exchange.request_id)}{authz}}}'
     )
+
+
+def write_lines(stream: TextIO, lines: list[str]) -> None:
+    """`lines` (ASCII: JSON escapes the rest) as writes of whole lines, each at most
+    `PIPE_BUF` bytes unless one line is longer."""
+    batch: list[str] = []
+    size = 0
+    for line in lines:
+        if batch and size + len(line) + 1 > PIPE_BUF:
+            stream.write("\n".join(batch) + "\n")
+            stream.flush()
+            batch, size = [], 0
+        batch.append(line)
+        size += len(line) + 1
+    if batch:
+        stream.write("\n".join(batch) + "\n")
+        stream.flush()
 
 
 def _string(value: str | None) -> str:
@@ -219,11 +241,9 @@ class AccessLog(NullObserver):
         if not pending:
             return
         while pending:
-            lines = [access_line(*pending.popleft())
-                     for _ in range(min(len(pending), FLUSH_BATCH))]
-            self._stream.write("\n".join(lines) + "\n")
+            write_lines(self._stream, [access_line(*pending.popleft())
+                                       for _ in range(min(len(pending), FLUSH_BATCH))])
             time.sleep(0)  # releases the GIL; the loop, if waiting for it, takes it
-        self._stream.flush()
 
 
 class Throttle(Generic[Key]):

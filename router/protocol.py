@@ -138,8 +138,9 @@ UPGRADE = "router.upgrade"
 
 
 EARLY_LIMIT = HIGH_WATER_LIMIT
-"""Bytes a client may send behind its handshake before the 101: kept for the tunnel, and
-reading pauses past them."""
+"""Bytes a client may send behind its handshake before the 101, kept for the tunnel: past
+them, reading pauses, or for WebSocket, whose client must wait for the 101 before it sends
+(RFC 6455 4.1), the connection closes (a paused connection's FIN would go unseen)."""
 
 
 class ClientUpgrade:
@@ -166,12 +167,18 @@ class ClientUpgrade:
     def hold(self, data: bytes) -> None:
         self.early += data
         if len(self.early) > EARLY_LIMIT:
-            self._protocol.transport.pause_reading()  # the tunnel resumes it
+            transport = self._protocol.transport
+            if self.websocket:
+                transport.close()  # its request ends as the client's leaving does (499)
+            else:
+                transport.pause_reading()  # the tunnel resumes it
 
     def take(self) -> tuple[asyncio.Transport, bytes, bool]:
         """The client's transport, for `router.tunnel.Tunnel` (see `become_tunnel`),
-        `early` and `fin`."""
-        return self._protocol.become_tunnel(), bytes(self.early), self.fin
+        `early` and `fin`. `early` is emptied: the request holds this handle for the
+        tunnel's whole life."""
+        early, self.early = bytes(self.early), bytearray()
+        return self._protocol.become_tunnel(), early, self.fin
 
 
 class HttpProtocol(HttpToolsProtocol):

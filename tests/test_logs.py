@@ -15,9 +15,17 @@ import httpx
 import pytest
 
 from router import logs
-from router.logs import FLUSH_BATCH, AccessLog, JsonFormatter, StderrLines, access_line
+from router.logs import (
+    FLUSH_BATCH,
+    PIPE_BUF,
+    AccessLog,
+    JsonFormatter,
+    StderrLines,
+    access_line,
+    write_lines,
+)
 from router.observe import Exchange
-from tests.conftest import StartPods
+from tests.conftest import StartPods, eventually
 from tests.process import RouterProcess
 from tests.rawclient import request
 
@@ -97,33 +105,40 @@ def test_a_full_buffer_drops_lines_and_counts_them() -> None:
     assert [json.loads(line)["path"] for line in stream.getvalue().splitlines()] == ["/0", "/1"]
 
 
+class Writes(io.StringIO):
+    """A stream that keeps each write apart; the first `failing` writes raise."""
+
+    def __init__(self, failing: int = 0) -> None:
+        super().__init__()
+        self.writes: list[str] = []
+        self.failing = failing
+
+    def write(self, text: str) -> int:
+        if self.failing:
+            self.failing -= 1
+            raise OSError(28, "No space left on device")
+        self.writes.append(text)
+        return len(text)
+
+
 def test_lines_are_written_in_batches_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
     """The writer formats and writes `FLUSH_BATCH` lines at a time and hands the GIL to
     the event loop between batches (formatting them all at once held it for a switch
     interval): pending lines spanning several batches (and a last, partial one) come out
     in batches, in order, each line whole, with a hand-over after each batch."""
-    class Stream(io.StringIO):
-        def __init__(self) -> None:
-            super().__init__()
-            self.writes: list[str] = []
-
-        def write(self, text: str) -> int:
-            self.writes.append(text)
-            return super().write(text)
-
     handed_over: list[float] = []
     monkeypatch.setattr(logs, "time", types.SimpleNamespace(time=time.time,
                                                             sleep=handed_over.append))
-    stream = Stream()
+    stream = Writes()
     access = AccessLog(stream)
     count = FLUSH_BATCH * 2 + 5
     for index in range(count):
         access.request_finished(Exchange("GET", f"/{index}", None, f"id-{index}", "pool", 0.0))
     access._flush()  # what the writer thread runs, here in the test's own thread
 
-    assert [write.count("\n") for write in stream.writes] == [FLUSH_BATCH, FLUSH_BATCH, 5]
-    assert handed_over == [0, 0, 0]
-    assert [json.loads(line)["path"] for line in stream.getvalue().splitlines()] == [
+    assert handed_over == [0, 0, 0]  # after each batch
+    assert all(len(write) <= PIPE_BUF and write.endswith("\n") for write in stream.writes)
+    assert [json.loads(line)["path"] for line in "".join(stream.writes).splitlines()] == [
         f"/{index}" for index in range(count)]
 
 
@@ -196,3 +211,32 @@ def test_stderr_lines_past_the_buffer_are_dropped_and_counted() -> None:
     assert lines[-1]["message"] == (
         f"{handler.dropped} log lines dropped so far: stderr is not keeping up")
     assert handler.dropped > 0 and len(kept) + handler.dropped == 40
+
+
+def test_lines_are_written_whole_and_at_most_pipe_buf_bytes_at_a_time() -> None:
+    """`--workers` processes share one stdout and one stderr pipe: a larger write is
+    interleaved with another process's mid-line (a helper saw 91 of 24,000 JSON lines
+    broken with three writers)."""
+    lines = [json.dumps({"n": index, "pad": "x" * (index % 700)}) for index in range(500)]
+    lines.append(json.dumps({"big": "y" * (2 * PIPE_BUF)}))  # alone in its write
+    stream = Writes()
+    write_lines(stream, lines)
+    assert "".join(stream.writes).splitlines() == lines
+    assert all(write.endswith("\n") for write in stream.writes)
+    assert [len(write) for write in stream.writes if len(write) > PIPE_BUF] == [
+        len(lines[-1]) + 1]
+
+
+def test_a_failed_stderr_write_loses_its_lines_not_the_writer() -> None:
+    """A disk full for a moment (`2>>file`): the lines of that write are lost, and the
+    thread goes on; it had ended, every later line then held until exit."""
+    stream = Writes(failing=1)
+    handler = StderrLines(stream)
+    handler.setFormatter(JsonFormatter())
+    logger = logging.Logger("failing")
+    logger.addHandler(handler)
+    logger.warning("lost with the failed write")
+    eventually(lambda: stream.failing == 0)
+    logger.warning("written")
+    eventually(lambda: any("written" in write for write in stream.writes))
+    handler.close()

@@ -30,7 +30,7 @@ from router.errors import ProxyError
 from router.logs import access_line
 from router.metrics import Metrics
 from router.observe import Exchange
-from router.protocol import ClientUpgrade, HttpProtocol
+from router.protocol import EARLY_LIMIT, ClientUpgrade, HttpProtocol
 from router.server import bind
 from router.tunnel import Tunnel, Tunnels
 from tests.conftest import StartRawPods, StartRouter, eventually, scrape, static_config, value
@@ -501,6 +501,34 @@ def test_a_client_leaving_during_the_handshake_frees_its_slots_and_the_pod_at_on
     assert closed.wait(WAIT)  # the pod's connection closed: the router saw the client go
     eventually(lambda: [exchange.status for exchange in recorder.finished] == [499])
     assert tunnels._reserved == 0  # its slot of --upgrade-max is free
+
+
+def test_a_websocket_client_sending_more_than_early_limit_before_the_101_is_closed(
+    start_raw_pods: StartRawPods, start_router: StartRouter
+) -> None:
+    """A WebSocket client must wait for the 101 before it sends (RFC 6455 4.1). Past
+    `EARLY_LIMIT`, reading would pause and its leaving go unseen until --proxy-timeout:
+    the connection closes instead, and its request ends (499), its slot free."""
+    closed = threading.Event()
+
+    def never_switching(connection: PodConnection) -> None:
+        if connection.read_request() is not None and connection.closed_by_router():
+            closed.set()
+
+    pod = start_raw_pods(never_switching)[0]
+    recorder = Recorder()
+    client = start_router(static_config([pod]), observer=recorder)
+    tunnels = client.app._proxy.tunnels  # type: ignore[attr-defined]
+    eager = RawClient(client.base_url.port or 0)
+    try:
+        eager.send(HANDSHAKE)
+        eventually(lambda: len(pod.requests) == 1)
+        eager.send_until_refused(b"", b"x" * 4096, 8 * EARLY_LIMIT)
+        assert closed.wait(WAIT)
+        eventually(lambda: [exchange.status for exchange in recorder.finished] == [499])
+        assert tunnels._reserved == 0
+    finally:
+        eager.close()
 
 
 HANDSHAKE = (b"GET /ws HTTP/1.1\r\nHost: sandbox\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
