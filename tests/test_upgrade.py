@@ -340,6 +340,7 @@ async def second(url: str, first: str, other: str) -> int | None:
     ("2001:db8::1", "2001:DB8:0:0::1", 429),  # one address, two spellings
     ("2001:db8::1", "2001:db8::2", None),  # one /64 (the pods of a node): two clients
     ("::ffff:192.0.2.9", "192.0.2.9", 429),  # IPv4-mapped: the IPv4 client
+    ("192.0.2.9:50001", "192.0.2.9:50002", 429),  # a proxy writing the client's port too
     ("192.0.2.9", "192.0.2.10", None),  # IPv4: each address
 ])
 def test_per_client_limit_counts_an_address_whatever_its_spelling(
@@ -476,6 +477,32 @@ def test_a_handshake_under_way_holds_its_slot_of_upgrade_max(
     assert len(pod.requests) == 1
 
 
+class HeldHandshake:
+    """A router (`options` for its config) over a raw pod that never answers a handshake
+    and notes when the router closes its connection (`closed`); `recorder` sees each
+    request end."""
+
+    def __init__(self, start_raw_pods: StartRawPods, start_router: StartRouter,
+                 **options: Any) -> None:
+        self.closed = threading.Event()
+
+        def never_switching(connection: PodConnection) -> None:
+            if connection.read_request() is not None and connection.closed_by_router():
+                self.closed.set()
+
+        self.pod = start_raw_pods(never_switching)[0]
+        self.recorder = Recorder()
+        client = start_router(static_config([self.pod], **options), observer=self.recorder)
+        self.tunnels = client.app._proxy.tunnels  # type: ignore[attr-defined]
+        self.port = client.base_url.port or 0
+
+    def assert_ended_as_the_client_left(self) -> None:
+        """The pod's connection closed, the request logged 499, its upgrade slot free."""
+        assert self.closed.wait(WAIT)
+        eventually(lambda: [exchange.status for exchange in self.recorder.finished] == [499])
+        assert self.tunnels._reserved == 0
+
+
 def test_a_client_leaving_during_the_handshake_frees_its_slots_and_the_pod_at_once(
     start_raw_pods: StartRawPods, start_router: StartRouter
 ) -> None:
@@ -483,24 +510,12 @@ def test_a_client_leaving_during_the_handshake_frees_its_slots_and_the_pod_at_on
     handshake, so the client's FIN went unseen: the request held its upgrade slots and
     the pod's connection until `--proxy-timeout` (180 s), and was then logged 504. A
     never-answering pod could so fill `--upgrade-max` for clients that hold nothing."""
-    closed = threading.Event()
-
-    def never_switching(connection: PodConnection) -> None:
-        if connection.read_request() is not None and connection.closed_by_router():
-            closed.set()
-
-    pod = start_raw_pods(never_switching)[0]
-    recorder = Recorder()
-    client = start_router(static_config([pod], upgrade_max=1), observer=recorder)
-    tunnels = client.app._proxy.tunnels  # type: ignore[attr-defined]
-    port = client.base_url.port or 0
-    leaving = RawClient(port, source="127.0.0.20")
+    held = HeldHandshake(start_raw_pods, start_router, upgrade_max=1)
+    leaving = RawClient(held.port, source="127.0.0.20")
     leaving.send(HANDSHAKE)
-    eventually(lambda: len(pod.requests) == 1)  # at the pod, not answered
+    eventually(lambda: len(held.pod.requests) == 1)  # at the pod, not answered
     leaving.close()
-    assert closed.wait(WAIT)  # the pod's connection closed: the router saw the client go
-    eventually(lambda: [exchange.status for exchange in recorder.finished] == [499])
-    assert tunnels._reserved == 0  # its slot of --upgrade-max is free
+    held.assert_ended_as_the_client_left()
 
 
 def test_a_websocket_client_sending_more_than_early_limit_before_the_101_is_closed(
@@ -509,24 +524,13 @@ def test_a_websocket_client_sending_more_than_early_limit_before_the_101_is_clos
     """A WebSocket client must wait for the 101 before it sends (RFC 6455 4.1). Past
     `EARLY_LIMIT`, reading would pause and its leaving go unseen until --proxy-timeout:
     the connection closes instead, and its request ends (499), its slot free."""
-    closed = threading.Event()
-
-    def never_switching(connection: PodConnection) -> None:
-        if connection.read_request() is not None and connection.closed_by_router():
-            closed.set()
-
-    pod = start_raw_pods(never_switching)[0]
-    recorder = Recorder()
-    client = start_router(static_config([pod]), observer=recorder)
-    tunnels = client.app._proxy.tunnels  # type: ignore[attr-defined]
-    eager = RawClient(client.base_url.port or 0)
+    held = HeldHandshake(start_raw_pods, start_router)
+    eager = RawClient(held.port)
     try:
         eager.send(HANDSHAKE)
-        eventually(lambda: len(pod.requests) == 1)
+        eventually(lambda: len(held.pod.requests) == 1)
         eager.send_until_refused(b"", b"x" * 4096, 8 * EARLY_LIMIT)
-        assert closed.wait(WAIT)
-        eventually(lambda: [exchange.status for exchange in recorder.finished] == [499])
-        assert tunnels._reserved == 0
+        held.assert_ended_as_the_client_left()
     finally:
         eager.close()
 

@@ -244,20 +244,28 @@ def test_failed_exchanges_leave_no_cyclic_garbage(loop_name: str) -> None:
             [b"/drop", b"/invalid", b"/cut", b"/silent", b"/early", b"/abandoned"])
 
     full, waiting = listener_that_accepts_nothing()
+    try:
+        held = cyclic_garbage(lambda: run(scenario, misbehaving, LOOPS[loop_name]))
+    finally:
+        for sock in [full, *waiting]:
+            sock.close()
+    assert held == [], held
+
+
+def cyclic_garbage(work: Callable[[], None]) -> list[str]:
+    """What of the router's own `work` left in reference cycles, the collector off while
+    it ran (`_describe`)."""
     gc.collect()
     gc.disable()
     try:
-        run(scenario, misbehaving, LOOPS[loop_name])
+        work()
         gc.set_debug(gc.DEBUG_SAVEALL)
         gc.collect()
-        held = sorted({_describe(thing) for thing in gc.garbage if _describe(thing)})
+        return sorted({_describe(thing) for thing in gc.garbage if _describe(thing)})
     finally:
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
-        for sock in [full, *waiting]:
-            sock.close()
-    assert held == [], held
 
 
 def listener_that_accepts_nothing() -> tuple[socket.socket, list[socket.socket]]:
@@ -302,17 +310,7 @@ def test_a_connect_cancelled_once_made_leaves_no_cyclic_garbage(
         for _ in range(10):  # loop turns: the transports' close callbacks run
             await asyncio.sleep(0)
 
-    gc.collect()
-    gc.disable()
-    try:
-        run(scenario, answering(OK), LOOPS[loop_name])
-        gc.set_debug(gc.DEBUG_SAVEALL)
-        gc.collect()
-        held = sorted({_describe(thing) for thing in gc.garbage if _describe(thing)})
-    finally:
-        gc.set_debug(0)
-        gc.garbage.clear()
-        gc.enable()
+    held = cyclic_garbage(lambda: run(scenario, answering(OK), LOOPS[loop_name]))
     assert held == [], held
 
 
