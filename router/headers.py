@@ -48,8 +48,11 @@ _PROXY_AFTER = b"proxy."
 _DROPPED_PREFIXES = (SANDBOX_PREFIX, PROXY_PREFIX)  # one test per request header for both
 # What a proxy says of its client besides `X-Forwarded-For` (which is appended to): taken
 # only from a peer in --trusted-proxy-cidrs (router/clients.py), else dropped, and the
-# router's own `X-Forwarded-Proto` and `-Host` sent instead.
-_VOUCHED = frozenset({b"x-forwarded-proto", b"x-forwarded-host", b"forwarded", b"x-real-ip"})
+# router's own `X-Forwarded-Proto` and `-Host` sent instead. Every other `X-Forwarded-*`
+# is a proxy's word too (`-Port`, `-Prefix`, `-Server`, Envoy's `-Client-Cert` naming the
+# client's certificate): `_vouched` takes the family, not a list a new one would miss.
+_VOUCHED = frozenset({b"forwarded", b"x-real-ip"})
+_VOUCHED_PREFIX = b"x-forwarded-"  # `-for` is read before this is tested
 # The request headers the router strips or sets. WSGI and CGI servers read `X_Real_IP` as
 # `X-Real-IP` (both HTTP_X_REAL_IP), so a name with `_` that reads as one of these, `_`
 # taken for `-`, is dropped too (`_spells_own`); any other passes, as through the
@@ -130,7 +133,8 @@ def read_request(scope: Scope, *, trusted_peer: bool) -> Incoming:
     Dropped: hop-by-hop headers (`Proxy-*` included) and those named in `Connection`,
     `Host` and `Content-Length` (the upstream client sets both), every `X-Sandbox-*`
     header, `_` spellings of those the router strips or sets (`_OWN`), and, unless the
-    peer is a `trusted_peer` proxy, what only a proxy may say (`_VOUCHED`).
+    peer is a `trusted_peer` proxy, what only a proxy may say (`_VOUCHED`, and every
+    `X-Forwarded-*` but `-For`, which is appended to).
     `Host`, `Transfer-Encoding` and the routing headers are judged as received, before
     `Connection` drops anything: a token there changes forwarding, never routing. A
     request breaking RFC 9112's rules gets `refused` (missing or repeated `Host` on
@@ -173,7 +177,7 @@ def read_request(scope: Scope, *, trusted_peer: bool) -> Incoming:
         if name == b"content-length":  # the upstream client frames the body itself
             incoming.content_length = int(text) if text.isdigit() else None
             continue
-        if name in _VOUCHED:
+        if name in _VOUCHED or name.startswith(_VOUCHED_PREFIX):
             if not trusted_peer:
                 continue
             if name == b"x-forwarded-proto":

@@ -155,7 +155,9 @@ def test_underscore_spellings_of_the_routers_own_headers_are_dropped(
 
 CLAIMS = (b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n"
           b"X-Forwarded-Host: bank.example\r\nForwarded: for=203.0.113.9;proto=https\r\n"
-          b"X-Real-IP: 203.0.113.9\r\n")
+          b"X-Real-IP: 203.0.113.9\r\nX-Forwarded-Port: 443\r\n"
+          b"X-Forwarded-Prefix: /admin\r\nX-Forwarded-Server: edge\r\n"
+          b"X-Forwarded-Client-Cert: Hash=ab;Subject=\"CN=admin\"\r\n")
 
 
 @pytest.mark.parametrize(("trusted", "expected"), [
@@ -167,22 +169,25 @@ CLAIMS = (b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n"
     # The peer is a trusted proxy: what it says of its client passes.
     (("127.0.0.0/8",), [b"x-forwarded-proto: https", b"x-forwarded-host: bank.example",
                         b"forwarded: for=203.0.113.9;proto=https", b"x-real-ip: 203.0.113.9",
-                        b"x-forwarded-for: 203.0.113.9, 127.0.0.1"]),
+                        b"x-forwarded-for: 203.0.113.9, 127.0.0.1", b"x-forwarded-port: 443",
+                        b"x-forwarded-prefix: /admin", b"x-forwarded-server: edge",
+                        b'x-forwarded-client-cert: Hash=ab;Subject="CN=admin"']),
 ])
 def test_only_a_trusted_proxy_says_how_and_where_the_client_came_from(
     start_raw_pods: StartRawPods, start_router: StartRouter, trusted: tuple[str, ...],
     expected: list[bytes]
 ):
-    """Any client can write `X-Forwarded-Proto: https` or `Forwarded`: they reach the pod
-    only from a peer in --trusted-proxy-cidrs, as `X-Forwarded-For` is read only from one.
-    `X-Forwarded-For` is appended to either way: its right-most hop is the peer."""
+    """Any client can write `X-Forwarded-Proto: https`, `Forwarded` or Envoy's
+    `X-Forwarded-Client-Cert`: they reach the pod only from a peer in
+    --trusted-proxy-cidrs, as `X-Forwarded-For` is read only from one, and so does every
+    other `X-Forwarded-*`. `X-Forwarded-For` is appended to either way: its right-most hop
+    is the peer."""
     pod = start_raw_pods(rawpod.answering(rawpod.OK))[0]
     networks = tuple(ipaddress.ip_network(cidr) for cidr in trusted)
     client = start_router(static_config([pod], trusted_proxy_cidrs=networks))
     _, lines = exchange(client, pod, CLAIMS)
     said = [line for line in lines if line.partition(b":")[0].lower() in
-            {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-host", b"forwarded",
-             b"x-real-ip"}]
+            {b"forwarded", b"x-real-ip"} or line.lower().startswith(b"x-forwarded-")]
     assert sorted(said) == sorted(expected)
 
 
