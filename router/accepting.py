@@ -5,7 +5,7 @@ libuv, under uvloop, accepts one connection per readiness of the listening socke
 drains one per turn of the loop. A router that is busy turns its loop every few
 milliseconds: 256 clients connecting at once (a fleet reconnecting, a load balancer
 opening its pool) waited up to a second in the accept queue, while every request already
-inside was answered in 50 ms (README, "Performance"). Here, each accepted connection
+inside was answered in 50 ms (docs/performance.md). Here, each accepted connection
 takes the rest of the queue with it, up to `BURST` (nginx's `multi_accept`), and each is
 served exactly as one libuv accepted (`loop.connect_accepted_socket`).
 """
