@@ -19,7 +19,7 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Container, Hashable
+from collections.abc import Callable, Container, Hashable
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii
 from typing import Any, Generic, TextIO, TypeVar
@@ -268,3 +268,31 @@ class Throttle(Generic[Key]):
         """Drop the keys not in `keep` (pods that left the list)."""
         for key in [key for key in self._last if key not in keep]:
             del self._last[key]
+
+
+REPEAT_INTERVAL = 10.0
+
+
+class Repeated:
+    """A warning any client can cause at will, a line per request (a malformed request,
+    an address the policy refuses): written at most once every `interval` seconds, the
+    next line saying how many were held back. A flood of them is then a line every ten
+    seconds, not a line each, and cannot crowd the warnings an operator acts on out of
+    stderr's queue; each request is still in the access log."""
+
+    def __init__(self, logger: logging.Logger, message: str,
+                 interval: float = REPEAT_INTERVAL,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
+        self._message = message
+        self._clock = clock
+        self._throttle: Throttle[None] = Throttle(interval)
+
+    def warning(self, *args: object) -> None:
+        held = self._throttle.allow(None, self._clock())
+        if held is None:
+            return
+        if held:
+            self._logger.warning(self._message + "; %d more since the last line", *args, held)
+        else:
+            self._logger.warning(self._message, *args)

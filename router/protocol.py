@@ -27,6 +27,7 @@ from router.cycle import MessageEvent, ProxyCycle
 from router.errors import ProxyError, send_error
 from router.headers import websocket_only
 from router.limits import MAX_HEADERS, Deadline, connections_to_drain, nothing, refusal
+from router.logs import Repeated
 from router.sockets import unread
 
 log = logging.getLogger("router.protocol")
@@ -102,6 +103,9 @@ BAD_REQUEST = "Invalid HTTP request received."
 BAD_BODY = ProxyError(400, BAD_REQUEST)
 OVER_LIMIT = ProxyError(503, "The router is at its concurrency limit.",
                         ((b"retry-after", b"1"), (b"connection", b"close")))
+# uvicorn's two warnings a client causes at will, on uvicorn's logger as before.
+_BAD_REQUESTS = Repeated(logging.getLogger("uvicorn.error"), BAD_REQUEST)
+_OVER_LIMIT = Repeated(logging.getLogger("uvicorn.error"), "Exceeded concurrency limit.")
 
 
 async def _over_limit(scope: Scope, receive: Receive, send: Send) -> None:
@@ -286,7 +290,7 @@ class HttpProtocol(HttpToolsProtocol):
         in JSON, as every status of the router's own). In a body (a bad chunk line), the
         request has begun: it answers the 400 itself, and closes its pod connection, so
         the pod never takes what came for a whole request."""
-        self.logger.warning(BAD_REQUEST)
+        _BAD_REQUESTS.warning()
         if self.reading is Reading.BODY:
             self.transport.pause_reading()  # the parser is spent: nothing more to read
             self._body_expired(BAD_BODY)
@@ -342,7 +346,7 @@ class HttpProtocol(HttpToolsProtocol):
         limit = self.limit_concurrency
         if limit is not None and (len(self.connections) >= limit or len(self.tasks) >= limit):
             app = _over_limit
-            self.logger.warning("Exceeded concurrency limit.")
+            _OVER_LIMIT.warning()
         existing = self.cycle
         self.cycle = ProxyCycle(
             scope=scope,

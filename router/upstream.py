@@ -28,9 +28,13 @@ from dataclasses import dataclass
 from router.config import Config
 from router.connection import Body, Connection, Response, Unsent
 from router.errors import ConnectFailed, TargetRefused
+from router.logs import Repeated
 from router.resolver import Lookup, Resolver, system_lookup
 
 log = logging.getLogger("router.upstream")
+# Any caller can name a refused address (a pinned sandbox's name, a hint): a line per
+# request would be theirs to write (docs/security.md).
+_REFUSED = Repeated(log, "refused to connect to %s (%s): address not allowed")
 
 KEEPALIVE_SECONDS = 4.0
 """Below the 5 s idle timeout of uvicorn, node and most sandbox servers, so the router
@@ -119,7 +123,7 @@ class Client:
         header, a cached pod and a DNS answer cannot take different paths around it."""
         address = host if _is_ip(host) else await self._resolve(host)
         if not self._permit(host, address, port):
-            log.warning("refused to connect to %s (%s): address not allowed", host, address)
+            _REFUSED.warning(host, address)
             raise TargetRefused()
         made: list[Connection] = []  # the protocol, if the connect got that far
 

@@ -14,20 +14,30 @@ import types
 import httpx
 import pytest
 
-from router import logs
+from router import logs, protocol, upstream
 from router.logs import (
     FLUSH_BATCH,
     PIPE_BUF,
+    REPEAT_INTERVAL,
     AccessLog,
     JsonFormatter,
+    Repeated,
     StderrLines,
     access_line,
     write_lines,
 )
 from router.observe import Exchange
-from tests.conftest import StartPods, eventually
+from tests import rawpod
+from tests.conftest import (
+    StartPods,
+    StartRawPods,
+    StartRouter,
+    eventually,
+    names_lookup,
+    static_config,
+)
 from tests.process import RouterProcess
-from tests.rawclient import request
+from tests.rawclient import RawClient, request
 
 ACCESS_KEYS = {"time", "method", "path", "status", "duration_ms", "route", "pod", "namespace",
                "attempts", "bytes_in", "bytes_out", "client", "request_id"}
@@ -155,27 +165,72 @@ def test_access_lines_are_json_whatever_the_path_holds() -> None:
     }
 
 
-MALFORMED = 1500
-"""Warnings of about 120 bytes each: three times what a pipe holds (64 KiB)."""
+CUT_SHORT = 1000
+"""Warnings of about 200 bytes each: three times what a pipe holds (64 KiB)."""
 
 
-def test_a_stalled_stderr_holds_no_request(start_pods: StartPods) -> None:
-    """Its reader stalled (a log collector behind), stderr fills; every malformed request
-    logs a warning. Written on the event loop, the line that found the pipe full had
-    stopped the router, every request with it; now a writer thread waits instead, and
-    the lines, below its buffer's 10,000, all come out once stderr drains."""
-    pod = start_pods(1)[0]
+def cut_short(connection: rawpod.PodConnection) -> None:
+    """A sandbox that fails each answer once it has begun: 2 bytes of the 10 it says."""
+    if connection.read_request() is not None:
+        connection.send(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nok")
+
+
+def test_a_stalled_stderr_holds_no_request(start_raw_pods: StartRawPods) -> None:
+    """Its reader stalled (a log collector behind), stderr fills; every answer a pod cuts
+    short logs a warning. Written on the event loop, the line that found the pipe full
+    had stopped the router, every request with it; now a writer thread waits instead,
+    and the lines, below its buffer's 10,000, all come out once stderr drains."""
+    pod = start_raw_pods(cut_short)[0]
     router = RouterProcess(["--pods", f"{pod.ip}:{pod.port}", "--no-access-log"])
     try:
         router.pause()
-        for _ in range(MALFORMED):
-            answer = request(router.port, b"NOT HTTP AT ALL\r\n\r\n")
-            assert answer is not None and answer.status == 400
+        for _ in range(CUT_SHORT):
+            client = RawClient(router.port)
+            client.send(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n")
+            assert client.closed()  # the answer's head and 2 bytes, then the end
+            client.close()
+        pod.behaviour = rawpod.answering(rawpod.OK)
         assert httpx.get(router.url, timeout=10).status_code == 200
     finally:
         assert router.stop() == 0
-    warnings = [line for line in router.lines if "Invalid HTTP request received." in line]
-    assert len(warnings) == MALFORMED
+    warnings = [line for line in router.lines if "upstream failed mid-response" in line]
+    assert len(warnings) == CUT_SHORT
+
+
+def test_a_flood_of_warnings_any_client_can_cause_is_a_line_every_ten_seconds(
+    start_raw_pods: StartRawPods, start_router: StartRouter, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A malformed request is a warning, as in uvicorn, and so is a pinned name whose
+    address the policy refuses; a client sends them at will. A line each was the client's
+    to write: stderr's queue then dropped the warnings an operator acts on. Each kind now
+    writes a line, then none for ten seconds; the access log still has every request."""
+    clock = [0.0]
+    for module, name in [(protocol, "_BAD_REQUESTS"), (upstream, "_REFUSED")]:
+        kind: Repeated = getattr(module, name)  # a fresh one: earlier tests used the real
+        monkeypatch.setattr(module, name, Repeated(kind._logger, kind._message,
+                                                   clock=lambda: clock[0]))
+    pod = start_raw_pods(rawpod.answering(rawpod.OK))[0]
+    api_server = "kubernetes.default.svc.cluster.local"  # an address no caller may reach
+    client = start_router(static_config([pod]), lookup=names_lookup({api_server: "127.0.0.3"}))
+    refused = f"refused to connect to {api_server} (127.0.0.3): address not allowed"
+    port = client.base_url.port
+    assert port is not None
+    caplog.set_level("WARNING")
+
+    def flood() -> list[str]:
+        caplog.clear()
+        for _ in range(20):
+            answer = request(port, b"NOT HTTP AT ALL\r\n\r\n")
+            assert answer is not None and answer.status == 400
+            assert client.get("/", headers={"X-Sandbox-ID": "kubernetes"}).status_code == 502
+        return [record.getMessage() for record in caplog.records
+                if record.getMessage().startswith((protocol.BAD_REQUEST, refused))]
+
+    assert flood() == [protocol.BAD_REQUEST, refused]
+    clock[0] += REPEAT_INTERVAL
+    assert flood() == [f"{protocol.BAD_REQUEST}; 19 more since the last line",
+                       f"{refused}; 19 more since the last line"]
 
 
 def test_stderr_lines_past_the_buffer_are_dropped_and_counted() -> None:
