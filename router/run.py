@@ -89,7 +89,8 @@ def supervise(options: config.Config) -> int:
     context = multiprocessing.get_context("spawn")
     reports = context.SimpleQueue() if options.metrics_port else None
     workers = [
-        context.Process(target=_worker, args=(options, sock, reports), name=f"worker-{index}")
+        context.Process(target=_worker, args=(options, index, sock, reports),
+                        name=f"worker-{index}")
         for index, sock in enumerate(socks)
     ]
     stopping = False
@@ -153,18 +154,29 @@ def supervise(options: config.Config) -> int:
     return int(failed or any(worker.exitcode for worker in workers))
 
 
-def _gather(options: config.Config, reports: SimpleQueue[int]) -> ThreadingWSGIServer:
+class WorkerPorts:
+    """The loopback ports the workers serve their `/metrics` and probes on, in the order
+    of the workers' numbers (`worker-N`, as their log lines are named), whatever order
+    they started in: a probe's `worker N: ...` names the worker that failed."""
+
+    def __init__(self, reports: SimpleQueue[tuple[int, int]]) -> None:
+        self._reports = reports
+        self._ports: dict[int, int] = {}
+        self._reading = threading.Lock()  # scrapes and probes run in threads of their own
+
+    def __call__(self) -> list[int]:
+        with self._reading:
+            while not self._reports.empty():
+                index, port = self._reports.get()
+                self._ports[index] = port
+            return [self._ports[index] for index in sorted(self._ports)]
+
+
+def _gather(options: config.Config,
+            reports: SimpleQueue[tuple[int, int]]) -> ThreadingWSGIServer:
     """`/metrics` of the supervisor: every worker's, added up (`metrics.Gathered`); and
     `/healthz`, `/ready`: every worker's, all of which must pass (`probes.gathered`)."""
-    ports: list[int] = []
-    reading = threading.Lock()  # scrapes and probes run in threads of their own
-
-    def worker_ports() -> list[int]:
-        with reading:
-            while not reports.empty():
-                ports.append(reports.get())
-            return list(ports)
-
+    worker_ports = WorkerPorts(reports)
     registry = CollectorRegistry()
     registry.register(Gathered(worker_ports))
     try:
@@ -187,8 +199,8 @@ def _stopped_before_serving(sig: int, frame: FrameType | None) -> None:
     _stop_noted.append(sig)
 
 
-def _worker(options: config.Config, sock: socket.socket,
-            reports: SimpleQueue[int] | None) -> None:
+def _worker(options: config.Config, index: int, sock: socket.socket,
+            reports: SimpleQueue[tuple[int, int]] | None) -> None:
     # A SIGTERM that came while we started (blocked meanwhile) or comes before the server
     # takes the signal over ends the worker cleanly before it serves, not by the default
     # action (exit -15, which the supervisor reports as a failure).
@@ -200,5 +212,5 @@ def _worker(options: config.Config, sock: socket.socket,
     if reports is not None:  # served on loopback for the supervisor to gather
         metrics = Metrics(options.proxy_timeout)
         metrics.serve(bind("127.0.0.1"))
-        reports.put(metrics.port or 0)
+        reports.put((index, metrics.port or 0))
     raise SystemExit(serve(options, sock, metrics))

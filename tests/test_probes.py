@@ -5,6 +5,7 @@ drain and before the first sync; with `--workers`, the supervisor's asking every
 from __future__ import annotations
 
 import asyncio
+import multiprocessing
 import signal
 import socket
 import threading
@@ -18,6 +19,7 @@ from router.app import Router
 from router.metrics import Metrics
 from router.pods import Pod as RouterPod
 from router.pods import StaticPodSource
+from router.run import WorkerPorts
 from tests.conftest import StartPods, StartRouter, eventually, free_port, static_config
 from tests.process import RouterProcess
 from tests.sandbox import Pod
@@ -176,3 +178,16 @@ def test_supervisor_probes_ask_every_worker(start_pods: StartPods) -> None:
         assert "shutting down" in probe("/ready").json()["reason"]
     finally:
         assert router.stop() == 0
+
+
+def test_the_supervisor_numbers_workers_as_their_logs_do_whatever_order_they_started_in():
+    """A probe's `worker N: ...` is worker-N of the log lines: the ports are kept by the
+    worker's number, not in the order the workers happened to report them."""
+    reports: multiprocessing.SimpleQueue[tuple[int, int]] = (
+        multiprocessing.get_context("spawn").SimpleQueue())
+    ports = WorkerPorts(reports)
+    reports.put((1, 2001))  # worker-1 was ready first
+    assert ports() == [2001]  # `gathered`: "1 of 2 workers started"
+    reports.put((0, 2000))
+    assert ports() == [2000, 2001]
+    assert ports() == [2000, 2001]
