@@ -582,7 +582,7 @@ gc.disable()  # so that the worker's own full collection (`run._settle_heap`) fi
 cycle = Stop()
 cycle.self = cycle
 del cycle
-run._worker(config.load(sys.argv[1:]), bind("127.0.0.1"), None)
+run._worker(config.load(sys.argv[1:]), 0, bind("127.0.0.1"), None)
 """
 
 
