@@ -258,6 +258,15 @@ def test_an_unready_router_leaves_the_service_within_seconds() -> None:
     assert probe["periodSeconds"] * probe["failureThreshold"] <= 10
 
 
+def test_a_sandboxs_dns_name_is_looked_up_as_given_first() -> None:
+    """The pinned DNS form (router/proxy.py) has more dots than the pod's `ndots`: the
+    resolver tries it as given before the search list (three NXDOMAINs under ndots:5)."""
+    options = {option["name"]: option.get("value")
+               for option in pod_spec().get("dnsConfig", {}).get("options", [])}
+    name = f"sandbox.ns.svc.{router_options().cluster_domain}"
+    assert name.count(".") >= int(options.get("ndots", "5"))
+
+
 def test_termination_grace_outlasts_prestop_and_shutdown_timeout() -> None:
     pre_stop = router_container().get("lifecycle", {}).get("preStop", {})
     sleep = pre_stop.get("sleep", {}).get("seconds", 0)
