@@ -63,6 +63,7 @@ class Config:
     max_stale: float = 0.0
     max_attempts: int = 0
     retry_body_limit: int = 1024 * 1024
+    max_body_size: int = 0  # no limit: bodies of hundreds of MiB must stream through
     proxy_timeout: float = 180.0
     connect_timeout: float = 5.0
     cluster_domain: str = "cluster.local"
@@ -314,6 +315,9 @@ OPTIONS: tuple[_Option, ...] = (
             "longest wait between two reads of a request body (s; 408; 0 = off)"),
     _Option("send_timeout", _seconds(allow_zero=True),
             "longest a client may leave the router's writes unread (s; then closed; 0 = off)"),
+    _Option("max_body_size", byte_size,
+            "request bodies above this are refused (413; 0 = no limit: large uploads stream)",
+            metavar="SIZE"),
     _Option("max_request_head", _head_size,
             "request line plus headers, at most (414 / 431 above it)", metavar="SIZE"),
     _Option("max_response_head", _head_size,

@@ -22,13 +22,15 @@ Three costs of uvicorn's cycle are gone, each counted with callgrind (#13):
 Everything else (lower-cased names, the framing read from `Content-Length`,
 `Transfer-Encoding` and `Connection`, the `connection: close` and chunked defaults, HEAD
 answers, the errors for a body longer or shorter than declared) is uvicorn's rule,
-unchanged; tests/test_cycle.py holds the two to the same bytes.
+unchanged; tests/test_cycle.py holds the two to the same bytes. Only how an answer that
+does not keep its connection closes it is the protocol's (`closing`: it may linger).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 
 from uvicorn._types import ASGI3Application
 from uvicorn.protocols.http.httptools_impl import (
@@ -102,12 +104,16 @@ class MessageEvent:
 class ProxyCycle(RequestResponseCycle):
     """See the module docstring. The protocol makes one for every request
     (`HttpProtocol._start_cycle`) and gives it `tasks`, its server's running requests,
-    and `task`, the one that runs it, before that starts."""
+    `task`, the one that runs it, and `closing`, before that starts."""
 
     _held: list[bytes] | None = None
     """The answer's head, in pieces, until the first body message."""
     tasks: set[asyncio.Task[None]]
     task: asyncio.Task[None] | None
+    closing: Callable[[], None] | None = None
+    """Ends the connection after an answer that does not keep it: the protocol's `linger`
+    (which may read on a moment, so that a reset does not destroy the answer); None, as
+    uvicorn does, at once."""
 
     async def run_asgi(self, app: ASGI3Application) -> None:
         """uvicorn 0.54's, step for step, and the task then leaves `tasks` (see the module
@@ -133,7 +139,7 @@ class ProxyCycle(RequestResponseCycle):
                 self.logger.error("ASGI callable returned without completing response.")
                 self.transport.close()
         finally:
-            self.on_response = nothing
+            self.on_response, self.closing = nothing, None
             task, self.task = self.task, None
             self.tasks.discard(task)
 
@@ -185,7 +191,7 @@ class ProxyCycle(RequestResponseCycle):
             self.response_complete = True
             self.message_event.set()
             if not self.keep_alive:
-                self.transport.close()
+                (self.closing or self.transport.close)()
             self.on_response()
 
     def _head(self, message: Message) -> None:

@@ -1,7 +1,8 @@
 """What a client can make the router hold, bounded: the per-connection timer behind
-`--header-timeout` and `--body-timeout`, the answers a refused connection gets, the
-file-descriptor reserve (the protocol in `router.protocol` applies them), and the
-descriptors' share of upgraded connections (`--upgrade-max`'s default)."""
+`--header-timeout` and `--body-timeout`, `--max-body-size`, the answers a refused
+connection gets and how it closes, the file-descriptor reserve (the protocol in
+`router.protocol` applies them), and the descriptors' share of upgraded connections
+(`--upgrade-max`'s default)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,25 @@ def refusal(status: int, detail: str) -> bytes:
         b"connection: close\r\n\r\n",
         body,
     ])
+
+
+def too_large(size: int, limit: int) -> bool:
+    """Whether a request body of `size` bytes (declared, or received so far) is above
+    `--max-body-size` `limit` (0: no limit)."""
+    return 0 < limit < size
+
+
+LINGER = 1.0
+"""Seconds a connection answered under a request body still arriving goes on reading, and
+dropping, what comes, its write side shut after the answer (RFC 9112 9.6's staged close),
+rather than being closed at once: a close with bytes unread sends a reset, and a reset can
+destroy the answer before the client reads it (a Windows client drops what it had not
+read; a lost segment of the answer is never resent). Not a drain: the body is not read
+to keep the connection, which closes when the client does or this runs out. nginx's
+`lingering_close` (up to 30 s), Envoy's `delayed_close_timeout` (1 s)."""
+LINGER_LIMIT = 1024 * 1024
+"""Bytes a lingering connection drops before it closes anyway: what a client has in
+flight when it sees the answer, not an endless sender's whole stream."""
 
 
 def raise_fd_limit() -> None:

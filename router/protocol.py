@@ -2,9 +2,11 @@
 a proxy in front of untrusted clients needs. Each request's answer is written by a
 `router.cycle.ProxyCycle` (a small answer in one write); each connection is in a named
 reading state with one deadline (`--header-timeout`, `--body-timeout`), bounded in head
-size as bytes arrive (`--max-request-head`), and in how long its writes may stay unread
-(`--send-timeout`); it tells the request it serves when the client leaves
-(`ClientWatch`), and hands itself over to a tunnel after an upgrade (`ClientUpgrade`).
+size as bytes arrive (`--max-request-head`), in body size (`--max-body-size`), and in how
+long its writes may stay unread (`--send-timeout`); it tells the request it serves when
+the client leaves (`ClientWatch`), closes under a body still arriving without losing its
+answer to a reset (`linger`), and hands itself over to a tunnel after an upgrade
+(`ClientUpgrade`).
 The limits' mechanics are `router/limits.py`'s; `router/server.py` runs servers with it."""
 from __future__ import annotations
 
@@ -26,7 +28,16 @@ from router.config import Config
 from router.cycle import MessageEvent, ProxyCycle
 from router.errors import ProxyError, send_error
 from router.headers import websocket_only
-from router.limits import MAX_HEADERS, Deadline, connections_to_drain, nothing, refusal
+from router.limits import (
+    LINGER,
+    LINGER_LIMIT,
+    MAX_HEADERS,
+    Deadline,
+    connections_to_drain,
+    nothing,
+    refusal,
+    too_large,
+)
 from router.logs import Repeated
 from router.sockets import unread
 
@@ -89,6 +100,7 @@ class Reading(enum.Enum):
     IDLE = "idle"  # between requests: nothing of the next one has come
     HEAD = "head"  # a request head has begun and is not complete
     BODY = "body"  # the head is complete, the body is not
+    CLOSING = "closing"  # answered, write side shut: what comes is dropped (`linger`)
 
 
 MAX_PIPELINED = 16
@@ -99,6 +111,9 @@ seconds of parsing. Above it the connection closes (an answer is in flight)."""
 HEAD_TIMEOUT = "The request head did not arrive in time."
 BODY_TIMEOUT = ProxyError(408, "The request body did not arrive in time.")
 TRAILERS_TOO_LARGE = ProxyError(431, "The request trailers are too large.")
+BODY_TOO_LARGE = ProxyError(413, "The request body is too large.", ((b"connection", b"close"),))
+"""`--max-body-size`: answered before the body is read when its `Content-Length` is above
+(`router.proxy`), else once the bytes received pass it (`HttpProtocol.on_body`)."""
 BAD_REQUEST = "Invalid HTTP request received."
 BAD_BODY = ProxyError(400, BAD_REQUEST)
 OVER_LIMIT = ProxyError(503, "The router is at its concurrency limit.",
@@ -209,6 +224,8 @@ class HttpProtocol(HttpToolsProtocol):
         self._line_open = True  # no line end seen yet in the current head
         self._exact = False  # the head began inside a read: `_head_bytes` missed part of it
         self._framing = 0  # read in a body since its last piece: trailers, chunk lines
+        self._body_bytes = 0  # of the body being read (`--max-body-size`)
+        self._lingered = 0  # dropped since the answer, while closing (`linger`)
         self._extended = False  # the head timer was re-armed for unread bytes (`_expired`)
         self._deadline = Deadline(self.loop, self._expired)
         self._keep_alive = Deadline(self.loop, self.timeout_keep_alive_handler)
@@ -227,6 +244,11 @@ class HttpProtocol(HttpToolsProtocol):
         """uvicorn's, with the head counted as it arrives: a head above
         `--max-request-head` is refused before it is all buffered (httptools keeps a
         header value whole until it ends)."""
+        if self.reading is Reading.CLOSING:
+            self._lingered += len(data)
+            if self._lingered > LINGER_LIMIT:
+                self.transport.close()
+            return
         if self._handshake is not None:
             self._handshake.hold(data)
             return
@@ -245,6 +267,8 @@ class HttpProtocol(HttpToolsProtocol):
                 refused.with_traceback(None)
             if isinstance(refused, HeadRefused):
                 self._refuse(refused.status, refused.detail)
+            elif isinstance(refused, ProxyError):  # from `on_body`: the body is too large
+                self._refuse_body(refused)
             else:
                 self._bad_request()
             return
@@ -260,8 +284,7 @@ class HttpProtocol(HttpToolsProtocol):
         reading = self.reading
         if reading is Reading.BODY:
             if self._framing > self.options.max_request_head:
-                self.transport.pause_reading()
-                self._body_expired(TRAILERS_TOO_LARGE)
+                self._refuse_body(TRAILERS_TOO_LARGE)
             elif not self.flow.read_paused:
                 self._deadline.start(self.options.body_timeout)
         elif reading is Reading.IDLE:
@@ -292,8 +315,7 @@ class HttpProtocol(HttpToolsProtocol):
         the pod never takes what came for a whole request."""
         _BAD_REQUESTS.warning()
         if self.reading is Reading.BODY:
-            self.transport.pause_reading()  # the parser is spent: nothing more to read
-            self._body_expired(BAD_BODY)
+            self._refuse_body(BAD_BODY)
         else:
             self._refuse(400, BAD_REQUEST)
 
@@ -307,6 +329,7 @@ class HttpProtocol(HttpToolsProtocol):
                 or len(self.headers) > MAX_HEADERS):
             self._check_head()  # the head came in large reads, or after another: count exactly
         self._framing = 0
+        self._body_bytes = 0
         self._exact = False
         self._head_bytes = 0
         self._line_open = True
@@ -391,6 +414,8 @@ class HttpProtocol(HttpToolsProtocol):
         no request left in flight, the next head is timed."""
         self.server_state.total_requests += 1
         self._extended = False
+        if self.reading is Reading.CLOSING:
+            return  # nothing more is read, run or timed on it (`linger`)
         if not self.transport.is_closing():
             self.flow.resume_reading()  # a handshake's bytes go to its `early`, unparsed
             if self.pipeline:
@@ -425,7 +450,9 @@ class HttpProtocol(HttpToolsProtocol):
         request came), or a body (see `_body_expired`)."""
         if self.transport.is_closing():
             return
-        if self.reading is Reading.BODY:
+        if self.reading is Reading.CLOSING:
+            self.transport.close()  # `LINGER` ran out
+        elif self.reading is Reading.BODY:
             if not self.flow.read_paused:  # else the router is the one not reading
                 self._body_expired()
         elif not self._in_flight():
@@ -451,6 +478,30 @@ class HttpProtocol(HttpToolsProtocol):
             self.watch.expire(error)
         else:
             self.cut()
+
+    def _refuse_body(self, error: ProxyError) -> None:
+        """A body breaks a rule (malformed, too large, endless trailers): reading stops,
+        since the parser is spent or must not go on, and the request ends with `error`."""
+        self.transport.pause_reading()
+        self._body_expired(error)
+
+    def linger(self) -> None:
+        """Close after an answer that closes the connection (`ProxyCycle`). If bytes wait
+        unread, the client is likely still sending a body the answer refused or came
+        before the end of: a close then would send a reset, which can destroy the answer
+        before the client reads it. So the write side is shut behind the answer, and
+        what comes is read and dropped unparsed, until the client closes, or `LINGER`
+        seconds or `LINGER_LIMIT` bytes run out (RFC 9112 9.6, nginx's lingering close).
+        The body is not drained for the connection's sake: it may be hundreds of MiB."""
+        transport = self.transport
+        if transport.is_closing() or not unread(transport) or not transport.can_write_eof():
+            transport.close()
+            return
+        self.reading = Reading.CLOSING
+        self._lingered = 0
+        transport.write_eof()
+        transport.resume_reading()  # paused by flow control, or by a refused body
+        self._deadline.start(LINGER)
 
     def _refuse(self, status: int, detail: str) -> None:
         """Answer a request the app never sees, and close. With an earlier (pipelined)
@@ -515,8 +566,12 @@ class HttpProtocol(HttpToolsProtocol):
         each piece to a bytearray and hands the request a bytes copy of that. A piece that
         finds the buffer empty is handed over as the parser made it (`bytes()` of it, in
         uvicorn's `receive`, is the same object); one that finds it holding such a piece
-        turns it back into a bytearray, so many small pieces in one read stay linear."""
+        turns it back into a bytearray, so many small pieces in one read stay linear.
+        Counted against `--max-body-size`: the piece that passes it is not handed over."""
         self._framing = 0
+        self._body_bytes += len(body)
+        if too_large(self._body_bytes, self.options.max_body_size):
+            raise BODY_TOO_LARGE  # stops the parser: no more of this request is passed on
         cycle = self.cycle
         if cycle.body or cycle.response_complete or self.parser.should_upgrade():
             if isinstance(cycle.body, bytes):  # a piece stored whole, below
@@ -535,6 +590,7 @@ class HttpProtocol(HttpToolsProtocol):
         shutdown cancels tasks that may not have started, and nothing counts them after
         it (`ClientWatch` cancels a request's task once it runs)."""
         self.serving = cycle  # with pipelining, `self.cycle` may be a later, queued request
+        cycle.closing = self.linger  # type: ignore[attr-defined]  # a ProxyCycle, as above
         task = self.loop.create_task(cycle.run_asgi(app))
         cycle.tasks, cycle.task = self.tasks, task  # type: ignore[attr-defined]  # a ProxyCycle
         self.tasks.add(task)

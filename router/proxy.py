@@ -52,10 +52,10 @@ from router.headers import (
     websocket_only,
 )
 from router.health import Clock, Health
-from router.limits import upgrade_max_default
+from router.limits import too_large, upgrade_max_default
 from router.observe import Exchange, Observer, Outcome
 from router.pods import Pod, PodSource
-from router.protocol import DISCONNECT, UPGRADE, ClientUpgrade, ClientWatch
+from router.protocol import BODY_TOO_LARGE, DISCONNECT, UPGRADE, ClientUpgrade, ClientWatch
 from router.targets import TargetPolicy
 from router.tunnel import Tunnel, Tunnels
 
@@ -122,6 +122,8 @@ class Proxy:
                 raise watch.expired  # in the read that began it: a bad chunk line, say
             if incoming.refused is not None:
                 raise incoming.refused
+            if too_large(incoming.content_length or 0, self._config.max_body_size):
+                raise BODY_TOO_LARGE  # unread: the connection closes (`HttpProtocol.linger`)
             if incoming.sandbox_id is not None:  # refused before the body is read
                 pinned = parse_pinned(incoming, allow_loopback=self._config.allow_loopback_pod_ip)
             if self._gate is not None:  # also before the body is read; takes Authorization

@@ -53,9 +53,14 @@ class PodConnection:
         self._buffer = b""
         sock.settimeout(WAIT)
 
+    def read_head(self) -> bytes | None:
+        """The next request head alone (not recorded as a request); None if the router
+        closed first."""
+        return self._until(b"\r\n\r\n")
+
     def read_request(self) -> Request | None:
         """The next request, recorded by the pod; None if the router closed first."""
-        head = self._until(b"\r\n\r\n")
+        head = self.read_head()
         if head is None:
             return None
         request = Request(head, self._body(head), self.number)
@@ -158,7 +163,7 @@ CHUNK = b"10000\r\n" + b"x" * 0x10000 + b"\r\n"
 def streaming(connection: PodConnection) -> None:
     """Once a request head came: an endless chunked answer, until the router closes the
     connection (`RawPod.ended`), however slowly it reads."""
-    if connection._until(b"\r\n\r\n") is None:
+    if connection.read_head() is None:
         return
     sock = connection.sock
     sock.sendall(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")

@@ -45,6 +45,8 @@ def test_every_option_is_a_config_field():
         (["--drain-grace", "soon"], {}, "--drain-grace"),
         (["--upgrade-max", "-1"], {}, "--upgrade-max"),
         ([], {"ROUTER_UPGRADE_MAX": "many"}, "ROUTER_UPGRADE_MAX"),
+        (["--max-body-size", "-1"], {}, "--max-body-size"),
+        ([], {"ROUTER_MAX_BODY_SIZE": "1 TiB"}, "ROUTER_MAX_BODY_SIZE"),
     ],
 )
 def test_bad_values_exit_2_with_one_line_naming_the_option(
@@ -90,6 +92,15 @@ def test_upgrade_max_is_derived_unless_given_and_0_is_no_limit():
     shown = " ".join(run_router(["--help"]).stdout.split())
     assert "[default: a quarter of the descriptor limit, at least 16; env: ROUTER_UPGRADE_MAX]" \
         in shown
+
+
+def test_max_body_size_takes_the_size_syntax_and_is_off_unless_given():
+    """Off by default: 300 MiB bodies must stream through (docs/kubernetes.md)."""
+    assert config.load([], {}).max_body_size == 0
+    assert config.load(["--max-body-size", "10m"]).max_body_size == 10 * 1024 * 1024
+    assert config.load([], {"ROUTER_MAX_BODY_SIZE": "512 KiB"}).max_body_size == 512 * 1024
+    assert config.load(["--max-body-size", "0"], {"ROUTER_MAX_BODY_SIZE": "1g"}
+                       ).max_body_size == 0
 
 
 def test_demo_pool_serves_round_robin_out_of_the_box():
