@@ -63,6 +63,7 @@ class Config:
     max_stale: float = 0.0
     max_attempts: int = 0
     retry_body_limit: int = 1024 * 1024
+    retry_body_budget: int = 64 * 1024 * 1024
     max_body_size: int = 0  # no limit: bodies of hundreds of MiB must stream through
     proxy_timeout: float = 180.0
     connect_timeout: float = 5.0
@@ -298,6 +299,9 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("retry_body_limit", byte_size,
             "request bodies up to this size are kept so a busy pod can be retried",
             metavar="SIZE"),
+    _Option("retry_body_budget", byte_size,
+            "bodies kept for a retry, all requests together, at most; past it a body "
+            "streams (0 = no bound)", metavar="SIZE"),
     _Option("proxy_timeout", _seconds(allow_zero=False), "per-request upstream timeout (s)",
             env_aliases=("PROXY_TIMEOUT_SECONDS",)),
     _Option("connect_timeout", _seconds(allow_zero=False), "per-attempt connect timeout (s)"),

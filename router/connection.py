@@ -127,6 +127,7 @@ class Connection(asyncio.Protocol):
                         self._write(chunk)
                     await self._drain()
                     response.progress()  # the pod takes the body: it is not silent
+                del chunk  # not held while the next piece is awaited (it may be minutes)
             if length is None and not self.closed:
                 self._write(b"0\r\n\r\n")
             response.body_sent = True

@@ -23,7 +23,7 @@ from router import replay, upstream
 from router.asgi import Receive, Scope, Send
 from router.authz import Gate
 from router.balancer import FirstIndex, RoundRobin
-from router.body import NO_BODY, ClientGone, RequestBody
+from router.body import NO_BODY, Budget, ClientGone, RequestBody
 from router.clients import client_address, client_key, is_trusted_peer
 from router.config import Config
 from router.connection import Response
@@ -89,6 +89,7 @@ class Proxy:
         self._health = Health(observer, clock)
         self._balancer = RoundRobin(config.max_attempts, self._health, first, clock)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
+        self._retry_budget = Budget(config.retry_body_budget)
         self._loop = asyncio.get_running_loop()  # made at start-up, in the serving loop
         self.tunnels = Tunnels(config.upgrade_max_per_client,
                                upgrade_max_default() if config.upgrade_max is None
@@ -137,8 +138,8 @@ class Proxy:
                 body = NO_BODY
             else:
                 body = await RequestBody.read(
-                    receive, incoming.content_length, self._config.retry_body_limit
-                )
+                    receive, incoming.content_length, self._config.retry_body_limit,
+                    self._retry_budget)
             if pinned is None:
                 response, pod = await self._pool(scope, incoming, body, exchange,
                                                  upgrade is not None)
@@ -178,7 +179,9 @@ class Proxy:
                     exchange.status = CLIENT_CLOSED
             if served is not None:
                 self._balancer.finished(served)
-            exchange.bytes_in += body.size if body is not None else 0
+            if body is not None:
+                exchange.bytes_in += body.size
+                body.release()
             exchange.duration = time.perf_counter() - exchange.started
             if reserved:
                 assert upgrade is not None

@@ -9,7 +9,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 from tests.clock import ManualClock
-from tests.conftest import StartPods, StartRouter, static_config
+from tests.conftest import StartPods, StartRouter, eventually, static_config
+from tests.rawclient import RawClient
 
 
 def test_round_robin_spreads_requests_evenly(start_pods: StartPods, start_router: StartRouter):
@@ -168,6 +169,34 @@ def test_body_over_the_retry_limit_streams_and_is_not_replayed(
     assert response.status_code == 503
     assert response.json() == {"detail": "busy"}
     assert sum(p.app.hits for p in pods) == 1
+
+
+def test_bodies_kept_for_a_retry_are_bounded_all_together(
+    start_pods: StartPods, start_router: StartRouter
+):
+    """Two uploads sent all but their last bytes hold the whole --retry-body-budget (a
+    client needs no pod for that, and a byte before each --body-timeout holds it on): a
+    third body is not kept but streamed, so a busy pod's answer is final. The share of a
+    request that ends, however it ends, goes back."""
+    pods = start_pods(2)
+    pods[0].app.mode = "busy"
+    client = start_router(static_config(pods, retry_body_budget=2000))
+    budget = client.app._proxy._retry_budget  # type: ignore[attr-defined]
+    port = client.base_url.port
+    assert port is not None
+    stalled = [RawClient(port) for _ in range(2)]
+    for upload in stalled:
+        upload.send(b"POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
+    eventually(lambda: budget.left == 0)  # both bodies are being kept
+    response = client.post("/upload", content=os.urandom(100))
+    assert response.status_code == 503
+    assert response.json() == {"detail": "busy"}
+    assert pods[1].app.hits == 0
+    for upload in stalled:
+        upload.close()  # the client leaves: its share goes back
+    eventually(lambda: budget.left == 2000)
+    assert client.post("/upload", content=os.urandom(100)).json()["pod"] == "pod-1"
+    eventually(lambda: budget.left == 2000)  # a kept body's share is back once answered
 
 
 def test_chunked_body_streams_to_the_first_pod(start_pods: StartPods, start_router: StartRouter):
