@@ -21,6 +21,7 @@ from tests.rawpod import WAIT, PodConnection
 EOL = b"\r\n"
 PATTERN = bytes(range(256))
 LARGE = 300 * 1024
+ANSWER_LARGE = 1024 * 1024
 """Some bodies are up to this much larger (a repeated pattern): beyond what the router
 reads and writes at once, so that its flow control takes part."""
 METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "HEAD"]
@@ -93,6 +94,11 @@ def chunked(draw: st.DrawFn, body: bytes) -> tuple[list[bytes], bytes]:
     data as a list (so a mutation can reach one chunk line), and the trailer section."""
     pieces: list[bytes] = []
     at = 0
+    if len(body) > 1000:  # large: many chunks of one size, down to one byte each
+        size = draw(st.sampled_from([1, 7, 4096, 65536, len(body)]))
+        line = b"%x" % size + EOL
+        pieces = [line + body[at:at + size] + EOL for at in range(0, len(body) - size + 1, size)]
+        at = len(pieces) * size
     while at < len(body):
         size = draw(st.integers(1, max(1, len(body) - at)))
         pieces.append(chunk_size(draw, size) + extensions(draw) + EOL + body[at:at + size] + EOL)
@@ -291,6 +297,12 @@ MUTATIONS: dict[str, tuple[str, Mutation, bool]] = {
         parts, headers=parts.headers[1:]), True),
     "two-hosts": ("any", _header(b"Host: other"), True),
     "gzip": ("chunked", _te(b"gzip, chunked"), True),
+    # The last request on its connection: it is answered, and nothing behind it reaches a
+    # pod (RFC 9112 9.6).
+    "connection-close": ("any", _header(b"Connection: close"), False),
+    "http-1.0": ("any", _line(lambda line: line.replace(b"HTTP/1.1", b"HTTP/1.0")), False),
+    "http-1.0-chunked": ("chunked", _line(lambda line: line.replace(b"HTTP/1.1", b"HTTP/1.0")),
+                         False),
     "underscore-te": ("chunked", _te(b"chunked", b"Transfer_Encoding: chunked"), False),
     "connection-names-cl": ("length", _header(b"Connection: content-length"), False),
 }
@@ -313,7 +325,7 @@ def pipeline(draw: st.DrawFn, example: int, mutation: str | None = None
     bad = draw(st.integers(0, count - 1)) if mutation is not None else -1
     sent = []
     for index in range(count):
-        rid = f"ex{example}-{index}"
+        rid = f"ex{example:06d}-{index}"  # one width: the same draws make the same bytes
         _, request = draw(mutated_request(rid, mutation) if mutation is not None and index == bad
                           else valid_request(rid))
         sent.append(request)
@@ -439,11 +451,12 @@ class Outcome:
 
 
 def send_and_read(port: int, data: bytes, cuts: list[int], methods: list[str],
-                  quiet: float | None = None) -> Outcome:
+                  quiet: float | None = None, leave: bool = False) -> Outcome:
     """Send `data` in writes cut at `cuts`, then read answers (one per method, in order)
     until they are all in, the router ends the connection or says it will. `quiet`: after
     that long without a byte from the router, half-close (for a request the router may be
-    waiting on the rest of: a malformed one); without it, wait up to `WAIT`."""
+    waiting on the rest of: a malformed one); without it, wait up to `WAIT`. `leave`:
+    half-close at once, the client gone as far as HTTP goes."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=WAIT)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
@@ -454,6 +467,8 @@ def send_and_read(port: int, data: bytes, cuts: list[int], methods: list[str],
             except OSError:  # the router refused and closed: the rest is not sent
                 break
             at = cut
+        if leave:
+            sock.shutdown(socket.SHUT_WR)
         return _read(sock, methods, quiet)
     finally:
         sock.close()
@@ -534,15 +549,17 @@ next pod, then answers its own 503)."""
 
 @st.composite
 def valid_answer(draw: st.DrawFn, head_only: bool, framing: str | None = None,
-                 close: bool = False, bodied: bool = False) -> Scripted:
+                 close: bool = False, bodied: bool = False, keep: bool = False) -> Scripted:
     """A well-formed answer to a GET (or, `head_only`, a HEAD); the pod closes after it if
     `close` (or at random), and then says so (`Connection: close`) unless the close ends
     its body: a keep-alive connection closed just after an answer is the pod's race to
     lose (the router's next request on it fails, and is never resent: router/replay.py).
-    `bodied`: a status with a body, and a body."""
+    `bodied`: a status with a body, and a body. `keep`: the connection stays open."""
     bodiless = None if bodied else draw(st.sampled_from([None, None, None, 204, 304]))
     status = bodiless or draw(st.sampled_from(STATUSES))
     body = b"" if bodiless else draw(st.binary(min_size=int(bodied), max_size=400))
+    if body and draw(st.integers(0, 9)) == 0:  # past the router's buffers and join limits
+        body += PATTERN * (draw(st.integers(1, ANSWER_LARGE)) // len(PATTERN))
     headers = [b"x-pod: yes"]
     for name, value in draw(st.lists(st.tuples(st.text("abcdefxyz-", min_size=1, max_size=8),
                                                st.text(VALUE_CHARS, max_size=12)),
@@ -550,7 +567,7 @@ def valid_answer(draw: st.DrawFn, head_only: bool, framing: str | None = None,
         headers.append(f"x-{name}: {value}".encode())
     framing = framing or draw(st.sampled_from(["length", "chunked", "close"]))
     delimited = framing == "close" and not bodiless
-    close = close or delimited or draw(st.integers(0, 3)) == 0
+    close = not keep and (close or delimited or draw(st.integers(0, 3)) == 0)
     if close and (not delimited or draw(st.booleans())):
         headers.append(b"Connection: close")
     if framing == "length" and bodiless != 204:
@@ -604,6 +621,16 @@ def _set_framing(name: bytes, value: bytes) -> Callable[[Scripted], Scripted]:
             return EOL.join(lines)
         return _with_head(scripted, rewrite)
     return change
+
+
+SMUGGLED = b"HTTP/1.1 200 OK\r\nx-pod: yes\r\ncontent-length: 7\r\n\r\nsmuggle"
+
+
+def _then(scripted: Scripted, more: bytes) -> Scripted:
+    """`more` right behind the answer, in the same write (one segment on loopback, so the
+    router reads it with the answer's end)."""
+    return dataclasses.replace(scripted, pieces=[*scripted.pieces[:-1],
+                                                 scripted.pieces[-1] + more])
 
 
 def _body(change: Callable[[bytes], bytes]) -> Callable[[Scripted], Scripted]:
@@ -661,16 +688,32 @@ ANSWER_MUTATIONS: dict[str, tuple[str, Callable[[Scripted], Scripted], bool]] = 
     # llhttp reads a 2.0 status line with 1.x framing (and, minor 0, no keep-alive): the
     # router relays the answer as 1.1, body as framed. Not refused, and not a framing break.
     "http-2": ("any", lambda s: _with_head(s, lambda h: b"HTTP/2.0" + h[8:]), False),
+    # `Connection` naming the framing header: the router drops it, and frames the answer
+    # itself (chunked).
+    "connection-names-cl": ("length", _add(b"Connection: content-length"), False),
+    "connection-names-te": ("chunked", _add(b"Connection: transfer-encoding"), False),
+    # A second answer nobody asked for, behind a whole one, the connection kept open (and
+    # so, but for the router, pooled): the first passes, the second never does.
+    "second-answer": ("length", lambda s: _then(s, SMUGGLED), False),
+    "second-answer-chunked": ("chunked", lambda s: _then(s, SMUGGLED), False),
+    "head-with-body": ("head", lambda s: _then(s, SMUGGLED), False),
 }
+KEPT = ("second-answer", "second-answer-chunked", "head-with-body")
+"""After these the pod keeps the connection open."""
 
 
 @st.composite
 def mutated_answer(draw: st.DrawFn, head_only: bool, name: str) -> Scripted:
-    """A valid answer (to a HEAD if `head_only`), with mutation `name`."""
-    framing, mutate, refuse = ANSWER_MUTATIONS[name]
-    scripted = draw(valid_answer(head_only, None if framing == "any" else framing, True, True))
+    """A valid answer (to a HEAD if `head_only`), with mutation `name`. The pod closes the
+    connection after it, unless the mutation is one of `KEPT`."""
+    applies, mutate, refuse = ANSWER_MUTATIONS[name]
+    kept = name in KEPT
+    framing: str | None = applies
+    if applies in ("any", "head"):
+        framing = draw(st.sampled_from(["length", "chunked"])) if kept else None
+    scripted = draw(valid_answer(head_only, framing, not kept, True, kept))
     mutated = mutate(scripted)
-    return dataclasses.replace(mutated, close=True, mutation=name, refuse=refuse)
+    return dataclasses.replace(mutated, close=not kept, mutation=name, refuse=refuse)
 
 
 class ScriptedPod:

@@ -47,7 +47,7 @@ QUIET = 0.5
 half-closes: the router may be waiting for the rest of a body that will not come."""
 ANSWER_HEAD = 2048
 """--max-response-head for the answer properties: a generated huge head passes it."""
-EACH = 3
+EACH = 5
 """Examples per mutation."""
 RETRY_BODY_LIMIT = 100
 """Bodies up to this are read whole before the pod is asked, larger ones streamed: the
@@ -81,9 +81,10 @@ def judge_received(meant: dict[str, Sent], received: list[Received]) -> None:
             record.target, request.target)
 
 
-def judge_requests(sent: list[Sent], outcome: Outcome, received: list[Received]) -> None:
+def judge_requests(sent: list[Sent], outcome: Outcome, received: list[Received],
+                   complete: bool = True) -> None:
     """What the pods received whole of one connection's requests, and what the client was
-    answered, against what the client sent."""
+    answered, against what the client sent (all of it, if `complete`)."""
     order = [request.id for request in sent]
     received = [record for record in received if record.id in order]
     judge_received({request.id: request for request in sent}, received)
@@ -94,12 +95,12 @@ def judge_requests(sent: list[Sent], outcome: Outcome, received: list[Received])
     ids = list(dict.fromkeys(r.id for r in received if not meant_early(sent, r.id)))
     assert ids == sorted(ids, key=order.index), f"out of order at the pods: {ids}"
     ids = [record.id for record in received]
-    closed_at = None  # where the router refused and closed the connection
+    closed_at = None  # the answer after which the router closes the connection
     for index, answer in enumerate(outcome.answers):
         request = sent[index]
         got = answer.headers.get(b"x-got")
         if got is not None:  # a pod's answer: to this request, in order
-            assert closed_at is None, "a pod answer after the router refused and closed"
+            assert closed_at is None, "a pod answer after the router said it would close"
             if got.endswith(b" busy"):  # the busy pod's, and the router could not retry
                 assert answer.status == 503 and got == f"{request.id} busy".encode(), got
                 continue
@@ -110,12 +111,12 @@ def judge_requests(sent: list[Sent], outcome: Outcome, received: list[Received])
             assert 400 <= answer.status < 600, answer
             assert request.mutation is not None, f"a valid request was refused: {answer}"
             assert request.id not in ids, f"refused {request.mutation}, yet a pod got it"
-            if answer.headers.get(b"connection") == b"close":
-                closed_at = index
+        if answer.headers.get(b"connection") == b"close":  # the last on the connection
+            closed_at = index
     if closed_at is not None:
-        assert not set(ids) & set(order[closed_at:]), (
-            f"refused {sent[closed_at].mutation} and closed, yet the pods got {ids}")
-    if all(request.mutation is None for request in sent):
+        assert not set(ids) & set(order[closed_at + 1:]), (
+            f"closed after {sent[closed_at].mutation or 'valid'}, yet the pods got {ids}")
+    if all(request.mutation is None for request in sent) and complete:
         assert outcome.cut is None and len(outcome.answers) == len(sent), outcome
 
 
@@ -152,12 +153,19 @@ class RequestRouter:
         self.judged = 0  # the pod's records judged already
         self.violations = 0  # and its violations
 
-    def check(self, data: st.DataObject, mutation: str | None) -> None:
+    def check(self, data: st.DataObject, mutation: str | None, cut_short: bool = False
+              ) -> None:
+        """One client's pipeline, with `mutation` in it, or, `cut_short`, ending anywhere
+        (a head, a body, a chunk line) with the client gone."""
         self.clock.advance(60)
         sent, cuts = data.draw(pipeline(next(self.examples), mutation), label="pipeline")
         self.meant.update((request.id, request) for request in sent)
-        outcome = send_and_read(self.port, b"".join(s.data for s in sent), cuts,
-                                [s.method for s in sent], QUIET if mutation else None)
+        wire = b"".join(s.data for s in sent)
+        if cut_short:
+            wire = wire[:data.draw(st.integers(1, len(wire) - 1), label="cut short at")]
+            cuts = [cut for cut in cuts if cut < len(wire)]
+        outcome = send_and_read(self.port, wire, cuts, [s.method for s in sent],
+                                QUIET if mutation else None, leave=cut_short)
         assert idle(self.server) and self.pod.settled(), (
             "a pod connection was left inside a request")
         with self.pod.changed:
@@ -166,7 +174,7 @@ class RequestRouter:
                 self.pod.violations)
         assert violations == [], "the pod could not parse what the router sent"
         late, self.judged = received[self.judged:], len(received)
-        judge_requests(sent, outcome, received)
+        judge_requests(sent, outcome, received, not cut_short)
         judge_received(self.meant, late)  # an earlier client's request, if one came only now
 
 
@@ -185,6 +193,21 @@ def test_valid_requests_reach_the_pod_whole_and_in_order(
     check()
 
 
+def test_a_request_cut_short_reaches_no_pod_whole(
+    start_raw_pods: StartRawPods, start_router: StartRouter, servers: list[ServerThread]
+) -> None:
+    """The client leaves anywhere in its pipeline: a request it did not send all of never
+    reaches a pod whole (the router closes that pod connection); those before do."""
+    router = RequestRouter(start_raw_pods, start_router, servers)
+
+    @settings(PROPERTY, max_examples=60)
+    @given(st.data())
+    def check(data: st.DataObject) -> None:
+        router.check(data, None, cut_short=True)
+
+    check()
+
+
 def test_a_malformed_request_reaches_no_pod_unframed(
     start_raw_pods: StartRawPods, start_router: StartRouter, servers: list[ServerThread]
 ) -> None:
@@ -194,29 +217,31 @@ def test_a_malformed_request_reaches_no_pod_unframed(
         each(name, router.check)()
 
 
-def judge_answer(scripted: Scripted, key: str, outcome: Outcome) -> None:
-    """The client's view of a pod's answer (and of the next request's, on the same
-    connection) against what the pod sent."""
-    what = scripted.mutation or "valid"
-    if not outcome.answers:  # cut before an answer was whole
-        assert scripted.mutation is not None, f"a valid answer was cut: {outcome}"
-        return
-    first = outcome.answers[0]
-    if b"x-pod" in first.headers:  # passed on
-        assert not scripted.refuse, f"{what} passed on whole: {first}"
-        assert (first.status, first.body) == (scripted.status, scripted.body), (
-            f"{what}: the client got {first.status} {first.body!r}, "
-            f"the pod meant {scripted.status} {scripted.body!r}")
-    else:  # the router's own: only a 502, only for a malformed answer
-        assert scripted.mutation is not None, f"a valid answer became {first}"
-        assert first.status == 502, first
-    if first.headers.get(b"connection") == b"close":
-        return
-    assert outcome.cut is None and len(outcome.answers) == 2, (
-        f"{what}: the next request on the connection was not answered: {outcome}")
-    second = outcome.answers[1]
-    assert (second.status, second.body) == (200, f"ok /next/{key}".encode()), (
-        f"{what}: a second answer came for the next request: {second}")
+def judge_answers(exchanged: list[tuple[str, Scripted]], outcome: Outcome) -> None:
+    """The client's view of the pod's answers, pipelined on one connection, against what
+    the pod sent, and then of a last request's, which the pod answers plainly: one answer
+    each, in order, nothing more."""
+    for index, (_, scripted) in enumerate(exchanged):
+        what = scripted.mutation or "valid"
+        if index == len(outcome.answers):  # cut before this answer was whole
+            assert scripted.mutation is not None, f"a valid answer was cut: {outcome}"
+            return
+        answer = outcome.answers[index]
+        if b"x-pod" in answer.headers:  # passed on
+            assert not scripted.refuse, f"{what} passed on whole: {answer}"
+            assert (answer.status, answer.body) == (scripted.status, scripted.body), (
+                f"{what}: the client got {answer.status} {answer.body!r}, "
+                f"the pod meant {scripted.status} {scripted.body!r}")
+        else:  # the router's own: only a 502, only for a malformed answer
+            assert scripted.mutation is not None, f"a valid answer became {answer}"
+            assert answer.status == 502, answer
+        if answer.headers.get(b"connection") == b"close":
+            return
+    assert outcome.cut is None and len(outcome.answers) == len(exchanged) + 1, (
+        f"the last request on the connection was not answered: {outcome}")
+    last = outcome.answers[-1]
+    assert (last.status, last.body) == (200, f"ok /next/{exchanged[-1][0]}".encode()), (
+        f"another answer came for the last request: {last}")
 
 
 def answer_router(start_raw_pods: StartRawPods, start_router: StartRouter
@@ -229,29 +254,34 @@ def answer_router(start_raw_pods: StartRawPods, start_router: StartRouter
     return pod, client.base_url.port
 
 
-def exchange(pod: ScriptedPod, port: int, key: str, scripted: Scripted, method: str
-             ) -> Outcome:
-    """`method` for the scripted answer, then a GET on the same connection."""
-    pod.answers[key] = scripted
-    request = (f"{method} /a/{key} HTTP/1.1\r\nHost: router\r\n\r\n"
-               f"GET /next/{key} HTTP/1.1\r\nHost: router\r\n\r\n").encode()
-    return send_and_read(port, request, [], [method, "GET"])
+def exchange(pod: ScriptedPod, port: int, exchanged: list[tuple[str, Scripted]],
+             methods: list[str]) -> Outcome:
+    """The scripted answers' requests pipelined, with `methods`, then a GET."""
+    requests = []
+    for (key, scripted), method in zip(exchanged, methods, strict=True):
+        pod.answers[key] = scripted
+        requests.append(f"{method} /a/{key} HTTP/1.1\r\nHost: router\r\n\r\n")
+    requests.append(f"GET /next/{exchanged[-1][0]} HTTP/1.1\r\nHost: router\r\n\r\n")
+    return send_and_read(port, "".join(requests).encode(), [], [*methods, "GET"])
 
 
 def test_what_a_pod_answers_reaches_the_client_whole(
     start_raw_pods: StartRawPods, start_router: StartRouter
 ) -> None:
+    """1-3 requests pipelined on a connection, each a GET (or a HEAD) of a generated
+    answer: each reaches the client whole, in order."""
     pod, port = answer_router(start_raw_pods, start_router)
     keys = itertools.count()
 
     @settings(PROPERTY, max_examples=80)
     @given(st.data())
     def check(data: st.DataObject) -> None:
-        key = str(next(keys))
-        head_only = data.draw(st.integers(0, 3), label="head") == 0
-        scripted = data.draw(valid_answer(head_only), label="answer")
-        judge_answer(scripted, key, exchange(pod, port, key, scripted,
-                                             "HEAD" if head_only else "GET"))
+        heads = data.draw(st.lists(st.integers(0, 3).map(lambda n: n == 0), min_size=1,
+                                   max_size=3), label="head")
+        exchanged = [(str(next(keys)), data.draw(valid_answer(head_only), label="answer"))
+                     for head_only in heads]
+        judge_answers(exchanged, exchange(pod, port, exchanged,
+                                          ["HEAD" if head_only else "GET" for head_only in heads]))
 
     check()
 
@@ -259,18 +289,23 @@ def test_what_a_pod_answers_reaches_the_client_whole(
 def test_a_malformed_answer_reaches_the_client_as_502_or_cut(
     start_raw_pods: StartRawPods, start_router: StartRouter
 ) -> None:
+    """Every answer mutation (`ANSWER_MUTATIONS`), after a valid answer or not."""
     pod, port = answer_router(start_raw_pods, start_router)
     keys = itertools.count()
 
     def check(data: st.DataObject, name: str) -> None:
-        key = str(next(keys))
+        exchanged, methods = [], []
+        if data.draw(st.booleans(), label="after a valid answer"):
+            exchanged.append((str(next(keys)), data.draw(valid_answer(False), label="valid")))
+            methods.append("GET")
         # To a HEAD only a mutation of the head: a HEAD answer's body framing is none.
-        head_only = (data.draw(st.integers(0, 3), label="head") == 0
-                     and ANSWER_MUTATIONS[name][0] == "any")
-        scripted = data.draw(mutated_answer(head_only, name), label="answer")
-        judge_answer(scripted, key, exchange(pod, port, key, scripted,
-                                             "HEAD" if head_only else "GET"))
+        framing = ANSWER_MUTATIONS[name][0]
+        head_only = framing == "head" or (data.draw(st.integers(0, 3), label="head") == 0
+                                          and framing == "any")
+        exchanged.append((str(next(keys)), data.draw(mutated_answer(head_only, name),
+                                                     label="answer")))
+        methods.append("HEAD" if head_only else "GET")
+        judge_answers(exchanged, exchange(pod, port, exchanged, methods))
 
     for name in sorted(ANSWER_MUTATIONS):
         each(name, check)()
-
