@@ -633,6 +633,13 @@ def _then(scripted: Scripted, more: bytes) -> Scripted:
                                                  scripted.pieces[-1] + more])
 
 
+def _bodiless(status: int, framing: bytes, after: bytes) -> Scripted:
+    """A `status` answer (204 or 304) whose head declares a body (`framing`), and `after`
+    sent right behind it as one."""
+    head = b"HTTP/1.1 %d X\r\nx-pod: yes\r\n%b\r\n" % (status, framing)
+    return Scripted([head + after], False, status, b"")
+
+
 def _body(change: Callable[[bytes], bytes]) -> Callable[[Scripted], Scripted]:
     def mutate(scripted: Scripted) -> Scripted:
         interim, head, rest = _answer_head(scripted)
@@ -697,8 +704,18 @@ ANSWER_MUTATIONS: dict[str, tuple[str, Callable[[Scripted], Scripted], bool]] = 
     "second-answer": ("length", lambda s: _then(s, SMUGGLED), False),
     "second-answer-chunked": ("chunked", lambda s: _then(s, SMUGGLED), False),
     "head-with-body": ("head", lambda s: _then(s, SMUGGLED), False),
+    # A 204 or 304 has no body, whatever its head says (RFC 9110 6.4.1): the client gets
+    # none, and what the pod sent as one never becomes an answer.
+    "304-with-length": ("any", lambda s: _bodiless(304, b"Content-Length: 10\r\n", b""), False),
+    "204-with-body": ("any", lambda s: _bodiless(204, b"Content-Length: 7\r\n", b"abcdefg"),
+                      False),
+    "304-chunked": ("any", lambda s: _bodiless(304, b"Transfer-Encoding: chunked\r\n",
+                                               b"3\r\nabc\r\n0\r\n\r\n"), False),
+    "204-smuggling": ("any", lambda s: _bodiless(204, b"Content-Length: %d\r\n" % len(SMUGGLED),
+                                                 SMUGGLED), False),
 }
-KEPT = ("second-answer", "second-answer-chunked", "head-with-body")
+KEPT = ("second-answer", "second-answer-chunked", "head-with-body", "304-with-length",
+        "204-with-body", "304-chunked", "204-smuggling")
 """After these the pod keeps the connection open."""
 
 
