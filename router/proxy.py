@@ -90,6 +90,7 @@ class Proxy:
         self._balancer = RoundRobin(config.max_attempts, self._health, first, clock)
         self._timeout = upstream.Timeout(config.proxy_timeout, config.connect_timeout)
         self._retry_budget = Budget(config.retry_body_budget)
+        self._max_body = config.max_body_size  # tested first: 0 (no limit) calls nothing
         self._loop = asyncio.get_running_loop()  # made at start-up, in the serving loop
         self.tunnels = Tunnels(config.upgrade_max_per_client,
                                upgrade_max_default() if config.upgrade_max is None
@@ -123,7 +124,7 @@ class Proxy:
                 raise watch.expired  # in the read that began it: a bad chunk line, say
             if incoming.refused is not None:
                 raise incoming.refused
-            if too_large(incoming.content_length or 0, self._config.max_body_size):
+            if self._max_body and too_large(incoming.content_length or 0, self._max_body):
                 raise BODY_TOO_LARGE  # unread: the connection closes (`HttpProtocol.linger`)
             if incoming.sandbox_id is not None:  # refused before the body is read
                 pinned = parse_pinned(incoming, allow_loopback=self._config.allow_loopback_pod_ip)
@@ -179,7 +180,7 @@ class Proxy:
                     exchange.status = CLIENT_CLOSED
             if served is not None:
                 self._balancer.finished(served)
-            if body is not None:
+            if body is not None and body is not NO_BODY:  # one call less for most requests
                 exchange.bytes_in += body.size
                 body.release()
             exchange.duration = time.perf_counter() - exchange.started
