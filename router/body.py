@@ -76,8 +76,8 @@ class RequestBody:
     async def read(cls, receive: Receive, content_length: int | None, limit: int,
                    budget: Budget) -> RequestBody:
         """The body, kept whole (replayable) when its length is declared, within `limit`,
-        and `budget` has room for it; else streamed. A kept body holds its share of
-        `budget` until `release`."""
+        and `budget` has room for it as it arrives; else streamed (what came first, then
+        the rest). A kept body holds its share of `budget` until `release`."""
         message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
@@ -85,16 +85,26 @@ class RequestBody:
         more = message.get("more_body", False)
         if content_length is None:  # no body, or a chunked one: streamed, never replayed
             return cls(receive, None, chunk, more) if chunk or more else cls(receive, b"")
-        kept = content_length if more else len(chunk)
-        if kept > limit or not budget.take(kept):
+        if (content_length if more else len(chunk)) > limit or not budget.take(len(chunk)):
             return cls(receive, None, chunk, more, declared=content_length)
+        # Taken as the bytes arrive, not as declared: a head declaring a megabyte, then a
+        # byte before each --body-timeout, would hold a megabyte of the budget, not of memory.
+        kept = len(chunk)
         try:
             parts = [chunk]
-            while message.get("more_body", False):
+            while more:
                 message = await receive()
                 if message["type"] == "http.disconnect":
                     raise ClientGone
-                parts.append(message.get("body", b""))
+                piece: bytes = message.get("body", b"")
+                more = message.get("more_body", False)
+                parts.append(piece)
+                if not budget.take(len(piece)):  # no room left: what came streams first
+                    streamed = cls(receive, None, b"".join(parts), more,
+                                   declared=content_length)
+                    budget.give(kept)
+                    return streamed
+                kept += len(piece)
         except BaseException:  # the client left, or the request was cancelled
             budget.give(kept)
             raise

@@ -186,8 +186,8 @@ def test_bodies_kept_for_a_retry_are_bounded_all_together(
     assert port is not None
     stalled = [RawClient(port) for _ in range(2)]
     for upload in stalled:
-        upload.send(b"POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10)
-    eventually(lambda: budget.left == 0)  # both bodies are being kept
+        upload.send(b"POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 1000\r\n\r\n" + b"x" * 999)
+    eventually(lambda: budget.left == 2)  # both bodies are being kept
     response = client.post("/upload", content=os.urandom(100))
     assert response.status_code == 503
     assert response.json() == {"detail": "busy"}
@@ -197,6 +197,27 @@ def test_bodies_kept_for_a_retry_are_bounded_all_together(
     eventually(lambda: budget.left == 2000)
     assert client.post("/upload", content=os.urandom(100)).json()["pod"] == "pod-1"
     eventually(lambda: budget.left == 2000)  # a kept body's share is back once answered
+
+
+def test_a_body_only_declared_holds_none_of_the_retry_budget(
+    start_pods: StartPods, start_router: StartRouter
+):
+    """The budget bounds the bytes held, so it is taken as they arrive: a head declaring
+    the whole budget, then a byte (again before each --body-timeout), held it all, and a
+    few such connections, holding nothing, made every other body stream, each busy pod's
+    503 the client's answer."""
+    pods = start_pods(2)
+    pods[0].app.mode = "busy"
+    client = start_router(static_config(pods, retry_body_budget=2000))
+    budget = client.app._proxy._retry_budget  # type: ignore[attr-defined]
+    port = client.base_url.port
+    assert port is not None
+    declared = RawClient(port)
+    declared.send(b"POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 2000\r\n\r\nx")
+    eventually(lambda: budget.left < 2000)  # its body is being kept
+    assert client.post("/upload", content=os.urandom(100)).json()["pod"] == "pod-1"
+    declared.close()
+    eventually(lambda: budget.left == 2000)
 
 
 def test_chunked_body_streams_to_the_first_pod(start_pods: StartPods, start_router: StartRouter):

@@ -17,7 +17,7 @@ import pytest
 
 from router import upstream
 from router.asgi import Message
-from router.body import RequestBody
+from router.body import Budget, RequestBody
 from router.connection import DRAIN_LIMIT, Response
 from router.errors import ConnectFailed, ProxyError, UpstreamFailed, UpstreamTimeout
 from router.upstream import Client, Timeout
@@ -628,3 +628,27 @@ def test_a_streamed_bodys_pieces_are_not_held_once_the_pod_has_them() -> None:
         assert body.size == 3000
 
     run(scenario, reading)
+
+
+def test_a_body_the_retry_budget_runs_out_under_streams_whole_and_gives_its_share_back(
+) -> None:
+    """The budget is taken as a body arrives: when the next piece finds no room, the
+    pieces kept so far lead a stream of the rest, and their share goes back at once."""
+    budget = Budget(1500)
+    pieces = [b"a" * 1000, b"b" * 1000, b"c" * 500]
+    messages = [{"type": "http.request", "body": piece, "more_body": piece is not pieces[-1]}
+                for piece in pieces]
+
+    async def receive() -> Message:
+        return messages.pop(0)
+
+    async def main() -> None:
+        body = await RequestBody.read(receive, 2500, 1024 * 1024, budget)
+        assert not body.replayable
+        assert budget.left == 1500
+        data = body.data()
+        assert not isinstance(data, bytes) and data is not None
+        assert b"".join([piece async for piece in data]) == b"".join(pieces)
+        assert body.size == 2500
+
+    asyncio.run(main())
