@@ -486,15 +486,18 @@ class HttpProtocol(HttpToolsProtocol):
         self._body_expired(error)
 
     def linger(self) -> None:
-        """Close after an answer that closes the connection (`ProxyCycle`). If bytes wait
-        unread, the client is likely still sending a body the answer refused or came
-        before the end of: a close then would send a reset, which can destroy the answer
-        before the client reads it. So the write side is shut behind the answer, and
-        what comes is read and dropped unparsed, until the client closes, or `LINGER`
-        seconds or `LINGER_LIMIT` bytes run out (RFC 9112 9.6, nginx's lingering close).
-        The body is not drained for the connection's sake: it may be hundreds of MiB."""
+        """Close after an answer that closes the connection (`ProxyCycle`). If a body is
+        still arriving (the answer refused it, or came before its end) or bytes wait
+        unread, the client is likely still sending: a close then would send a reset,
+        which can destroy the answer before the client reads it. So the write side is
+        shut behind the answer, and what comes is read and dropped unparsed, until the
+        client closes, or `LINGER` seconds or `LINGER_LIMIT` bytes run out (RFC 9112 9.6,
+        nginx's lingering close). The body is not drained for the connection's sake: it
+        may be hundreds of MiB. Nothing unread is not enough to close at once: all that
+        came may have been read, and the rest be in flight."""
         transport = self.transport
-        if transport.is_closing() or not unread(transport) or not transport.can_write_eof():
+        if (transport.is_closing() or not transport.can_write_eof()
+                or (self.reading is not Reading.BODY and not unread(transport))):
             transport.close()
             return
         self.reading = Reading.CLOSING

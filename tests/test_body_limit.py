@@ -4,6 +4,9 @@ Raw-socket clients send each shape and raw pods record what reached them."""
 
 from __future__ import annotations
 
+import select
+import socket
+
 import httpx
 import pytest
 
@@ -179,3 +182,25 @@ def test_an_answer_before_the_body_is_followed_by_an_end_not_a_reset(
     except ConnectionResetError:
         pytest.fail("the answer was followed by a reset, not an end")
     assert pod.connections == 0
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_answer_before_the_body_lingers_though_nothing_waits_unread(
+    start_router: StartRouter, start_raw_pods: StartRawPods, loop: str
+):
+    """The router had read all that came of the body when it answered (on a network, the
+    rest is still in flight): what the client sends next must not meet a closed socket,
+    whose reset can destroy the answer before it is read."""
+    pod = start_raw_pods(rawpod.answering(rawpod.OK))[0]
+    client: httpx.Client = start_router(static_config([pod], max_body_size=LIMIT), loop=loop)
+    assert client.base_url.port is not None
+    raw = RawClient(client.base_url.port)
+    raw.send(post(b"/up", b"Content-Length: %d\r\n\r\n" % (LIMIT + 1)) + b"a" * 1000)
+    assert select.select([raw.sock], [], [], 10)[0], "no answer"  # it came, unread
+    raw.send(b"a" * 1000)  # the rest of the body, on its way when the answer came
+    too_large(raw.answer())
+    try:
+        raw.sock.shutdown(socket.SHUT_WR)  # the client is done: the router closes too
+        assert raw.sock.recv(65536) == b""
+    except OSError:  # ECONNRESET, or ENOTCONN once a reset has ended the connection
+        pytest.fail("the answer was followed by a reset, not an end")
