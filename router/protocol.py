@@ -500,9 +500,13 @@ class HttpProtocol(HttpToolsProtocol):
                 or (self.reading is not Reading.BODY and not unread(transport))):
             transport.close()
             return
+        try:
+            transport.write_eof()
+        except OSError:  # asyncio's shuts down unguarded: a reset came in between
+            transport.close()
+            return
         self.reading = Reading.CLOSING
         self._lingered = 0
-        transport.write_eof()
         transport.resume_reading()  # paused by flow control, or by a refused body
         self._deadline.start(LINGER)
 
