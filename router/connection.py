@@ -23,6 +23,7 @@ from router import replay
 from router.body import ClientGone
 from router.errors import ProxyError, UpstreamFailed, UpstreamTimeout
 from router.limits import MAX_HEADERS, Deadline
+from router.sockets import bound_send_buffer
 
 HIGH_WATER = 512 * 1024
 """Response bytes buffered before reading from the pod pauses (the client is slower)."""
@@ -191,6 +192,7 @@ class Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
         self._watched = replay.watch(transport.get_extra_info("socket").fileno())
+        bound_send_buffer(transport)
         self.reading = Deadline(self.loop, self._read_expired)
 
     def _read_expired(self) -> None:

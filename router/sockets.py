@@ -44,6 +44,25 @@ def unsent(transport: asyncio.BaseTransport) -> int:
     return _queued(transport, termios.TIOCOUTQ)
 
 
+POD_SEND_BUFFER = 256 * 1024
+"""Bytes of kernel send buffer on a pod connection (Linux doubles it for its own
+bookkeeping). Autotuned, it grew to megabytes wherever a pod stopped reading an upload
+(3.9 MB after one small exchange on loopback, `net.ipv4.tcp_wmem`), charged to the
+router's memory cgroup (cgroup v2) as its RSS is (`python -m bench.held`). A pod is in
+the cluster, a fraction of a millisecond away: this keeps a gigabyte a second in flight
+to it. HAProxy's `tune.sndbuf.server`. The receive side stays autotuned: a pod that
+writes a large answer and closes leaves what the router has not taken in an orphaned
+socket, which the kernel resets under memory pressure or a window shut too long, cutting
+the answer a slow client was still reading."""
+
+
+def bound_send_buffer(transport: asyncio.BaseTransport) -> None:
+    """Fix a pod connection's kernel send buffer at `POD_SEND_BUFFER`."""
+    with contextlib.suppress(*_CLOSED):
+        transport.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF,
+                                                      POD_SEND_BUFFER)
+
+
 def reset(transport: asyncio.Transport) -> None:
     """Close `transport` with a TCP reset (SO_LINGER 0): the kernel drops what it still
     held to send, and the peer learns its connection was cut, not ended (a tunnel, which

@@ -20,6 +20,7 @@ from router.asgi import Message
 from router.body import Budget, RequestBody
 from router.connection import DRAIN_LIMIT, Response
 from router.errors import ConnectFailed, ProxyError, UpstreamFailed, UpstreamTimeout
+from router.sockets import POD_SEND_BUFFER
 from router.upstream import Client, Timeout
 from tests.loops import LOOPS
 
@@ -652,3 +653,22 @@ def test_a_body_the_retry_budget_runs_out_under_streams_whole_and_gives_its_shar
         assert body.size == 2500
 
     asyncio.run(main())
+
+
+def test_a_pod_connections_send_buffer_is_fixed_not_autotuned() -> None:
+    """Autotuned, a pod connection's send buffer grew to megabytes wherever the pod
+    stopped reading an upload, charged to the router's memory: it is what
+    `POD_SEND_BUFFER` asks of the kernel."""
+    probe = socket.socket()
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, POD_SEND_BUFFER)
+    fixed = probe.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)  # Linux doubles it
+    probe.close()
+
+    async def scenario(server: Scripted, client: Client) -> None:
+        response = await client.request("GET", "127.0.0.2", server.port, "/", [], None, LIMITS)
+        sock = response._connection._transport.get_extra_info("socket")  # type: ignore[union-attr]
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == fixed
+        await response.read()
+        response.release()
+
+    run(scenario, answering(OK))
