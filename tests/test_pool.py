@@ -8,9 +8,13 @@ import random
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
+
+from router.body import Budget
 from tests.clock import ManualClock
 from tests.conftest import StartPods, StartRouter, eventually, static_config
 from tests.rawclient import RawClient
+from tests.sandbox import Pod
 
 
 def test_round_robin_spreads_requests_evenly(start_pods: StartPods, start_router: StartRouter):
@@ -171,6 +175,18 @@ def test_body_over_the_retry_limit_streams_and_is_not_replayed(
     assert sum(p.app.hits for p in pods) == 1
 
 
+def budgeted(start_pods: StartPods, start_router: StartRouter
+             ) -> tuple[list[Pod], httpx.Client, Budget, int]:
+    """Two pods, the first busy, behind a router whose --retry-body-budget is 2000 bytes:
+    the pods, a client, the budget itself and the router's port."""
+    pods = start_pods(2)
+    pods[0].app.mode = "busy"
+    client = start_router(static_config(pods, retry_body_budget=2000))
+    port = client.base_url.port
+    assert port is not None
+    return pods, client, client.app._proxy._retry_budget, port  # type: ignore[attr-defined]
+
+
 def test_bodies_kept_for_a_retry_are_bounded_all_together(
     start_pods: StartPods, start_router: StartRouter
 ):
@@ -178,12 +194,7 @@ def test_bodies_kept_for_a_retry_are_bounded_all_together(
     client needs no pod for that, and a byte before each --body-timeout holds it on): a
     third body is not kept but streamed, so a busy pod's answer is final. The share of a
     request that ends, however it ends, goes back."""
-    pods = start_pods(2)
-    pods[0].app.mode = "busy"
-    client = start_router(static_config(pods, retry_body_budget=2000))
-    budget = client.app._proxy._retry_budget  # type: ignore[attr-defined]
-    port = client.base_url.port
-    assert port is not None
+    pods, client, budget, port = budgeted(start_pods, start_router)
     stalled = [RawClient(port) for _ in range(2)]
     for upload in stalled:
         upload.send(b"POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 1000\r\n\r\n" + b"x" * 999)
@@ -206,12 +217,7 @@ def test_a_body_only_declared_holds_none_of_the_retry_budget(
     the whole budget, then a byte (again before each --body-timeout), held it all, and a
     few such connections, holding nothing, made every other body stream, each busy pod's
     503 the client's answer."""
-    pods = start_pods(2)
-    pods[0].app.mode = "busy"
-    client = start_router(static_config(pods, retry_body_budget=2000))
-    budget = client.app._proxy._retry_budget  # type: ignore[attr-defined]
-    port = client.base_url.port
-    assert port is not None
+    pods, client, budget, port = budgeted(start_pods, start_router)
     declared = RawClient(port)
     declared.send(b"POST / HTTP/1.1\r\nHost: r\r\nContent-Length: 2000\r\n\r\nx")
     eventually(lambda: budget.left < 2000)  # its body is being kept
