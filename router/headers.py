@@ -51,14 +51,20 @@ _DROPPED_PREFIXES = (SANDBOX_PREFIX, PROXY_PREFIX)  # one test per request heade
 # router's own `X-Forwarded-Proto` and `-Host` sent instead. Every other `X-Forwarded-*`
 # is a proxy's word too (`-Port`, `-Prefix`, `-Server`, Envoy's `-Client-Cert` naming the
 # client's certificate): `_vouched` takes the family, not a list a new one would miss.
-_VOUCHED = frozenset({b"forwarded", b"x-real-ip"})
+_VOUCHED = frozenset({
+    b"forwarded", b"x-real-ip", b"x-forwarded",
+    # Other proxies' and CDNs' word for the client's address, which frameworks' client-IP
+    # helpers read before the socket's (Express's request-ip, django-ipware, ...).
+    b"x-client-ip", b"true-client-ip", b"cf-connecting-ip", b"fastly-client-ip",
+    b"x-cluster-client-ip", b"x-original-forwarded-for",
+})
 _VOUCHED_PREFIX = b"x-forwarded-"  # `-for` is read before this is tested
 # The request headers the router strips or sets. WSGI and CGI servers read `X_Real_IP` as
 # `X-Real-IP` (both HTTP_X_REAL_IP), so a name with `_` that reads as one of these, `_`
 # taken for `-`, is dropped too (`_spells_own`); any other passes, as through the
 # agent-sandbox routers (nginx drops them all by default). Names with no `-` (`Host`,
 # `Forwarded`, `Authorization`) have no other spelling.
-_OWN = HOP_BY_HOP | {b"content-length", b"x-real-ip", b"x-request-id"}
+_OWN = HOP_BY_HOP | _VOUCHED | {b"content-length", b"x-request-id"}
 _OWN_PREFIXES = (SANDBOX_PREFIX, PROXY_PREFIX, b"x-forwarded-")
 _REQUEST_ID = re.compile(r"[\x21-\x7e]{1,200}")
 _PORT = re.compile(r"[0-9]{1,5}")

@@ -144,6 +144,7 @@ def test_underscore_spellings_of_the_routers_own_headers_are_dropped(
     pod = start_raw_pods(rawpod.answering(rawpod.OK))[0]
     client = start_router(static_config([pod]))
     spoofs = [b"X_Forwarded_For", b"x_forwarded_proto", b"X-Forwarded_Host", b"X_Real_IP",
+              b"X_Client_IP", b"True_Client_IP",
               b"X_Request_ID", b"X-Sandbox_ID", b"X_Sandbox_Pod_IP", b"Proxy_Authorization",
               b"Keep_Alive", b"Content_Length", b"Transfer_Encoding"]
     _, lines = exchange(client, pod, b"".join(name + b": 6\r\n" for name in spoofs)
@@ -157,7 +158,10 @@ CLAIMS = (b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n"
           b"X-Forwarded-Host: bank.example\r\nForwarded: for=203.0.113.9;proto=https\r\n"
           b"X-Real-IP: 203.0.113.9\r\nX-Forwarded-Port: 443\r\n"
           b"X-Forwarded-Prefix: /admin\r\nX-Forwarded-Server: edge\r\n"
-          b"X-Forwarded-Client-Cert: Hash=ab;Subject=\"CN=admin\"\r\n")
+          b"X-Forwarded-Client-Cert: Hash=ab;Subject=\"CN=admin\"\r\n"
+          b"X-Client-IP: 203.0.113.9\r\nTrue-Client-IP: 203.0.113.9\r\n"
+          b"CF-Connecting-IP: 203.0.113.9\r\nX-Forwarded: for=203.0.113.9\r\n")
+CLIENT_IP = {b"x-client-ip", b"true-client-ip", b"cf-connecting-ip", b"x-forwarded"}
 
 
 @pytest.mark.parametrize(("trusted", "expected"), [
@@ -171,7 +175,9 @@ CLAIMS = (b"X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\n"
                         b"forwarded: for=203.0.113.9;proto=https", b"x-real-ip: 203.0.113.9",
                         b"x-forwarded-for: 203.0.113.9, 127.0.0.1", b"x-forwarded-port: 443",
                         b"x-forwarded-prefix: /admin", b"x-forwarded-server: edge",
-                        b'x-forwarded-client-cert: Hash=ab;Subject="CN=admin"']),
+                        b'x-forwarded-client-cert: Hash=ab;Subject="CN=admin"',
+                        b"x-client-ip: 203.0.113.9", b"true-client-ip: 203.0.113.9",
+                        b"cf-connecting-ip: 203.0.113.9", b"x-forwarded: for=203.0.113.9"]),
 ])
 def test_only_a_trusted_proxy_says_how_and_where_the_client_came_from(
     start_raw_pods: StartRawPods, start_router: StartRouter, trusted: tuple[str, ...],
@@ -187,7 +193,7 @@ def test_only_a_trusted_proxy_says_how_and_where_the_client_came_from(
     client = start_router(static_config([pod], trusted_proxy_cidrs=networks))
     _, lines = exchange(client, pod, CLAIMS)
     said = [line for line in lines if line.partition(b":")[0].lower() in
-            {b"forwarded", b"x-real-ip"} or line.lower().startswith(b"x-forwarded-")]
+            {b"forwarded", b"x-real-ip", *CLIENT_IP} or line.lower().startswith(b"x-forwarded-")]
     assert sorted(said) == sorted(expected)
 
 
