@@ -511,13 +511,17 @@ class HttpProtocol(HttpToolsProtocol):
         self._deadline.start(LINGER)
 
     def _refuse(self, status: int, detail: str) -> None:
-        """Answer a request the app never sees, and close. With an earlier (pipelined)
-        request's answer still going out, the connection just closes, that answer cut
-        short: a second answer cannot be slipped in before it."""
-        if not self._in_flight():
-            self.transport.write(refusal(status, detail))
-        self._deadline.close()
-        self.transport.close()
+        """Answer a request the app never sees, and close, lingering (`linger`) if the
+        client is still sending: a head too large is refused as it arrives, the rest of
+        it on its way. With an earlier (pipelined) request's answer still going out, the
+        connection just closes, that answer cut short: a second answer cannot be slipped
+        in before it."""
+        if self._in_flight():
+            self._deadline.close()
+            self.transport.close()
+            return
+        self.transport.write(refusal(status, detail))
+        self.linger()
 
     def _drain(self, count: int) -> None:
         """Descriptors nearly exhausted: close the `count` oldest client connections that

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import resource
+import socket
 import threading
 import weakref
 from collections.abc import Callable
@@ -129,6 +130,26 @@ def test_endless_head_is_refused_long_before_it_ends(
     # plus what the socket buffers held.
     assert sent < 16 * MiB
     serves_next(client, pod, seen=0)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_head_refused_as_it_arrives_is_answered_with_an_end_not_a_reset(
+    start_pods: StartPods, start_router: StartRouter, loop: str
+):
+    """A head is refused at the limit while the rest of it is on its way: closed with
+    that unread, the kernel sent a reset behind the 431, and a reset can destroy the
+    answer before the client reads it. The router shuts its side behind the answer and
+    drops what comes (at most `LINGER_LIMIT`) until the client is done."""
+    pod = start_pods(1)[0]
+    client = start_router(static_config([pod]), loop=loop)
+    raw = RawClient(port_of(client))
+    assert raw.send(HEAD + b"x-big: " + b"a" * (512 * 1024))  # all taken: none refused
+    raw.sock.shutdown(socket.SHUT_WR)
+    refused(raw.answer(), 431)
+    try:
+        assert raw.sock.recv(65536) == b""
+    except ConnectionResetError:
+        pytest.fail("the answer was followed by a reset, not an end")
 
 
 # -- --header-timeout --
