@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import select
 import socket
+import time
 
 import httpx
 import pytest
@@ -204,3 +205,23 @@ def test_an_answer_before_the_body_lingers_though_nothing_waits_unread(
         assert raw.sock.recv(65536) == b""
     except OSError:  # ECONNRESET, or ENOTCONN once a reset has ended the connection
         pytest.fail("the answer was followed by a reset, not an end")
+
+
+def test_a_client_cannot_hold_a_lingering_connection_by_sending_on(
+    start_router: StartRouter, start_raw_pods: StartRawPods
+):
+    """Lingering waits for the client's end, but not past `LINGER`: a client that goes on
+    sending after its answer, a little every 50 ms and never closing, is closed anyway
+    (its sends then fail), every byte it sent read and dropped, none of it parsed as a
+    request."""
+    pod = start_raw_pods(rawpod.answering(rawpod.OK))[0]
+    raw = RawClient(over(pod, start_router))
+    raw.send(post(b"/up", b"Content-Length: %d\r\n\r\n" % (LIMIT + 1)) + b"a" * 1000)
+    too_large(raw.answer())
+    assert raw.sock.recv(65536) == b""  # the router's side is shut behind the answer
+    sends = 0
+    while sends < 400 and raw.send(b"GET / HTTP/1.1\r\nHost: r\r\n\r\n"):  # 20 s at most
+        sends += 1
+        time.sleep(0.05)  # the client's pace, not a wait for the router
+    assert sends < 400, "the router never closed a connection its client kept sending on"
+    assert pod.connections == 0
